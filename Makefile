@@ -1,0 +1,32 @@
+# Two commands for a newcomer (see README): `make demo` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eo pipefail -c
+ENV := source .venv/env.sh
+COLCON_BUILD := colcon build --base-paths . --event-handlers console_cohesion- summary+ \
+	--cmake-args -DPython3_EXECUTABLE=$$(readlink -f .venv)/bin/python -DBUILD_TESTING=ON
+DEMO_ARGS ?= --duration 20
+
+.PHONY: venv build demo test bench clean
+venv:
+	bash scripts/setup_env.sh
+
+build: venv
+	$(ENV)
+	$(COLCON_BUILD)
+
+# Main job on the embedded defaults.
+demo: build
+	$(ENV)
+	python -m spanvla_ros.cli.drive $(DEMO_ARGS)
+
+# Whole test suite: colcon build + colcon test (pytest summary printed), isolated network namespace when root.
+test: build
+	bash scripts/run_tests.sh
+
+bench: build
+	$(ENV)
+	python -m spanvla_ros.cli.bench_model
+
+clean:
+	rm -rf build install log

@@ -1,0 +1,1 @@
+"""Sensor buffering (ROS-free): camera frame history and ego history in the form the model reads."""

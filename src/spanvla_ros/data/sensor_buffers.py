@@ -1,0 +1,120 @@
+"""Buffers between the sensor callbacks and the model, free of ROS so they can be tested directly.
+
+FrameHistory keeps recent frames per camera; a frame *set* exists only when every camera has a frame within
+``max_skew`` of a reference time, and the history is taken at ``history_dt`` spacing (2 Hz) back from the
+newest complete set. EgoHistory turns odometry into the past poses in the current ego frame, plus speed,
+acceleration and yaw rate.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import deque
+
+import numpy as np
+
+
+class FrameHistory:
+    def __init__(self, cameras, history_frames: int, history_dt: float, max_skew: float, keep_s: float | None = None):
+        self.cameras = tuple(cameras)
+        self.history_frames, self.history_dt, self.max_skew = history_frames, history_dt, max_skew
+        keep_s = keep_s or history_dt * (history_frames + 1)
+        self._keep_s = keep_s
+        self._buf = {c: deque() for c in self.cameras}  # (stamp, image), stamps increasing
+        self._lock = threading.Lock()
+
+    def add(self, camera: str, stamp: float, image: np.ndarray) -> None:
+        if camera not in self._buf:
+            raise KeyError(f"unknown camera {camera!r}")
+        with self._lock:
+            buf = self._buf[camera]
+            if buf and stamp <= buf[-1][0]:
+                return  # out of order or duplicate: keep the buffer sorted
+            buf.append((stamp, image))
+            while buf and buf[0][0] < stamp - self._keep_s:
+                buf.popleft()
+
+    def _nearest(self, camera: str, t: float):
+        buf = self._buf[camera]
+        stamps = [s for s, _ in buf]
+        i = bisect.bisect_left(stamps, t)
+        best = min((j for j in (i - 1, i) if 0 <= j < len(buf)), key=lambda j: abs(stamps[j] - t), default=None)
+        return None if best is None else buf[best]
+
+    def latest_complete_stamp(self) -> float | None:
+        """Newest stamp of the front camera (first) for which every camera has a frame within max_skew."""
+        with self._lock:
+            ref = self._buf[self.cameras[0]]
+            for stamp, _ in reversed(ref):
+                if all((f := self._nearest(c, stamp)) is not None and abs(f[0] - stamp) <= self.max_skew
+                       for c in self.cameras[1:]):
+                    return stamp
+        return None
+
+    def history(self) -> tuple[list[np.ndarray], float] | None:
+        """history_frames x cameras images, time-major oldest first, and the stamp of the newest set.
+        Older slots not yet filled repeat the oldest available set (start-up), as a constant-history pad."""
+        t0 = self.latest_complete_stamp()
+        if t0 is None:
+            return None
+        with self._lock:
+            images = []
+            for k in range(self.history_frames - 1, -1, -1):
+                t = t0 - k * self.history_dt
+                for c in self.cameras:
+                    f = self._nearest(c, t)
+                    images.append(f[1])
+        return images, t0
+
+    def missing_cameras(self) -> list[str]:
+        with self._lock:
+            return [c for c, b in self._buf.items() if not b]
+
+
+class EgoHistory:
+    """Odometry samples (t, x, y, yaw, speed) in the odometry frame."""
+
+    def __init__(self, keep_s: float = 4.0):
+        self._buf: deque = deque()
+        self._keep_s = keep_s
+        self._lock = threading.Lock()
+
+    def add(self, t: float, x: float, y: float, yaw: float, speed: float) -> None:
+        with self._lock:
+            if self._buf and t <= self._buf[-1][0]:
+                return
+            self._buf.append((t, x, y, yaw, speed))
+            while self._buf and self._buf[0][0] < t - self._keep_s:
+                self._buf.popleft()
+
+    @property
+    def latest_stamp(self) -> float | None:
+        return self._buf[-1][0] if self._buf else None
+
+    def _interp(self, arr: np.ndarray, t: float) -> np.ndarray:
+        ts = arr[:, 0]
+        if t <= ts[0]:
+            return arr[0, 1:]
+        yaw = np.unwrap(arr[:, 3])
+        cols = [np.interp(t, ts, arr[:, 1]), np.interp(t, ts, arr[:, 2]), np.interp(t, ts, yaw),
+                np.interp(t, ts, arr[:, 4])]
+        return np.array(cols)
+
+    def state(self, past_poses: int, dt: float):
+        """(past_xyh (P,3) in the current ego frame oldest first, speed, accel, yaw_rate, stamp) or None."""
+        with self._lock:
+            if not self._buf:
+                return None
+            arr = np.array(self._buf, dtype=np.float64)
+        t_now, x0, y0, h0, v0 = arr[-1]
+        c, s = math.cos(h0), math.sin(h0)
+        past = []
+        for k in range(past_poses - 1, -1, -1):
+            x, y, h, _ = self._interp(arr, t_now - k * dt)
+            dx, dy = x - x0, y - y0
+            past.append((c * dx + s * dy, -s * dx + c * dy, math.atan2(math.sin(h - h0), math.cos(h - h0))))
+        _, _, h_prev, v_prev = self._interp(arr, t_now - dt)
+        accel = (v0 - v_prev) / dt if len(arr) > 1 else 0.0
+        yaw_rate = math.atan2(math.sin(h0 - h_prev), math.cos(h0 - h_prev)) / dt if len(arr) > 1 else 0.0
+        return np.array(past), float(v0), float(accel), float(yaw_rate), float(t_now)

@@ -1,0 +1,100 @@
+"""The bridge: the VLM's KV cache of a sparse set of layers, handed to the action expert.
+
+A snapshot is made once per reasoner run (low rate) and read by every action-expert step (control rate),
+so it is immutable: tensors are detached (no gradient can flow from the expert into the VLM) and the
+holder swaps whole snapshots by reference, which readers pick up without taking a lock.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def bridge_layer_ids(num_layers: int, stride: int) -> tuple[int, ...]:
+    """Every ``stride``-th layer counted back from the last one, so the deepest layer is always included.
+
+    12 layers, stride 2 -> (1, 3, 5, 7, 9, 11); stride 1 -> every layer.
+    """
+    if stride < 1:
+        raise ValueError(f"bridge layer stride must be >= 1, got {stride}")
+    return tuple(sorted(range(num_layers - 1, -1, -stride)))
+
+
+@dataclass(frozen=True)
+class BridgeSnapshot:
+    keys: tuple[torch.Tensor, ...]      # per bridge layer: (B, kv_heads, S, head_dim), RoPE already applied
+    values: tuple[torch.Tensor, ...]
+    key_mask: torch.Tensor              # (B, S) bool, True where a key is a real token (not padding)
+    next_position: torch.Tensor         # (B,) RoPE position of the first token after the cached sequence
+    layer_ids: tuple[int, ...]
+    stamp: float = 0.0                  # sensor time of the newest frames the reasoner saw
+    reasoning: tuple[str, ...] = ()
+    latency_s: float = 0.0
+    created_monotonic: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        if not (len(self.keys) == len(self.values) == len(self.layer_ids)):
+            raise ValueError("keys, values and layer_ids must have one entry per bridge layer")
+        for k, v in zip(self.keys, self.values):
+            if k.shape != v.shape or k.requires_grad or v.requires_grad:
+                raise ValueError("bridge tensors must be detached and keys/values equally shaped")
+
+    @classmethod
+    def from_cache(cls, cache, layer_ids, key_mask, next_position, **meta) -> "BridgeSnapshot":
+        """Take the selected layers of a transformers Cache (DynamicCache.layers[i].keys/values)."""
+        keys = tuple(cache.layers[i].keys.detach() for i in layer_ids)
+        values = tuple(cache.layers[i].values.detach() for i in layer_ids)
+        return cls(keys, values, key_mask.bool(), next_position.long(), tuple(layer_ids), **meta)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def age(self, now_stamp: float) -> float:
+        return now_stamp - self.stamp
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def expand(self, n: int) -> "BridgeSnapshot":
+        """Repeat a batch-1 snapshot n times (GRPO groups, batched sampling) without copying memory."""
+        if self.batch_size != 1:
+            raise ValueError("expand() needs a batch-1 snapshot")
+        ex = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        return BridgeSnapshot(tuple(map(ex, self.keys)), tuple(map(ex, self.values)), ex(self.key_mask),
+                              self.next_position.expand(n), self.layer_ids, self.stamp,
+                              self.reasoning * n, self.latency_s, self.created_monotonic)
+
+
+class LatestBridge:
+    """Holds the newest snapshot. Writers swap under a lock (to count versions); readers just read the
+    reference, which is atomic in CPython, so the control loop never waits on the reasoner."""
+
+    def __init__(self):
+        self._snapshot: BridgeSnapshot | None = None
+        self._version = 0
+        self._lock = threading.Lock()
+
+    def publish(self, snapshot: BridgeSnapshot) -> int:
+        with self._lock:
+            self._snapshot = snapshot
+            self._version += 1
+            return self._version
+
+    def latest(self) -> BridgeSnapshot | None:
+        return self._snapshot
+
+    @property
+    def version(self) -> int:
+        return self._version

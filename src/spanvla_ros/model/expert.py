@@ -1,0 +1,158 @@
+"""Flow-matching action expert.
+
+A small transformer over the trajectory tokens. Layer i attends to its own tokens plus the bridge KV of the
+matching VLM layer (pi0-style prefix attention: the VLM keys/values are read, never recomputed, and no
+gradient flows back into the VLM). It shares the VLM's head layout (heads, KV heads, head dim) so its
+queries can read the cached keys directly, and applies the same rotary embedding at the positions that
+follow the cached sequence. Flow time and ego state condition every layer through adaLN-zero.
+
+Flow from the history initialisation (SpanVLA): a_t = t*a + (1-t)*a_his, target velocity a - a_his; at
+inference N Euler steps from a_his. ``flow_init="noise"`` is the ablation that starts from N(0, I).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bridge import BridgeSnapshot
+from .config import SpanVLAConfig
+from .trajectory import denormalise, normalise
+
+
+def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def flow_pair(a: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point on the straight path from x0 (a_his, or noise) to a at time t, and the velocity to regress."""
+    tt = t[:, None, None]
+    return tt * a + (1 - tt) * x0, a - x0
+
+
+class ExpertLayer(nn.Module):
+    def __init__(self, hidden: int, mlp: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.h, self.kv, self.d = num_heads, num_kv_heads, head_dim
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(hidden, num_heads * head_dim)
+        self.k = nn.Linear(hidden, num_kv_heads * head_dim)
+        self.v = nn.Linear(hidden, num_kv_heads * head_dim)
+        self.o = nn.Linear(num_heads * head_dim, hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden))
+        self.ada = nn.Linear(hidden, 6 * hidden)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, cond, cos, sin, bridge_k, bridge_v, attn_mask):
+        B, T, _ = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q = self.q(h).view(B, T, self.h, self.d).transpose(1, 2)
+        k = self.k(h).view(B, T, self.kv, self.d).transpose(1, 2)
+        v = self.v(h).view(B, T, self.kv, self.d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys = torch.cat([bridge_k.to(q.dtype), k], dim=2)
+        values = torch.cat([bridge_v.to(q.dtype), v], dim=2)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=self.h != self.kv)
+        x = x + g1 * self.o(a.transpose(1, 2).reshape(B, T, self.h * self.d))
+        return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+
+
+class FlowActionExpert(nn.Module):
+    def __init__(self, cfg: SpanVLAConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope_theta: float):
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers, self.head_dim, self.rope_theta = num_layers, head_dim, rope_theta
+        D = cfg.expert_hidden
+        self.in_proj = nn.Linear(cfg.action_dim, D)
+        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.ego_mlp = nn.Sequential(nn.Linear(cfg.ego_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.layers = nn.ModuleList(ExpertLayer(D, cfg.expert_mlp, num_heads, num_kv_heads, head_dim)
+                                    for _ in range(num_layers))
+        self.out_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.out_ada = nn.Linear(D, 2 * D)
+        self.out = nn.Linear(D, cfg.action_dim)
+        for m in (self.out_ada, self.out):  # zero velocity at init: sampling returns the initialisation
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _rope(self, next_position: torch.Tensor, T: int, dtype):
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, device=next_position.device,
+                                                       dtype=torch.float32) / self.head_dim))
+        pos = next_position[:, None].float() + torch.arange(T, device=next_position.device)[None]
+        freqs = pos[..., None] * inv
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, bridge: BridgeSnapshot, x_t: torch.Tensor, t: torch.Tensor, ego: torch.Tensor) -> torch.Tensor:
+        """Velocity field v(x_t, t | bridge, ego) in normalised action units. x_t: (B, T, A), t: (B,)."""
+        if bridge.num_layers != self.num_layers:
+            raise ValueError(f"bridge has {bridge.num_layers} layers, expert expects {self.num_layers}")
+        B, T, _ = x_t.shape
+        pos_idx = torch.arange(T, device=x_t.device)
+        x = self.in_proj(x_t) + sinusoidal(pos_idx, self.cfg.expert_hidden).to(x_t.dtype)[None]
+        cond = self.time_mlp(sinusoidal(t * 1000.0, self.cfg.expert_hidden).to(x_t.dtype)) + self.ego_mlp(ego)
+        cos, sin = self._rope(bridge.next_position.expand(B), T, x.dtype)
+        key_mask = bridge.key_mask.expand(B, -1)
+        attn_mask = torch.cat([key_mask, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)[:, None, None]
+        for layer, bk, bv in zip(self.layers, bridge.keys, bridge.values):
+            x = layer(x, cond, cos, sin, bk.expand(B, -1, -1, -1), bv.expand(B, -1, -1, -1), attn_mask)
+        sh, sc = self.out_ada(cond)[:, None].chunk(2, dim=-1)
+        return self.out(self.out_norm(x) * (1 + sc) + sh)
+
+    # ------------------------------------------------------------------ flow matching
+    def initial_state(self, a_his_n: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.cfg.flow_init == "history":
+            return a_his_n
+        if self.cfg.flow_init == "noise":
+            return torch.randn(a_his_n.shape, generator=generator, device=a_his_n.device, dtype=a_his_n.dtype)
+        raise ValueError(f"flow_init must be 'history' or 'noise', got {self.cfg.flow_init!r}")
+
+    def flow_loss(self, bridge: BridgeSnapshot, a: torch.Tensor, a_his: torch.Tensor, ego: torch.Tensor,
+                  t: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+        """Conditional flow matching. a, a_his: (B, T, A) in physical units."""
+        a_n, his_n = normalise(a, self.cfg.action_scale), normalise(a_his, self.cfg.action_scale)
+        x0 = self.initial_state(his_n, generator)
+        if self.cfg.flow_init == "history" and self.cfg.history_noise_std > 0:
+            x0 = x0 + self.cfg.history_noise_std * torch.randn(x0.shape, generator=generator, device=x0.device)
+        if t is None:
+            t = torch.rand(a.shape[0], generator=generator, device=a.device)
+        x_t, target = flow_pair(a_n, x0, t)
+        return F.mse_loss(self(bridge, x_t, t, ego), target)
+
+    def sample(self, bridge: BridgeSnapshot, a_his: torch.Tensor, ego: torch.Tensor, steps: int | None = None,
+               generator=None, step_std: float = 0.0, return_log_prob: bool = False):
+        """Euler integration from t=0 to 1. ``step_std > 0`` makes each step Gaussian (x' ~ N(x + v dt, s^2 dt)),
+        the stochastic policy GRPO needs; with ``return_log_prob`` the summed log-density of the path is returned."""
+        steps = steps or self.cfg.flow_steps
+        x = self.initial_state(normalise(a_his, self.cfg.action_scale), generator)
+        dt = 1.0 / steps
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+        for i in range(steps):
+            t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
+            mean = x + self(bridge, x, t, ego) * dt
+            if step_std > 0:
+                std = step_std * math.sqrt(dt)
+                x = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if return_log_prob:
+                    lp = -0.5 * ((x.detach() - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+                    log_prob = log_prob + lp.flatten(1).sum(-1)
+                x = x.detach()
+            else:
+                x = mean
+        out = denormalise(x, self.cfg.action_scale)
+        return (out, log_prob) if return_log_prob else out

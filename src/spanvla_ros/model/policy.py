@@ -1,0 +1,140 @@
+"""SpanVLAPolicy: reasoner + action expert + config, saved and loaded as one checkpoint directory.
+
+    <dir>/spanvla.json             SpanVLAConfig (vlm_path points at the VLM, default "vlm")
+    <dir>/vlm/                     Hugging Face Qwen2.5-VL checkpoint: config, weights, tokenizer, preprocessor
+    <dir>/expert.safetensors       action expert weights
+
+A real Qwen2.5-VL-3B fine-tune plugs in by setting vlm_path to its directory; the expert's shapes follow
+the VLM's head layout and layer count automatically.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .config import SpanVLAConfig
+from .errors import CheckpointError
+from .expert import FlowActionExpert
+from .reasoner import ReasoningResult, VLMReasoner
+from .trajectory import ego_state_vector, history_trajectory
+
+# Shapes of the VLMs this project builds from scratch. "tiny" is the embedded default; "qwen0.5b-class" has
+# the language-model shapes of Qwen2.5-0.5B with a reduced vision tower, for CPU/GPU timing with random weights.
+VLM_PRESETS = {
+    "tiny": dict(
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, rope_section=[4, 6, 6]),
+        vision=dict(depth=4, hidden_size=96, intermediate_size=256, num_heads=4, fullatt_block_indexes=[1, 3])),
+    "qwen0.5b-class": dict(
+        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, rope_section=[8, 12, 12]),
+        vision=dict(depth=8, hidden_size=640, intermediate_size=1728, num_heads=10, fullatt_block_indexes=[3, 7])),
+}
+
+
+def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    p = VLM_PRESETS[preset]
+    t, v = dict(p["text"]), p["vision"]
+    section = t.pop("rope_section")
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    vcfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": 10000.0},
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **t),
+        vision_config=dict(out_hidden_size=t["hidden_size"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, **v),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(vcfg).eval()
+    pixels = cfg.image_height * cfg.image_width
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+                                               temporal_patch_size=2, merge_size=2)
+    return VLMReasoner(model, tokenizer, image_processor, cfg)
+
+
+class SpanVLAPolicy:
+    def __init__(self, cfg: SpanVLAConfig, reasoner: VLMReasoner, expert: FlowActionExpert, model_id: str = "untrained"):
+        self.cfg, self.reasoner, self.expert, self.model_id = cfg, reasoner, expert, model_id
+
+    @staticmethod
+    def make_expert(cfg: SpanVLAConfig, reasoner: VLMReasoner) -> FlowActionExpert:
+        return FlowActionExpert(cfg, len(reasoner.layer_ids), reasoner.num_heads, reasoner.num_kv_heads,
+                                reasoner.head_dim, reasoner.rope_theta)
+
+    @classmethod
+    def build(cls, cfg: SpanVLAConfig, tokenizer, preset: str = "tiny", seed: int = 0) -> "SpanVLAPolicy":
+        reasoner = build_vlm(preset, tokenizer, cfg, seed)
+        torch.manual_seed(seed + 1)
+        return cls(cfg, reasoner, cls.make_expert(cfg, reasoner).eval(), model_id=f"untrained-{preset}")
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", **overrides) -> "SpanVLAPolicy":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
+        cfg_file, expert_file = path / "spanvla.json", path / "expert.safetensors"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path} is not a SpanVLA checkpoint: spanvla.json is missing")
+        try:
+            cfg = SpanVLAConfig.load(cfg_file)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{cfg_file} is corrupt: {exc}") from exc
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        vlm_dir = Path(cfg.vlm_path) if Path(cfg.vlm_path).is_absolute() else path / cfg.vlm_path
+        reasoner = VLMReasoner.from_pretrained(vlm_dir, cfg, device=device)
+        expert = cls.make_expert(cfg, reasoner)
+        if not expert_file.is_file():
+            raise CheckpointError(f"{path} has no expert.safetensors")
+        try:
+            state = load_file(expert_file, device=str(device))
+            expert.load_state_dict(state)
+        except Exception as exc:  # safetensors raises its own error types for truncated files
+            raise CheckpointError(f"cannot load {expert_file}: {exc}") from exc
+        digest = hashlib.sha256(cfg_file.read_bytes() + expert_file.read_bytes()).hexdigest()[:8]
+        return cls(cfg, reasoner, expert.to(device).eval(), model_id=f"{path.name}@{digest}")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not Path(self.cfg.vlm_path).is_absolute():
+            self.reasoner.save_pretrained(path / self.cfg.vlm_path)
+        self.cfg.save(path / "spanvla.json")
+        save_file({k: v.contiguous() for k, v in self.expert.state_dict().items()}, path / "expert.safetensors")
+
+    # ------------------------------------------------------------------ inference
+    def reason(self, images: Sequence[np.ndarray], command: str, speed: float, accel: float, past_xyh: np.ndarray,
+               stamp: float = 0.0, **kw) -> ReasoningResult:
+        prompt = self.reasoner.prompt(command, speed, accel, past_xyh[:, :2])
+        return self.reasoner.reason(images, prompt, stamp=stamp, **kw)
+
+    def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:
+        return history_trajectory(past_xyh, speed, self.cfg.history_dt, horizon or self.cfg.horizon, self.cfg.dt)
+
+    def ego_vector(self, speed: float, accel: float, yaw_rate: float, command: str) -> np.ndarray:
+        return ego_state_vector(speed, accel, yaw_rate, command, self.cfg.commands)
+
+    @torch.inference_mode()
+    def plan(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float, command: str,
+             steps: int | None = None, horizon: int | None = None) -> np.ndarray:
+        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge."""
+        dev = self.reasoner.device
+        a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
+        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command))[None].to(dev)
+        return self.expert.sample(bridge, a_his, ego, steps=steps)[0].cpu().numpy()

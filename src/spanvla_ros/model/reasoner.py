@@ -1,0 +1,212 @@
+"""VLM reasoner: a Qwen2.5-VL-architecture model (transformers) that reads 3 cameras x 4 history frames and
+the driving prompt, writes short reasoning text with the KV cache, and stops at the action token. The KV
+cache of the bridge layers at that point is the bridge snapshot for the action expert.
+
+One loading path for every checkpoint: tokenizer + image processor + model via ``from_pretrained(dir)``.
+Image placeholders are expanded here with the same rule as ``Qwen2_5_VLProcessor`` because that class
+insists on a video processor, which needs torchvision (not installable beside the CPU torch used here).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bridge import BridgeSnapshot, bridge_layer_ids
+from .config import SpanVLAConfig
+from .errors import CheckpointError
+from .prompt import build_prompt
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class ReasoningResult:
+    text: str
+    token_ids: list[int]
+    bridge: BridgeSnapshot
+    prefill_s: float
+    decode_s: float
+    num_vision_tokens: int
+    hit_action_token: bool      # False when max_new_tokens ran out and the action token was forced
+    cache: object = None        # full KV cache, only with keep_cache=True (the AR baseline continues from it)
+    last_logits: torch.Tensor | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+class VLMReasoner:
+    def __init__(self, model, tokenizer, image_processor, cfg: SpanVLAConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.cfg = cfg
+        text_cfg = model.config.text_config
+        self.num_layers = text_cfg.num_hidden_layers
+        self.layer_ids = bridge_layer_ids(self.num_layers, cfg.bridge_layer_stride)
+        self.num_heads = text_cfg.num_attention_heads
+        self.num_kv_heads = text_cfg.num_key_value_heads
+        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.num_heads
+        rope = getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {}
+        self.rope_theta = float(rope.get("rope_theta", getattr(text_cfg, "rope_theta", 10000.0)))
+        self.merge = model.config.vision_config.spatial_merge_size
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.action_token_id = tokenizer.convert_tokens_to_ids(cfg.action_token)
+        if self.action_token_id is None or self.action_token_id == tokenizer.unk_token_id:
+            raise CheckpointError(f"tokenizer has no action token {cfg.action_token!r}: add it and fine-tune the VLM")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: SpanVLAConfig, device="cpu", dtype=torch.float32):
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        path = Path(path)
+        for name in ("config.json", "preprocessor_config.json"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"VLM checkpoint {path} has no {name}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot load VLM checkpoint {path}: {exc}") from exc
+        model.to(device).eval()
+        return cls(model, tokenizer, image_processor, cfg)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ inputs
+    def prompt(self, command: str, speed: float, accel: float, past_xy: np.ndarray) -> str:
+        c = self.cfg
+        return build_prompt(c.cameras, c.history_frames, c.history_dt, command, speed, accel, past_xy)
+
+    def _resize(self, img: np.ndarray) -> Image.Image:
+        if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
+            raise ValueError(f"each image must be an HxWx3 uint8 array, got {getattr(img, 'shape', type(img))}")
+        size = (self.cfg.image_width, self.cfg.image_height)
+        pil = Image.fromarray(img)
+        return pil if pil.size == size else pil.resize(size, Image.BILINEAR)
+
+    def encode(self, images_per_sample: Sequence[Sequence[np.ndarray]], texts: Sequence[str]) -> dict:
+        """Batch of samples -> model inputs with 3D RoPE positions. Right padding."""
+        if len(images_per_sample) != len(texts):
+            raise ValueError("one image list per text")
+        flat = []
+        for imgs, text in zip(images_per_sample, texts):
+            if len(imgs) != self.cfg.num_images:
+                raise ValueError(f"expected {self.cfg.num_images} images ({len(self.cfg.cameras)} cameras x "
+                                 f"{self.cfg.history_frames} frames), got {len(imgs)}")
+            if text.count(IMAGE_PAD) != len(imgs):
+                raise ValueError(f"prompt has {text.count(IMAGE_PAD)} image placeholders for {len(imgs)} images")
+            flat.extend(self._resize(im) for im in imgs)
+        vis = self.image_processor(images=flat, return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        n_tokens = (grid.prod(-1) // (self.merge ** 2)).tolist()
+        expanded, k = [], 0
+        for text in texts:
+            parts = text.split(IMAGE_PAD)
+            out = parts[0]
+            for part in parts[1:]:
+                out += IMAGE_PAD * n_tokens[k] + part
+                k += 1
+            expanded.append(out)
+        tok = self.tokenizer(expanded, return_tensors="pt", padding=True, padding_side="right")
+        input_ids, attn = tok["input_ids"], tok["attention_mask"]
+        mm = (input_ids == self.image_token_id).int()
+        position_ids, _ = self.model.model.get_rope_index(input_ids, mm, image_grid_thw=grid, attention_mask=attn)
+        dev = self.device
+        return {"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev),
+                "pixel_values": vis["pixel_values"].to(dev, self.model.dtype), "image_grid_thw": grid.to(dev),
+                "position_ids": position_ids.to(dev), "num_vision_tokens": int(mm[0].sum())}
+
+    def _forward(self, inputs: dict, cache=None):
+        from transformers import DynamicCache
+
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        kw = {k: v for k, v in inputs.items() if k != "num_vision_tokens"}
+        return self.model(**kw, past_key_values=cache, use_cache=True, return_dict=True)
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def reason(self, images: Sequence[np.ndarray], prompt: str, max_new_tokens: int | None = None,
+               stamp: float = 0.0, temperature: float = 0.0, generator: torch.Generator | None = None,
+               keep_cache: bool = False) -> ReasoningResult:
+        """Prefill, then decode token by token with the KV cache until the action token (fed too, so the
+        bridge contains it); if the budget runs out the action token is forced, and ``hit_action_token`` says so."""
+        max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        t0 = time.perf_counter()
+        inputs = self.encode([images], [prompt])
+        out = self._forward(inputs)
+        cache = out.past_key_values
+        next_pos = int(inputs["position_ids"].max()) + 1
+        t1 = time.perf_counter()
+        generated: list[int] = []
+        logits = out.logits[:, -1]
+        while True:
+            if len(generated) >= max_new_tokens:
+                tok = self.action_token_id
+            elif temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, -1)
+                tok = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                tok = int(logits.argmax(-1))
+            generated.append(tok)
+            pos = torch.full((3, 1, 1), next_pos, dtype=torch.long, device=self.device)
+            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), position_ids=pos,
+                             past_key_values=cache, use_cache=True, return_dict=True)
+            next_pos += 1
+            logits = out.logits[:, -1]
+            if tok == self.action_token_id:
+                break
+        t2 = time.perf_counter()
+        hit = len(generated) <= max_new_tokens  # else the action token was forced after the budget
+        text = self.tokenizer.decode(generated[:-1], skip_special_tokens=True).strip()
+        seq_len = cache.get_seq_length()
+        bridge = BridgeSnapshot.from_cache(
+            cache, self.layer_ids, torch.ones(1, seq_len, dtype=torch.bool, device=self.device),
+            torch.tensor([next_pos], device=self.device), stamp=stamp, reasoning=(text,), latency_s=t2 - t0)
+        return ReasoningResult(text, generated, bridge, t1 - t0, t2 - t1, inputs["num_vision_tokens"], hit,
+                               cache if keep_cache else None, logits if keep_cache else None)
+
+    # ------------------------------------------------------------------ training
+    def teacher_forced(self, images_per_sample, prompts: Sequence[str], reasoning: Sequence[str],
+                       with_bridge: bool = True):
+        """One forward over prompt + reasoning + action token. Returns (CE loss on reasoning and action
+        token, bridge snapshot or None). Used by SFT stage 1 (loss) and stage 2 / GRPO (bridge only)."""
+        texts = [p + r + self.cfg.action_token for p, r in zip(prompts, reasoning)]
+        inputs = self.encode(images_per_sample, texts)
+        # Prompt length in tokens with one placeholder per image; expansion adds n_vis - num_images tokens.
+        # Prompts end in "\n", a pre-tokenizer boundary, so the prompt's tokens prefix the full text's.
+        prompt_lens = [len(self.tokenizer(p)["input_ids"]) for p in prompts]
+        labels = inputs["input_ids"].clone()
+        labels[inputs["attention_mask"] == 0] = -100
+        n_vis = inputs["num_vision_tokens"]
+        for i, plen in enumerate(prompt_lens):
+            labels[i, : plen + n_vis - self.cfg.num_images] = -100
+        out = self._forward(inputs)
+        logits = out.logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        bridge = None
+        if with_bridge:
+            mask = inputs["attention_mask"].bool()
+            pos = inputs["position_ids"].masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1
+            bridge = BridgeSnapshot.from_cache(out.past_key_values, self.layer_ids, mask, pos)
+        return loss, bridge

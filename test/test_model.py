@@ -1,0 +1,215 @@
+"""SpanVLA model core: reasoner -> bridge -> flow-matching expert, on a freshly built tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spanvla_ros.model import CheckpointError, SpanVLAConfig, bridge_layer_ids
+from spanvla_ros.model.ar_baseline import ARActionDecoder, MotionCodebook
+from spanvla_ros.model.corpus import tokenizer_corpus
+from spanvla_ros.model.expert import flow_pair
+from spanvla_ros.model.policy import SpanVLAPolicy
+from spanvla_ros.model.tokenizer import train_tokenizer
+from spanvla_ros.model.trajectory import history_trajectory, normalise
+
+PAST = np.array([[-12.0, 0.6, 0.06], [-8.0, 0.3, 0.04], [-4.0, 0.1, 0.02], [0.0, 0.0, 0.0]])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=120))
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    return SpanVLAPolicy.build(SpanVLAConfig(), tokenizer, seed=0)
+
+
+def frames(n=12, seed=0, h=90, w=160):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_bridge_layer_ids_follow_stride():
+    assert bridge_layer_ids(6, 2) == (1, 3, 5)
+    assert bridge_layer_ids(6, 1) == (0, 1, 2, 3, 4, 5)
+    assert bridge_layer_ids(6, 3) == (2, 5)
+    assert bridge_layer_ids(7, 2) == (0, 2, 4, 6)
+    with pytest.raises(ValueError):
+        bridge_layer_ids(6, 0)
+
+
+def test_full_path_shapes_and_dtypes(policy):
+    r = policy.reason(frames(), "turn left", 8.0, -0.5, PAST, stamp=12.5, max_new_tokens=6, keep_cache=True)
+    b = r.bridge
+    cfg, rs = policy.cfg, policy.reasoner
+    assert r.num_vision_tokens == 12 * (cfg.image_height // 28) * (cfg.image_width // 28)
+    assert b.layer_ids == (1, 3, 5) and b.num_layers == 3 and b.stamp == 12.5
+    assert b.keys[0].shape == (1, rs.num_kv_heads, b.seq_len, rs.head_dim) and b.keys[0].dtype == torch.float32
+    assert b.seq_len == r.cache.get_seq_length()  # vision + prompt + reasoning + action token
+    assert len(r.token_ids) <= 7 and r.token_ids[-1] == rs.action_token_id
+    assert int(b.next_position[0]) > r.num_vision_tokens // 12  # text positions continue after the 3D vision grid
+    assert not any(t.requires_grad for t in b.keys + b.values)
+    traj = policy.plan(b, PAST, 8.0, -0.5, 0.02, "turn left")
+    assert traj.shape == (cfg.horizon, 4) and traj.dtype == np.float32 and np.isfinite(traj).all()
+
+
+def test_bridge_is_exactly_the_selected_cache_layers(tokenizer):
+    cfg = SpanVLAConfig(bridge_layer_stride=3)
+    pol = SpanVLAPolicy.build(cfg, tokenizer, seed=1)
+    r = pol.reason(frames(), "follow lane", 5.0, 0.0, PAST, max_new_tokens=3, keep_cache=True)
+    assert r.bridge.layer_ids == (2, 5) and pol.expert.num_layers == 2
+    for k, v, i in zip(r.bridge.keys, r.bridge.values, r.bridge.layer_ids):
+        assert torch.equal(k, r.cache.layers[i].keys) and torch.equal(v, r.cache.layers[i].values)
+
+
+def test_history_init_at_t0_is_history_and_untrained_expert_returns_it(policy):
+    a = torch.randn(2, 8, 4)
+    his = torch.randn(2, 8, 4)
+    x_t, target = flow_pair(a, his, torch.zeros(2))
+    assert torch.equal(x_t, his) and torch.allclose(target, a - his)
+    x_1, _ = flow_pair(a, his, torch.ones(2))
+    assert torch.allclose(x_1, a)
+    # zero-initialised output layer: velocity 0, so 5 Euler steps leave the history trajectory unchanged
+    r = policy.reason(frames(), "follow lane", 8.0, 0.0, PAST, max_new_tokens=2)
+    traj = policy.plan(r.bridge, PAST, 8.0, 0.0, 0.0, "follow lane")
+    expected = history_trajectory(PAST, 8.0, 0.5, 8, 0.5)
+    assert np.allclose(traj, expected, atol=1e-5)
+    assert expected[-1, 1] < -1.0  # heading fell over the past poses (a right turn); the CTRV rollout keeps turning
+
+
+def test_flow_matching_overfits_a_target_trajectory(policy):
+    torch.manual_seed(0)
+    expert = SpanVLAPolicy.make_expert(policy.cfg, policy.reasoner)
+    r = policy.reason(frames(seed=3), "turn right", 6.0, 0.0, PAST, max_new_tokens=2)
+    bridge = r.bridge.expand(32)
+    a_his = torch.from_numpy(history_trajectory(PAST, 6.0, 0.5, 8, 0.5))[None].repeat(32, 1, 1)
+    target = torch.from_numpy(history_trajectory(np.array([[0, 0, 0.3], [0, 0, 0.0]]), 5.0, 0.5, 8, 0.5))
+    target = target[None].repeat(32, 1, 1)  # a right turn while the history curves left
+    ego = torch.from_numpy(policy.ego_vector(6.0, 0.0, 0.0, "turn right"))[None].repeat(32, 1)
+    opt = torch.optim.Adam(expert.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = expert.flow_loss(bridge, target, a_his, ego)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.1 * np.mean(losses[:5])
+    with torch.no_grad():
+        out = expert.sample(r.bridge, a_his[:1], ego[:1], steps=5)[0]
+    ade = torch.linalg.norm(out[:, :2] - target[0, :, :2], dim=-1).mean().item()
+    assert ade < 0.5, ade
+    assert torch.linalg.norm(a_his[0, :, :2] - target[0, :, :2], dim=-1).mean().item() > 3.0
+
+
+def test_noise_start_ablation_is_stochastic(tokenizer):
+    pol = SpanVLAPolicy.build(SpanVLAConfig(flow_init="noise"), tokenizer, seed=2)
+    r = pol.reason(frames(), "follow lane", 8.0, 0.0, PAST, max_new_tokens=2)
+    a_his = torch.zeros(1, 8, 4)
+    ego = torch.zeros(1, pol.cfg.ego_dim)
+    s1 = pol.expert.sample(r.bridge, a_his, ego, generator=torch.Generator().manual_seed(1))
+    s2 = pol.expert.sample(r.bridge, a_his, ego, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(s1, s2)
+    his_n = normalise(torch.from_numpy(history_trajectory(PAST, 8.0, 0.5, 8, 0.5))[None], pol.cfg.action_scale)
+    x0 = pol.expert.initial_state(his_n, torch.Generator().manual_seed(0))
+    assert x0.shape == his_n.shape and not torch.allclose(x0, his_n)
+
+
+def test_stochastic_sampler_gives_log_probs(policy):
+    r = policy.reason(frames(), "follow lane", 8.0, 0.0, PAST, max_new_tokens=2)
+    a_his = torch.from_numpy(history_trajectory(PAST, 8.0, 0.5, 8, 0.5))[None].repeat(4, 1, 1)
+    ego = torch.zeros(4, policy.cfg.ego_dim)
+    out, lp = policy.expert.sample(r.bridge.expand(4), a_his, ego, step_std=0.2, return_log_prob=True,
+                                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 8, 4) and lp.shape == (4,) and torch.isfinite(lp).all()
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_teacher_forced_batch_and_sft_step_reduces_loss(policy):
+    import copy
+
+    rs = copy.copy(policy.reasoner)
+    rs.model = copy.deepcopy(policy.reasoner.model).train()
+    prompts = [rs.prompt("follow lane", 8.0, 0.0, PAST[:, :2]), rs.prompt("turn left", 3.0, 1.0, PAST[:, :2])]
+    texts = ["the lead vehicle is braking, keep distance.", "clear road, turn left at the junction."]
+    imgs = [frames(seed=5), frames(seed=6)]
+    opt = torch.optim.Adam(rs.model.parameters(), lr=3e-3)
+    loss0, bridge = rs.teacher_forced(imgs, prompts, texts)
+    assert bridge.batch_size == 2 and bridge.key_mask.shape == (2, bridge.seq_len)
+    assert bridge.key_mask[0].sum() != bridge.key_mask[1].sum()  # different lengths, right padding masked
+    for _ in range(15):
+        loss, _ = rs.teacher_forced(imgs, prompts, texts, with_bridge=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * loss0.item()
+
+
+def test_save_load_roundtrip_is_identical(policy, tmp_path):
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = SpanVLAPolicy.from_pretrained(tmp_path / "ckpt")
+    assert loaded.model_id.startswith("ckpt@")
+    with torch.no_grad():
+        for p in loaded.expert.out.parameters():  # make the expert's output non-trivial in both copies
+            p.add_(0.01)
+        for p in policy.expert.out.parameters():
+            p.add_(0.01)
+    try:
+        a = policy.reason(frames(seed=9), "turn right", 7.0, 0.2, PAST, max_new_tokens=8)
+        b = loaded.reason(frames(seed=9), "turn right", 7.0, 0.2, PAST, max_new_tokens=8)
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert all(torch.equal(x, y) for x, y in zip(a.bridge.keys, b.bridge.keys))
+        ta = policy.plan(a.bridge, PAST, 7.0, 0.2, 0.0, "turn right")
+        tb = loaded.plan(b.bridge, PAST, 7.0, 0.2, 0.0, "turn right")
+        assert np.array_equal(ta, tb)
+    finally:
+        with torch.no_grad():
+            for p in policy.expert.out.parameters():
+                p.sub_(0.01)
+
+
+def test_checkpoint_errors_are_clear(policy, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        SpanVLAPolicy.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="spanvla.json is missing"):
+        SpanVLAPolicy.from_pretrained(tmp_path / "empty")
+    ck = tmp_path / "ck"
+    policy.save_pretrained(ck)
+    data = (ck / "expert.safetensors").read_bytes()
+    (ck / "expert.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="expert.safetensors"):
+        SpanVLAPolicy.from_pretrained(ck)
+    (ck / "spanvla.json").write_text('{"horizon": 8, "bogus": 1}')
+    with pytest.raises(CheckpointError, match="corrupt"):
+        SpanVLAPolicy.from_pretrained(ck)
+    (ck / "spanvla.json").write_text("{}")
+    (ck / "vlm" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        SpanVLAPolicy.from_pretrained(ck)
+
+
+def test_wrong_image_count_and_type(policy):
+    with pytest.raises(ValueError, match="expected 12 images"):
+        policy.reason(frames(11), "follow lane", 8.0, 0.0, PAST)
+    bad = frames()
+    bad[4] = bad[4][:, :, 0]
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        policy.reason(bad, "follow lane", 8.0, 0.0, PAST)
+
+
+def test_ar_baseline_codebook_and_decoding(policy):
+    cb = MotionCodebook(dt=0.5)
+    target = history_trajectory(PAST, 8.0, 0.5, 8, 0.5)
+    recon = cb.decode(cb.encode(target))
+    assert np.linalg.norm(recon[:, :2] - target[:, :2], axis=1).max() < 0.5
+    ar = ARActionDecoder(policy.reasoner, cb)
+    assert ar.reasoner.model is not policy.reasoner.model  # the SpanVLA VLM keeps its vocabulary
+    prompt = ar.reasoner.prompt("follow lane", 8.0, 0.0, PAST[:, :2])
+    r = ar.reasoner.reason(frames(), prompt, max_new_tokens=3, keep_cache=True)
+    seq_before = r.cache.get_seq_length()
+    traj, secs = ar.decode_trajectory(r, 10)
+    assert traj.shape == (10, 4) and secs > 0
+    assert r.cache.get_seq_length() == seq_before + 9  # one decode step per action point after the first
