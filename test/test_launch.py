@@ -52,7 +52,7 @@ def test_params_file_is_the_single_source():
     planner = node_params("spanvla_planner", REPO / "params" / "spanvla.yaml")
     assert planner["camera_topics"][0] == "/carla/ego_vehicle/rgb_front/image"  # from /**
     assert planner["control_rate_hz"] >= 20 and planner["flow_steps"] == 5
-    assert node_params("sensor_source", REPO / "params" / "spanvla.yaml")["odom_topic"] == planner["odom_topic"]
+    assert node_params("sim_bridge", REPO / "params" / "spanvla.yaml")["odom_topic"] == planner["odom_topic"]
 
 
 @requires_ros

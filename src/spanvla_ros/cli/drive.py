@@ -1,8 +1,9 @@
 """spanvla-drive: the composed driving process that drive.launch.py starts, runnable without `ros2 launch`.
 
-Nodes (names match params/spanvla.yaml): sensor_source (stand-in for the simulator bridge) and
-spanvla_planner (reasoner + action expert sharing the bridge in memory), on one multi-threaded executor,
-with the parameters of --params-file. Prints a summary and exits non-zero if no plan was published.
+Nodes (names match params/spanvla.yaml): sim_bridge (highway-env closed loop, carla-ros-bridge topics, path
+tracking) and spanvla_planner (reasoner + action expert sharing the bridge in memory), each on its own
+executor thread, with the parameters of --params-file. Prints a summary (plans, latencies, episodes) and
+exits non-zero if no plan was published.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import statistics
 import sys
 import threading
+import time
 
 from spanvla_ros.config import default_params_path
 
@@ -35,17 +37,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params-file", default=str(default_params_path()))
     ap.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0 = until Ctrl-C")
-    ap.add_argument("--no-source", action="store_true", help="do not start the stand-in sensor source")
+    ap.add_argument("--no-sim", action="store_true", help="planner only (camera/odometry from a real car, CARLA "
+                    "bridge or bag replay)")
     a, ros_args = ap.parse_known_args(argv if argv is not None else sys.argv[1:])
 
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
     from spanvla_ros.nodes.planner import PlannerNode
-    from spanvla_ros.nodes.sensor_source import SensorSourceNode
-
     rclpy.init(args=["spanvla_drive", "--ros-args", "--params-file", a.params_file] + ros_args)
-    nodes = [] if a.no_source else [SensorSourceNode()]
+    nodes = []
+    if not a.no_sim:
+        from spanvla_ros.nodes.sim_bridge import SimBridgeNode
+        nodes.append(SimBridgeNode())
     planner = PlannerNode()
     nodes.append(planner)
     # One executor thread per node: the source's rendering never delays the planner's control timer.
@@ -59,8 +63,11 @@ def main(argv=None) -> int:
     spinners = [threading.Thread(target=_spin, args=(ex,), daemon=True) for ex in executors]
     for t in spinners:
         t.start()
+    sim = nodes[0] if not a.no_sim else None
+    deadline = time.monotonic() + a.duration if a.duration > 0 else float("inf")
     try:
-        stop.wait(a.duration if a.duration > 0 else None)
+        while not stop.wait(0.2) and time.monotonic() < deadline and not (sim and sim.finished):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
@@ -76,6 +83,18 @@ def main(argv=None) -> int:
         if planner._last_reasoning:
             print(f"[spanvla-drive] last reasoning: {planner._last_reasoning!r}")
         print(f"[spanvla-drive] counters {dict(c)}")
+        if sim is not None:
+            from spanvla_ros.eval.closed_loop import EpisodeResult
+
+            for e in sim.episodes:
+                ds = EpisodeResult(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"],
+                                   e["red_light"], e["wrong_way"], e["t"]).driving_score
+                print(f"[spanvla-drive] episode {e['scenario']} seed {e['seed']}: route completion "
+                      f"{e['route_completion']:.0%}, collision {e['collision']}, off-road {e['off_road']}, "
+                      f"red light {e['red_light']}, driving score {ds:.2f} ({e['t']:.1f} s)")
+            if not sim.episodes:
+                print(f"[spanvla-drive] episode {sim.scenario} seed {sim.seed} running: "
+                      f"route completion {sim.obs.route_completion:.0%} after {sim.obs.t:.1f} s")
         published = c["plans_published"]
         for ex in executors:
             ex.shutdown()

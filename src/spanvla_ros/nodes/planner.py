@@ -18,8 +18,8 @@ import rclpy
 from nav_msgs.msg import Odometry, Path
 from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from transforms3d.euler import euler2quat, quat2euler
 from visualization_msgs.msg import Marker, MarkerArray
@@ -29,15 +29,15 @@ from spanvla_ros.data.sensor_buffers import EgoHistory, FrameHistory
 from spanvla_ros.model.bridge import LatestBridge
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
-from spanvla_ros.ros.images import ImageDecodeError, decode_image_msg
+from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
 
 
 class PlannerNode(Node):
-    def __init__(self, policy: SpanVLAPolicy | None = None, name: str = "spanvla_planner"):
-        super().__init__(name)
+    def __init__(self, policy: SpanVLAPolicy | None = None, name: str = "spanvla_planner", **node_kw):
+        super().__init__(name, **node_kw)
         p = self._declare_params()
         self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
                                                               device=p["device"])
@@ -57,10 +57,18 @@ class PlannerNode(Node):
         self._last_reasoning = ""
         self._lock = threading.Lock()
 
+        if p["image_transport"] not in ("raw", "compressed"):
+            raise ValueError(f"image_transport must be raw or compressed, got {p['image_transport']!r}")
         for cam, topic in zip(cams, p["camera_topics"]):
-            self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
+            if p["image_transport"] == "compressed":   # image_transport naming: <topic>/compressed
+                self.create_subscription(CompressedImage, topic + "/compressed", lambda m, c=cam: self._on_image(c, m),
+                                         qos_profile_sensor_data)
+            else:
+                self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
         self.create_subscription(Odometry, p["odom_topic"], self._on_odom, 20)
-        self.create_subscription(String, p["command_topic"], self._on_command, 5)
+        # the command is latched by its publisher (route-level, changes rarely)
+        self.create_subscription(String, p["command_topic"], self._on_command,
+                                 QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.pub_path = self.create_publisher(Path, p["path_topic"], 5)
         self.pub_status = self.create_publisher(PlanStatus, p["status_topic"], 5)
         self.pub_markers = self.create_publisher(MarkerArray, p["markers_topic"], 5)
@@ -78,7 +86,7 @@ class PlannerNode(Node):
                         camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                                        "/carla/ego_vehicle/rgb_front_right/image"],
                         odom_topic="/carla/ego_vehicle/odometry", command_topic="/spanvla/command",
-                        base_frame="base_link", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
+                        base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
                         control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
                         odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
                         path_topic="/spanvla/path", reasoning_topic="/spanvla/reasoning",
@@ -93,9 +101,9 @@ class PlannerNode(Node):
         self.counters[f"bad_{reason}"] += 1
         self.get_logger().warning(f"dropped message ({reason}): {detail}", throttle_duration_sec=2.0)
 
-    def _on_image(self, camera: str, msg: Image) -> None:
+    def _on_image(self, camera: str, msg) -> None:
         try:
-            img = decode_image_msg(msg)
+            img = decode_compressed_msg(msg) if isinstance(msg, CompressedImage) else decode_image_msg(msg)
         except ImageDecodeError as exc:
             self._bad(exc.reason, f"{camera}: {exc}")
             return

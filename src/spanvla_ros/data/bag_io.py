@@ -1,0 +1,227 @@
+"""rosbag2 (MCAP or sqlite3) writing and reading through `rosbags`, no ROS install needed.
+
+Episode bags hold what a car would log, on carla-ros-bridge topic names, so they replay through the real
+nodes: JPEG CompressedImage per camera, Odometry, the ground-truth route (nav_msgs/Path), other agents as a
+MarkerArray of boxes (speed in the marker text; opens as boxes in Foxglove/RViz) and the signal state.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CAMERA_TOPIC = "/carla/ego_vehicle/rgb_{}/image"
+ODOM_TOPIC = "/carla/ego_vehicle/odometry"
+ROUTE_TOPIC = "/carla/ego_vehicle/route"
+AGENTS_TOPIC = "/sim/agents"
+LIGHT_TOPIC = "/sim/traffic_light"
+COMMAND_TOPIC = "/spanvla/command"
+BAG_EPOCH = 1_700_000_000.0   # sim time 0 of every episode, so stamps are deterministic and realistic
+
+
+class BagError(RuntimeError):
+    """A bag that cannot be read (missing, corrupt, truncated); ``partial`` holds what was read before."""
+
+    def __init__(self, msg: str, partial=None):
+        super().__init__(msg)
+        self.partial = partial
+
+
+def typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+def _stamp(ts, t: float):
+    Time = ts.types["builtin_interfaces/msg/Time"]
+    sec = int(math.floor(t))
+    return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+
+
+def _header(ts, t: float, frame: str):
+    return ts.types["std_msgs/msg/Header"](stamp=_stamp(ts, t), frame_id=frame)
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(data))) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def quat_from_yaw(yaw: float):
+    return math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)
+
+
+class EpisodeBagWriter:
+    def __init__(self, path: Path, cameras, storage: str = "mcap"):
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        self.ts = typestore()
+        self.cameras = tuple(cameras)
+        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+        self.w = Writer(Path(path), version=9, storage_plugin=plugin)
+        self.w.open()
+        self.conn = {}
+        for c in self.cameras:
+            self._add(CAMERA_TOPIC.format(c) + "/compressed", "sensor_msgs/msg/CompressedImage")
+        for topic, typ in ((ODOM_TOPIC, "nav_msgs/msg/Odometry"), (ROUTE_TOPIC, "nav_msgs/msg/Path"),
+                           (AGENTS_TOPIC, "visualization_msgs/msg/MarkerArray"), (LIGHT_TOPIC, "std_msgs/msg/String"),
+                           (COMMAND_TOPIC, "std_msgs/msg/String")):
+            self._add(topic, typ)
+
+    def _add(self, topic, typ):
+        self.conn[topic] = (self.w.add_connection(topic, typ, typestore=self.ts), typ)
+
+    def _write(self, topic, t, msg):
+        conn, typ = self.conn[topic]
+        self.w.write(conn, int(round((BAG_EPOCH + t) * 1e9)), self.ts.serialize_cdr(msg, typ))
+
+    def write_route(self, t: float, route_xy: np.ndarray, command: str) -> None:
+        T = self.ts.types
+        poses = []
+        for x, y in route_xy[::2]:
+            p = T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=float(x), y=float(y), z=0.0),
+                                            orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
+            poses.append(T["geometry_msgs/msg/PoseStamped"](header=_header(self.ts, BAG_EPOCH + t, "map"), pose=p))
+        self._write(ROUTE_TOPIC, t, T["nav_msgs/msg/Path"](header=_header(self.ts, BAG_EPOCH + t, "map"), poses=poses))
+        self._write(COMMAND_TOPIC, t, T["std_msgs/msg/String"](data=command))
+
+    def write_step(self, obs) -> None:
+        T, t = self.ts.types, obs.t
+        stamp_t = BAG_EPOCH + t
+        for c in self.cameras:
+            if c in obs.images:
+                msg = T["sensor_msgs/msg/CompressedImage"](header=_header(self.ts, stamp_t, f"{c}_camera"),
+                                                          format="jpeg",
+                                                          data=np.frombuffer(jpeg_bytes(obs.images[c]), np.uint8))
+                self._write(CAMERA_TOPIC.format(c) + "/compressed", t, msg)
+        e = obs.ego
+        self._write(ODOM_TOPIC, t, odometry_msg(self.ts, stamp_t, e.x, e.y, e.heading, e.speed, e.yaw_rate))
+        markers = []
+        for a in obs.agents:
+            qw, qx, qy, qz = quat_from_yaw(a.heading)
+            m = T["visualization_msgs/msg/Marker"](
+                header=_header(self.ts, stamp_t, "map"), ns="agents", id=int(a.id), type=1, action=0,
+                pose=T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=a.x, y=a.y, z=0.75),
+                                                 orientation=T["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw)),
+                scale=T["geometry_msgs/msg/Vector3"](x=a.length, y=a.width, z=1.5),
+                color=T["std_msgs/msg/ColorRGBA"](r=0.2, g=0.4, b=0.9, a=1.0),
+                lifetime=T["builtin_interfaces/msg/Duration"](sec=0, nanosec=200_000_000), frame_locked=False,
+                points=[], colors=[], texture_resource="", texture=T["sensor_msgs/msg/CompressedImage"](
+                    header=_header(self.ts, stamp_t, ""), format="", data=np.zeros(0, np.uint8)),
+                uv_coordinates=[], text=f"{a.speed:.3f}", mesh_resource="",
+                mesh_file=T["visualization_msgs/msg/MeshFile"](filename="", data=np.zeros(0, np.uint8)),
+                mesh_use_embedded_materials=False)
+            markers.append(m)
+        self._write(AGENTS_TOPIC, t, T["visualization_msgs/msg/MarkerArray"](markers=markers))
+        if obs.light is not None:
+            self._write(LIGHT_TOPIC, t, T["std_msgs/msg/String"](data=obs.light.state))
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def odometry_msg(ts, stamp_t, x, y, yaw, speed, yaw_rate):
+    T = ts.types
+    qw, qx, qy, qz = quat_from_yaw(yaw)
+    cov = np.zeros(36)
+    pose = T["geometry_msgs/msg/PoseWithCovariance"](
+        pose=T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=x, y=y, z=0.0),
+                                         orientation=T["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw)),
+        covariance=cov)
+    twist = T["geometry_msgs/msg/TwistWithCovariance"](
+        twist=T["geometry_msgs/msg/Twist"](linear=T["geometry_msgs/msg/Vector3"](x=speed, y=0.0, z=0.0),
+                                           angular=T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=yaw_rate)),
+        covariance=cov)
+    return T["nav_msgs/msg/Odometry"](header=_header(ts, stamp_t, "map"), child_frame_id="base_link", pose=pose,
+                                      twist=twist)
+
+
+@dataclass
+class EpisodeLog:
+    """What a bag holds, as arrays. Times are bag stamps in seconds."""
+    odom: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))    # t, x, y, yaw, speed
+    images: dict = field(default_factory=dict)      # camera -> list of (t, jpeg or raw rgb)
+    agents: list = field(default_factory=list)      # (t, [(id, x, y, yaw, speed, length, width), ...])
+    light: list = field(default_factory=list)       # (t, state)
+    route: np.ndarray | None = None
+    command: str = "follow lane"
+    messages: int = 0
+
+    def image_at(self, camera: str, t: float, tol: float = 0.06) -> np.ndarray | None:
+        frames = self.images.get(camera, [])
+        if not frames:
+            return None
+        ts = np.array([f[0] for f in frames])
+        i = int(np.argmin(np.abs(ts - t)))
+        if abs(ts[i] - t) > tol:
+            return None
+        data = frames[i][1]
+        return data if isinstance(data, np.ndarray) else decode_jpeg(data)
+
+
+def _yaw(q) -> float:
+    return math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
+
+
+def read_episode(path: Path, cameras) -> EpisodeLog:
+    """Read an episode bag (MCAP or sqlite3). Corrupt or truncated bags raise BagError with the partial log."""
+    from rosbags.highlevel import AnyReader
+
+    path = Path(path)
+    log = EpisodeLog(images={c: [] for c in cameras})
+    odom = []
+    if not path.exists():
+        raise BagError(f"bag {path} does not exist", log)
+    cam_of = {}
+    for c in cameras:
+        cam_of[CAMERA_TOPIC.format(c) + "/compressed"] = c
+        cam_of[CAMERA_TOPIC.format(c)] = c
+    try:
+        with AnyReader([path], default_typestore=typestore()) as reader:
+            for conn, stamp, raw in reader.messages():
+                msg = reader.deserialize(raw, conn.msgtype)
+                log.messages += 1
+                t = stamp * 1e-9
+                if conn.topic in cam_of:
+                    hs = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+                    if conn.msgtype.endswith("CompressedImage"):
+                        log.images[cam_of[conn.topic]].append((hs, bytes(msg.data)))
+                    else:
+                        from ..ros.images import decode_rgb
+                        log.images[cam_of[conn.topic]].append(
+                            (hs, decode_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)))
+                elif conn.topic == ODOM_TOPIC:
+                    p = msg.pose.pose
+                    hs = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+                    odom.append((hs, p.position.x, p.position.y, _yaw(p.orientation),
+                                 math.hypot(msg.twist.twist.linear.x, msg.twist.twist.linear.y)))
+                elif conn.topic == AGENTS_TOPIC:
+                    log.agents.append((t, [(m.id, m.pose.position.x, m.pose.position.y, _yaw(m.pose.orientation),
+                                            float(m.text or 0.0), m.scale.x, m.scale.y) for m in msg.markers]))
+                elif conn.topic == LIGHT_TOPIC:
+                    log.light.append((t, msg.data))
+                elif conn.topic == ROUTE_TOPIC:
+                    log.route = np.array([(p.pose.position.x, p.pose.position.y) for p in msg.poses])
+                elif conn.topic == COMMAND_TOPIC:
+                    log.command = msg.data
+    except BagError:
+        raise
+    except Exception as exc:  # rosbags raises several types (ReaderError, struct errors, mcap errors)
+        log.odom = np.array(odom) if odom else np.zeros((0, 5))
+        raise BagError(f"cannot read bag {path}: {type(exc).__name__}: {exc}", log) from exc
+    log.odom = np.array(odom) if odom else np.zeros((0, 5))
+    return log

@@ -1,0 +1,261 @@
+"""Driving data from the simulator: expert (positive), negative and recovery samples, written as rosbag2 MCAP
+episode bags plus one index.json of samples, deterministic by (scenario, seed).
+
+* positive: the expert (highway-env IDM/MOBIL + our stop-line rule) drives; a sample every ``sample_every_s``
+  holds 4 camera frames per camera at 2 Hz (bag stamps), the ego's past, its logged 4 s future and text.
+* negative: per positive sample, candidate trajectories (ignore the lead, accelerate, drift off, swerve) that
+  the PDM-style scorer confirms as collisions, leaving the drivable area, oncoming-lane driving or running the
+  red light. Kept with the sample, used as r_neg references by GRPO.
+* recovery: episodes where the ego is made to drift off the lane centre for ~1 s (open-loop steering bias);
+  samples at the moment the expert takes back over hold the drifted history and the expert's way back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..eval.pdm import score
+from ..model.config import CAMERAS
+from ..sim.types import Control
+from .bag_io import BAG_EPOCH, EpisodeBagWriter
+from .scene_text import describe, facts_from_state
+
+HORIZON, DT, PAST, PAST_DT = 8, 0.5, 4, 0.5
+HISTORY_FRAMES = 4
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    scenario: str
+    seed: int
+    kind: str          # "expert" | "recovery"
+    out_dir: str
+    sample_every_s: float = 1.0
+
+
+def to_ego(pose, pts: np.ndarray) -> np.ndarray:
+    """World (N, >=3) x, y, heading[, speed] -> ego frame of pose (x, y, heading)."""
+    c, s = math.cos(pose[2]), math.sin(pose[2])
+    out = np.array(pts, dtype=np.float64, copy=True)
+    dx, dy = pts[:, 0] - pose[0], pts[:, 1] - pose[1]
+    out[:, 0], out[:, 1] = c * dx + s * dy, -s * dx + c * dy
+    out[:, 2] = np.arctan2(np.sin(pts[:, 2] - pose[2]), np.cos(pts[:, 2] - pose[2]))
+    return out
+
+
+def to_world(pose, pts: np.ndarray) -> np.ndarray:
+    c, s = math.cos(pose[2]), math.sin(pose[2])
+    out = np.array(pts, dtype=np.float64, copy=True)
+    out[:, 0] = pose[0] + c * pts[:, 0] - s * pts[:, 1]
+    out[:, 1] = pose[1] + s * pts[:, 0] + c * pts[:, 1]
+    out[:, 2] = pts[:, 2] + pose[2]
+    return out
+
+
+def negative_candidates(speed: float) -> dict[str, np.ndarray]:
+    """Ego-frame (HORIZON, 4) trajectories of typical failure modes."""
+    t = DT * np.arange(1, HORIZON + 1)
+    out = {}
+    def traj(x, y, v):
+        h = np.arctan2(np.gradient(y), np.maximum(np.gradient(x), 1e-3))
+        return np.stack([x, y, h, v], 1).astype(np.float32)
+    out["ignore_lead"] = traj(speed * t, 0 * t, np.full_like(t, speed))
+    v_acc = speed + 3.0 * t
+    out["accelerate"] = traj(speed * t + 1.5 * t ** 2, 0 * t, v_acc)
+    for side, sgn in (("left", 1.0), ("right", -1.0)):
+        out[f"drift_{side}"] = traj(np.maximum(speed, 4.0) * t, sgn * 8.0 * (t / t[-1]) ** 2, np.full_like(t, max(speed, 4.0)))
+    return out
+
+
+class EpisodeRecorder:
+    """Runs one episode and keeps a per-step log for the sample builder."""
+
+    def __init__(self, backend, job: EpisodeJob):
+        self.b, self.job = backend, job
+        self.steps = []
+
+    def run(self, bag_path: Path):
+        b, job = self.b, self.job
+        obs = b.reset(job.scenario, job.seed)
+        rng = np.random.default_rng(job.seed * 7 + (1 if job.kind == "recovery" else 0))
+        writer = EpisodeBagWriter(bag_path, b.cameras)
+        writer.write_route(0.0, b.route_xy, b.command)
+        drift = None
+        if job.kind == "recovery":
+            t0 = float(rng.uniform(2.5, max(3.0, b.scenario.duration_s - 7.0)))
+            drift = (t0, t0 + float(rng.uniform(0.8, 1.4)), float(rng.choice([-1, 1]) * rng.uniform(0.012, 0.025)))
+        self.drift = drift
+        self.scene = b.scene_map()
+        self._log(obs)
+        writer.write_step(obs)
+        while not obs.done:
+            control = None
+            if drift and drift[0] <= b.t < drift[1]:
+                control = Control(0.0, drift[2])
+            obs = b.step(control)
+            self._log(obs)
+            writer.write_step(obs)
+        writer.close()
+        return self.steps
+
+    def _log(self, obs):
+        b = self.b
+        lane = b.road.network.get_lane(b.ego.lane_index)
+        lat = float(lane.local_coordinates(b.ego.position)[1])
+        light_dist = None
+        if b.stop_s is not None:
+            light_dist = b.stop_s - obs.route_progress - obs.ego.length / 2
+        e = obs.ego
+        self.steps.append(dict(t=obs.t, ego=(e.x, e.y, e.heading, e.speed), accel=e.accel, yaw_rate=e.yaw_rate,
+                               agents=[(a.id, a.x, a.y, a.heading, a.speed, a.length, a.width) for a in obs.agents],
+                               light=obs.light.state if obs.light else None, light_dist=light_dist, lateral=lat,
+                               flags=obs.flags, progress=obs.route_progress))
+
+
+def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[dict]:
+    steps = rec.steps
+    n = len(steps)
+    ctrl_dt = rec.b.dt
+    per_half = int(round(DT / ctrl_dt))
+    crash_at = next((i for i, s in enumerate(steps) if s["flags"].collision or s["flags"].off_road), n)
+    rng = np.random.default_rng(job.seed * 13 + len(job.scenario))
+    if job.kind == "recovery":
+        d0, d1, _ = rec.drift
+        takeover = next((i for i, s in enumerate(steps) if s["t"] >= d1 - 1e-6), n)
+        idx = [takeover, takeover + per_half]
+    else:
+        every = int(round(job.sample_every_s / ctrl_dt))
+        first = int(round((HISTORY_FRAMES - 1) * DT / ctrl_dt))
+        idx = list(range(first, n, every))
+    samples = []
+    for i in sorted(set(idx)):
+        j_end = i + HORIZON * per_half
+        if i < (HISTORY_FRAMES - 1) * per_half or j_end >= min(n, crash_at):
+            continue
+        now = steps[i]
+        pose = now["ego"]
+        fut_world = np.array([steps[i + k * per_half]["ego"] for k in range(1, HORIZON + 1)])
+        future = to_ego(pose, fut_world).astype(np.float32)
+        past_world = np.array([steps[i - k * per_half]["ego"] for k in range(PAST - 1, -1, -1)])
+        past = to_ego(pose, past_world)[:, :3].astype(np.float32)
+        v_prev = steps[i - per_half]["ego"][3]
+        accel = (pose[3] - v_prev) / DT
+        yaw_rate = math.remainder(pose[2] - steps[i - per_half]["ego"][2], 2 * math.pi) / DT
+        # agents' futures, aligned by id, for PDM-style scoring
+        ids = sorted({a[0] for k in range(HORIZON + 1) for a in steps[i + k * per_half]["agents"]})
+        agents_future = np.full((HORIZON + 1, len(ids), 4), np.nan)
+        sizes = [(5.0, 2.0)] * len(ids)
+        for k in range(HORIZON + 1):
+            for a in steps[i + k * per_half]["agents"]:
+                col = ids.index(a[0])
+                agents_future[k, col] = a[1:5]
+                sizes[col] = (a[5], a[6])
+        lights = {k * DT: steps[i + k * per_half]["light"] for k in range(HORIZON + 1)} if now["light"] else {}
+        ref_progress = steps[j_end]["progress"] - now["progress"]
+        expert_score = score(fut_world, pose, agents_future, rec.scene, DT, ref_progress, lights, agent_sizes=sizes)
+        negatives = []
+        for name, cand in negative_candidates(pose[3]).items():
+            r = score(to_world(pose, cand), pose, agents_future, rec.scene, DT, ref_progress, lights, agent_sizes=sizes)
+            failed = [m for m in ("NC", "DAC", "TLC") if getattr(r, m) == 0.0] + (["DDC"] if r.DDC < 1 else [])
+            if failed:
+                negatives.append(dict(name=name, failed=failed, traj=cand.round(3).tolist()))
+        recovering = job.kind == "recovery"
+        facts = facts_from_state(pose, now["agents"], job.scenario, rec.b.command, now["light"], now["light_dist"],
+                                 now["lateral"], recovering)
+        samples.append(dict(
+            scenario=job.scenario, seed=job.seed, kind="recovery" if recovering else "positive", bag=bag_rel,
+            stamp=BAG_EPOCH + now["t"], t=now["t"], command=rec.b.command,
+            frame_stamps=[BAG_EPOCH + now["t"] - k * DT for k in range(HISTORY_FRAMES - 1, -1, -1)],
+            past=past.round(4).tolist(), speed=round(pose[3], 4), accel=round(accel, 4), yaw_rate=round(yaw_rate, 4),
+            future=future.round(4).tolist(), reasoning=describe(facts, future, rng),
+            expert_pdm=expert_score.as_dict(), negatives=negatives,
+            # what PDM-style scoring of any other trajectory for this sample needs (GRPO rewards, eval)
+            pose=[round(float(v), 4) for v in pose], ref_progress=round(float(ref_progress), 3), lights=lights,
+            agents_future=np.nan_to_num(agents_future, nan=1e6).round(3).tolist(), agent_sizes=sizes))
+    return samples
+
+
+def run_job(job: EpisodeJob) -> dict:
+    from ..sim.highway_backend import HighwayEnvBackend
+
+    backend = HighwayEnvBackend()
+    name = f"{job.scenario}_{job.seed:05d}_{job.kind}"
+    bag_path = Path(job.out_dir) / "episodes" / name
+    if bag_path.exists():
+        import shutil
+        shutil.rmtree(bag_path)
+    bag_path.parent.mkdir(parents=True, exist_ok=True)
+    rec = EpisodeRecorder(backend, job)
+    steps = rec.run(bag_path)
+    samples = build_samples(rec, job, f"episodes/{name}")
+    last = steps[-1]
+    backend.close()
+    return dict(episode=dict(name=name, scenario=job.scenario, seed=job.seed, kind=job.kind, bag=f"episodes/{name}",
+                             duration_s=last["t"], collision=bool(last["flags"].collision),
+                             route_completion=last["progress"] / backend.route_length),
+                samples=samples)
+
+
+def parse_seeds(text: str) -> list[int]:
+    if ":" in text:
+        a, b = text.split(":")
+        return list(range(int(a), int(b)))
+    return [int(s) for s in text.split(",") if s]
+
+
+def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), workers: int = 1,
+             sample_every_s: float = 1.0, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s) for s in scenarios for seed in seeds for k in kinds]
+    t0 = time.time()
+    results = []
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for r in tqdm(pool.imap(run_job, jobs), total=len(jobs), disable=not progress, desc="episodes"):
+                results.append(r)
+    else:
+        for job in tqdm(jobs, disable=not progress, desc="episodes"):
+            results.append(run_job(job))
+    index = dict(version=1, cameras=list(CAMERAS), horizon=HORIZON, dt=DT, past_dt=PAST_DT,
+                 episodes=[r["episode"] for r in results], samples=[s for r in results for s in r["samples"]],
+                 generation_s=round(time.time() - t0, 1))
+    (out_dir / "index.json").write_text(json.dumps(index))
+    return index
+
+
+def main(argv=None) -> int:
+    from ..sim.scenarios import SCENARIOS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", default="all", help="comma list or 'all' (%s)" % ", ".join(SCENARIOS))
+    ap.add_argument("--seeds", default="0:4", help="a:b range or comma list")
+    ap.add_argument("--kinds", default="expert,recovery")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--sample-every", type=float, default=1.0)
+    a = ap.parse_args(argv)
+    scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
+    idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every)
+    kinds = {}
+    for s in idx["samples"]:
+        kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
+    nneg = sum(len(s["negatives"]) for s in idx["samples"])
+    crashes = sum(e["collision"] for e in idx["episodes"])
+    print(f"{len(idx['episodes'])} episodes ({crashes} expert collisions), samples {kinds}, negatives {nneg}, "
+          f"{idx['generation_s']} s -> {a.out}/index.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Reasoning text for a training sample, written from the scene facts the simulator knows at that moment:
+what matters (lead vehicle, a car cutting in, merging traffic, the signal, a drift off the lane centre),
+why it matters (gap, closing speed, time to collision) and what the expert then did (from its future).
+Several phrasings per fact, picked by the sample's own RNG, so the text is not one fixed template."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SceneFacts:
+    speed: float
+    lead_gap: float | None = None          # m, same lane ahead
+    lead_closing: float = 0.0              # m/s, > 0 when the gap shrinks
+    cut_in_side: str | None = None         # "left" | "right"
+    cut_in_gap: float | None = None
+    merging_side: str | None = None
+    light: str | None = None
+    light_dist: float | None = None
+    roundabout: bool = False
+    intersection: bool = False
+    lateral_offset: float = 0.0            # m from the lane centre, left > 0
+    recovering: bool = False
+    command: str = "follow lane"
+
+
+def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, light_dist=None,
+                     lateral_offset: float = 0.0, recovering: bool = False) -> SceneFacts:
+    x0, y0, h0, v0 = ego_xyhv
+    c, s = math.cos(h0), math.sin(h0)
+    f = SceneFacts(speed=v0, command=command, light=light, light_dist=light_dist, lateral_offset=lateral_offset,
+                   recovering=recovering, roundabout=scenario.startswith("roundabout"),
+                   intersection=scenario.startswith("intersection"))
+    for (_, ax, ay, ah, av, *_rest) in agents:
+        dx, dy = ax - x0, ay - y0
+        lon, lat = c * dx + s * dy, -s * dx + c * dy
+        v_lon = av * math.cos(ah - h0)
+        v_lat = av * math.sin(ah - h0)
+        if 0 < lon < 60 and abs(lat) < 1.8:
+            if f.lead_gap is None or lon < f.lead_gap:
+                f.lead_gap, f.lead_closing = lon - 5.0, v0 - v_lon
+        elif 0 < lon < 30 and 1.8 <= abs(lat) < 5.5 and lat * v_lat < -0.4:
+            f.cut_in_side, f.cut_in_gap = ("left" if lat > 0 else "right"), lon - 5.0
+        elif scenario.startswith("merge") and -15 < lon < 50 and lat < -3.0:
+            f.merging_side = "right"
+    return f
+
+
+def _pick(rng, *options):
+    return options[int(rng.integers(len(options)))]
+
+
+def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str:
+    """future: (N, 4) expert trajectory x, y, heading, speed in the ego frame (0.5 s spacing)."""
+    parts = []
+    if f.recovering:
+        side = "left" if f.lateral_offset > 0 else "right"
+        parts.append(_pick(rng, f"we drifted {abs(f.lateral_offset):.1f} meters {side} of the lane center",
+                           f"ego is off the lane center by {abs(f.lateral_offset):.1f} meters to the {side}"))
+    if f.light is not None and f.light_dist is not None and f.light_dist > -2:
+        parts.append(_pick(rng, f"the traffic light is {f.light} {max(f.light_dist, 0):.0f} meters ahead",
+                           f"{f.light} light at the stop line in {max(f.light_dist, 0):.0f} meters"))
+    if f.cut_in_side is not None:
+        parts.append(_pick(rng, f"a car cuts in from the {f.cut_in_side} {f.cut_in_gap:.0f} meters ahead",
+                           f"the vehicle on the {f.cut_in_side} is merging into our lane"))
+    if f.lead_gap is not None:
+        ttc = f.lead_gap / f.lead_closing if f.lead_closing > 0.3 else math.inf
+        if ttc < 6:
+            parts.append(_pick(rng, f"the lead vehicle is {f.lead_gap:.0f} meters ahead and closing, time to collision {ttc:.1f} seconds",
+                               f"we close on the car ahead at {f.lead_closing:.1f} m/s, gap {f.lead_gap:.0f} meters"))
+        else:
+            parts.append(_pick(rng, f"lead vehicle {f.lead_gap:.0f} meters ahead, gap is safe",
+                               f"the car in front is {f.lead_gap:.0f} meters away"))
+    if f.merging_side:
+        parts.append(_pick(rng, "traffic is merging from the ramp on the right", "a vehicle merges onto the highway from the right"))
+    if f.roundabout:
+        parts.append(_pick(rng, "we are at the roundabout, yield to circulating traffic", "roundabout ahead, give way to cars inside"))
+    if f.intersection and f.light is None:
+        parts.append("intersection ahead")
+    if not parts:
+        parts.append(_pick(rng, "clear road, no vehicles nearby", "the lane ahead is free"))
+
+    v_end, v_mid = float(future[-1, 3]), float(future[min(3, len(future) - 1), 3])
+    dy, dh = float(future[-1, 1]), float(future[-1, 2])
+    if v_mid < 0.5 and f.speed < 1.0:
+        act = _pick(rng, "wait at the stop line", "stay stopped")
+    elif v_end < 0.5:
+        act = _pick(rng, "brake and stop", "slow down to a stop")
+    elif v_mid < f.speed - 1.5:
+        act = _pick(rng, "brake gently", "reduce speed", "slow down")
+    elif v_mid > f.speed + 1.5:
+        act = _pick(rng, "speed up", "accelerate")
+    else:
+        act = _pick(rng, "keep speed", "maintain speed")
+    if dh > 0.6:
+        lat = "turn left"
+    elif dh < -0.6:
+        lat = "turn right"
+    elif f.recovering:
+        lat = "steer back to the lane center"
+    elif abs(dy) > 2.0:
+        lat = "change lane to the " + ("left" if dy > 0 else "right")
+    else:
+        lat = _pick(rng, "stay in lane", "keep the lane")
+    because = _pick(rng, "so", "therefore", "then")
+    return f"{'; '.join(parts)}, {because} {act} and {lat}."

@@ -1,0 +1,1 @@
+"""ROS-free evaluation: PDM-style scoring, open-loop metrics, closed-loop driving scores."""

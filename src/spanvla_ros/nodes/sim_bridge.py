@@ -1,0 +1,227 @@
+"""sim_bridge: the simulator side of the closed loop, on carla-ros-bridge topic names.
+
+Publishes per camera sensor_msgs/Image + CameraInfo, nav_msgs/Odometry, the ground-truth route (nav_msgs/Path,
+transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where it is
+installed, else as geometry_msgs/TransformStamped on /sim/tf and /sim/tf_static (tf2_msgs has no wheel here).
+Subscribes to the planned nav_msgs/Path and tracks it with pure pursuit + PI speed control at control rate.
+The simulator steps at ``sim_rate_hz`` in real time; when an episode ends the next seed starts.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+
+import numpy as np
+from geometry_msgs.msg import PoseStamped, TransformStamped
+from nav_msgs.msg import Odometry, Path
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+from transforms3d.euler import quat2euler
+from visualization_msgs.msg import Marker, MarkerArray
+
+from spanvla_ros.ros.images import encode_image_msg
+from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
+from spanvla_ros.sim.controller import PathTracker, path_to_current_frame
+from spanvla_ros.sim.types import Control
+
+
+def make_backend(name: str, **kw):
+    if name == "highway_env":
+        from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+        return HighwayEnvBackend(**kw)
+    if name == "carla":
+        from spanvla_ros.sim.carla_backend import CarlaBackend
+        return CarlaBackend(**kw)
+    raise ValueError(f"unknown simulator backend {name!r} (highway_env | carla)")
+
+
+class SimBridgeNode(Node):
+    def __init__(self, name: str = "sim_bridge", backend=None):
+        super().__init__(name)
+        d = dict(backend="highway_env", scenarios=["highway", "cut_in", "lead_brake", "merge", "roundabout",
+                                                   "intersection_straight"],
+                 seed=10_000, sim_rate_hz=10.0, control_rate_hz=20.0, plan_timeout_s=1.0, max_episodes=0,
+                 camera_names=["front", "front_left", "front_right"],
+                 camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
+                                "/carla/ego_vehicle/rgb_front_right/image"],
+                 odom_topic="/carla/ego_vehicle/odometry", route_topic="/carla/ego_vehicle/route",
+                 agents_topic="/sim/agents", command_topic="/spanvla/command", path_topic="/spanvla/path",
+                 base_frame="base_link", map_frame="map")
+        self.p = p = {k: self.declare_parameter(k, v).value for k, v in d.items()}
+        self.backend = backend or make_backend(p["backend"])
+        self.tracker = PathTracker()
+        self.counters: Counter = Counter()
+        self.episodes: list[dict] = []
+        self.cam_pubs = {c: self.create_publisher(Image, t, qos_profile_sensor_data)
+                         for c, t in zip(p["camera_names"], p["camera_topics"])}
+        self.info_pubs = {c: self.create_publisher(CameraInfo, t.rsplit("/", 1)[0] + "/camera_info", qos_profile_sensor_data)
+                          for c, t in zip(p["camera_names"], p["camera_topics"])}
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.odom_pub = self.create_publisher(Odometry, p["odom_topic"], 20)
+        self.route_pub = self.create_publisher(Path, p["route_topic"], latched)
+        self.cmd_pub = self.create_publisher(String, p["command_topic"], latched)
+        self.agents_pub = self.create_publisher(MarkerArray, p["agents_topic"], 5)
+        self._tf = self._make_tf_publishers(latched)
+        self.create_subscription(Path, p["path_topic"], self._on_path, 5)
+        self._plan = None            # (path (N,4) ego frame at plan time, plan pose, receipt monotonic)
+        self._poses = deque(maxlen=200)   # (stamp, x, y, yaw) to place plans made from older odometry
+        self.control = Control(0.0, 0.0)
+        self._episode_index = 0
+        self._start_episode()
+        self.create_timer(1.0 / p["sim_rate_hz"], self._tick)
+        self.create_timer(1.0 / p["control_rate_hz"], self._control_tick)
+
+    # ------------------------------------------------------------------ frames
+    def _make_tf_publishers(self, latched):
+        try:
+            from tf2_ros import StaticTransformBroadcaster, TransformBroadcaster
+            return ("tf2", TransformBroadcaster(self), StaticTransformBroadcaster(self))
+        except ImportError:
+            return ("topic", self.create_publisher(TransformStamped, "/sim/tf", 20),
+                    self.create_publisher(TransformStamped, "/sim/tf_static", latched))
+
+    def _send_tf(self, tf: TransformStamped, static: bool = False) -> None:
+        kind, dyn, stat = self._tf
+        pub = stat if static else dyn
+        pub.sendTransform(tf) if kind == "tf2" else pub.publish(tf)
+
+    def _transform(self, stamp, parent, child, x, y, z, yaw) -> TransformStamped:
+        tf = TransformStamped()
+        tf.header.stamp, tf.header.frame_id, tf.child_frame_id = stamp, parent, child
+        tf.transform.translation.x, tf.transform.translation.y, tf.transform.translation.z = float(x), float(y), float(z)
+        tf.transform.rotation.w, tf.transform.rotation.z = math.cos(yaw / 2), math.sin(yaw / 2)
+        return tf
+
+    # ------------------------------------------------------------------ episodes
+    def _start_episode(self) -> None:
+        p = self.p
+        names = list(p["scenarios"])
+        self.scenario = names[self._episode_index % len(names)]
+        self.seed = int(p["seed"]) + self._episode_index // len(names)
+        self.obs = self.backend.reset(self.scenario, self.seed)
+        self.tracker.reset()
+        self._plan, self.control = None, Control(0.0, 0.0)
+        self._wall0 = time.time() - self.obs.t
+        self._flags_seen = Counter()
+        self.get_logger().info(f"episode {self._episode_index}: {self.scenario} seed {self.seed} ({self.obs.command})")
+        stamp = sec_to_stamp(self._stamp())
+        route = Path()
+        route.header.stamp, route.header.frame_id = stamp, p["map_frame"]
+        for x, y in self.backend.route_xy[::2]:
+            ps = PoseStamped()
+            ps.header = route.header
+            ps.pose.position.x, ps.pose.position.y, ps.pose.orientation.w = float(x), float(y), 1.0
+            route.poses.append(ps)
+        self.route_pub.publish(route)
+        self.cmd_pub.publish(String(data=self.obs.command))
+        for cam in getattr(self.backend.rig, "cameras", ()):
+            self._send_tf(self._transform(stamp, p["base_frame"], f"{cam.name}_camera", cam.x, 0.0, cam.z, cam.yaw), True)
+        self._publish(self.obs)
+
+    def _stamp(self) -> float:
+        return self._wall0 + self.obs.t
+
+    def _finish_episode(self) -> None:
+        o = self.obs
+        self.episodes.append(dict(scenario=self.scenario, seed=self.seed, t=o.t, route_completion=o.route_completion,
+                                  collision=bool(self._flags_seen["collision"]), off_road=self._flags_seen["off_road"] > 0,
+                                  red_light=bool(self._flags_seen["red_light"]), wrong_way=self._flags_seen["wrong_way"] > 0))
+        self.get_logger().info(f"episode done: {self.episodes[-1]}")
+        self._episode_index += 1
+        self.counters["episodes"] += 1
+
+    @property
+    def finished(self) -> bool:
+        return self.p["max_episodes"] > 0 and len(self.episodes) >= self.p["max_episodes"]
+
+    # ------------------------------------------------------------------ loop
+    def _on_path(self, msg: Path) -> None:
+        if len(msg.poses) < 2:
+            self.counters["bad_path"] += 1
+            return
+        arr = []
+        for ps in msg.poses:
+            q = ps.pose.orientation
+            arr.append((ps.pose.position.x, ps.pose.position.y, quat2euler((q.w, q.x, q.y, q.z))[2]))
+        arr = np.array(arr)
+        dt = 0.5
+        seg = np.linalg.norm(np.diff(np.vstack([[0, 0], arr[:, :2]]), axis=0), axis=1) / dt
+        path = np.c_[arr, seg]
+        t_plan = stamp_to_sec(msg.header.stamp)
+        pose = min(self._poses, key=lambda s: abs(s[0] - t_plan), default=None)
+        if pose is None or abs(pose[0] - t_plan) > 0.5:
+            self.counters["path_unknown_stamp"] += 1
+            return
+        self._plan = (path, pose[1:], time.monotonic())
+        self.counters["paths_received"] += 1
+
+    def _control_tick(self) -> None:
+        e = self.obs.ego
+        if self._plan is None or time.monotonic() - self._plan[2] > self.p["plan_timeout_s"]:
+            # no fresh plan: brake to a stop rather than drive blind
+            self.control = Control(-3.0 if e.speed > 0.1 else 0.0, 0.0)
+            self.counters["control_no_plan"] += 1
+            return
+        path, plan_pose, _ = self._plan
+        local = path_to_current_frame(path, plan_pose, (e.x, e.y, e.heading))
+        self.control = self.tracker.control(local, e.speed, 1.0 / self.p["control_rate_hz"])
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        self.obs = self.backend.step(self.control)
+        for k, v in vars(self.obs.flags).items():
+            self._flags_seen[k] += int(v)
+        self._publish(self.obs)
+        if self.obs.done:
+            self._finish_episode()
+            if not self.finished:
+                self._start_episode()
+
+    def _publish(self, obs) -> None:
+        p = self.p
+        t = self._stamp()
+        stamp = sec_to_stamp(t)
+        e = obs.ego
+        self._poses.append((t, e.x, e.y, e.heading))
+        odom = Odometry()
+        odom.header.stamp, odom.header.frame_id, odom.child_frame_id = stamp, p["map_frame"], p["base_frame"]
+        odom.pose.pose.position.x, odom.pose.pose.position.y = e.x, e.y
+        odom.pose.pose.orientation.w, odom.pose.pose.orientation.z = math.cos(e.heading / 2), math.sin(e.heading / 2)
+        odom.twist.twist.linear.x, odom.twist.twist.angular.z = e.speed, e.yaw_rate
+        self.odom_pub.publish(odom)
+        self._send_tf(self._transform(stamp, p["map_frame"], p["base_frame"], e.x, e.y, 0.0, e.heading))
+        for cam, img in obs.images.items():
+            if cam in self.cam_pubs:
+                self.cam_pubs[cam].publish(encode_image_msg(img, stamp, f"{cam}_camera"))
+                self.info_pubs[cam].publish(self._camera_info(cam, img.shape, stamp))
+        markers = MarkerArray()
+        for a in obs.agents:
+            m = Marker()
+            m.header.stamp, m.header.frame_id = stamp, p["map_frame"]
+            m.ns, m.id, m.type, m.action = "agents", int(a.id), Marker.CUBE, Marker.ADD
+            m.pose.position.x, m.pose.position.y, m.pose.position.z = a.x, a.y, 0.75
+            m.pose.orientation.w, m.pose.orientation.z = math.cos(a.heading / 2), math.sin(a.heading / 2)
+            m.scale.x, m.scale.y, m.scale.z = a.length, a.width, 1.5
+            m.color.b, m.color.a = 0.9, 1.0
+            m.lifetime.nanosec = 300_000_000
+            m.text = f"{a.speed:.3f}"
+            markers.markers.append(m)
+        self.agents_pub.publish(markers)
+        self.counters["frames_published"] += 1
+
+    def _camera_info(self, cam: str, shape, stamp) -> CameraInfo:
+        spec = next(c for c in self.backend.rig.cameras if c.name == cam)
+        info = CameraInfo()
+        info.header.stamp, info.header.frame_id = stamp, f"{cam}_camera"
+        info.height, info.width = int(shape[0]), int(shape[1])
+        f = spec.focal
+        info.distortion_model = "plumb_bob"
+        info.d = [0.0] * 5
+        info.k = [f, 0.0, info.width / 2, 0.0, f, info.height / 2, 0.0, 0.0, 1.0]
+        info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        info.p = [f, 0.0, info.width / 2, 0.0, 0.0, f, info.height / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
+        return info

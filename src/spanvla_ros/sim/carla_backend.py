@@ -1,0 +1,238 @@
+"""CARLA backend against the real `carla==0.9.16` client API (needs a CARLA server; none runs on this machine).
+
+Synchronous mode with a fixed time step: the server advances only on ``world.tick()``; every sensor callback
+goes into a queue and is matched to the tick by frame number (older frames are dropped, a missing one raises).
+Ego + 3 RGB cameras (front, front-left, front-right) + collision sensor; route from the map's waypoints;
+vehicle control from the tracking controller (acceleration/steering angle -> throttle/brake/steer); with no
+control the ego is driven by the Traffic Manager (the expert, for data).
+
+CARLA is left-handed (y right, yaw clockwise, degrees); everything here is converted to the right-handed
+frame the rest of the stack uses (y left, yaw CCW, radians).
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+from types import SimpleNamespace
+
+import numpy as np
+
+from .camera import DEFAULT_CAMERAS, CameraSpec
+from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight
+
+MAX_STEER_RAD = math.radians(70.0)   # CARLA's default max front-wheel angle for most vehicles
+
+
+class CarlaSyncError(RuntimeError):
+    pass
+
+
+class CarlaBackend:
+    name = "carla"
+
+    def __init__(self, host: str | None = None, port: int | None = None, town: str | None = None,
+                 cameras: tuple[CameraSpec, ...] = DEFAULT_CAMERAS, control_dt: float = 0.1, num_traffic: int = 20,
+                 route_length_m: float = 300.0, duration_s: float = 60.0, carla_module=None, timeout_s: float = 10.0):
+        self.carla = carla_module or __import__("carla")
+        self.host = host or os.environ.get("CARLA_HOST", "localhost")
+        self.port = int(port or os.environ.get("CARLA_PORT", 2000))
+        self.client = self.carla.Client(self.host, self.port)
+        self.client.set_timeout(timeout_s)
+        self.world = self.client.load_world(town) if town else self.client.get_world()
+        self.cameras = tuple(c.name for c in cameras)
+        self.camera_specs = cameras
+        self.rig = SimpleNamespace(cameras=cameras)   # same shape as the highway backend's camera rig
+        self.dt, self.num_traffic = control_dt, num_traffic
+        self.route_length, self.duration = route_length_m, duration_s
+        self._original_settings = self.world.get_settings()
+        self._actors, self._queues = [], {}
+        self.tm = self.client.get_trafficmanager()
+
+    # ------------------------------------------------------------------ setup
+    def _sync(self, on: bool) -> None:
+        s = self.world.get_settings()
+        s.synchronous_mode = on
+        s.fixed_delta_seconds = self.dt if on else None
+        self.world.apply_settings(s)
+        self.tm.set_synchronous_mode(on)
+
+    def reset(self, scenario: str, seed: int) -> Observation:
+        c = self.carla
+        self._destroy()
+        self._sync(True)
+        self.tm.set_random_device_seed(seed)
+        self.scenario_name, self.seed = scenario, seed
+        rng = np.random.default_rng(seed)
+        cmap = self.world.get_map()
+        spawns = cmap.get_spawn_points()
+        lib = self.world.get_blueprint_library()
+        ego_tf = spawns[int(rng.integers(len(spawns)))]
+        self.ego = self.world.spawn_actor(lib.find("vehicle.lincoln.mkz_2020"), ego_tf)
+        self._actors.append(self.ego)
+        for cam in self.camera_specs:
+            bp = lib.find("sensor.camera.rgb")
+            bp.set_attribute("image_size_x", str(cam.width))
+            bp.set_attribute("image_size_y", str(cam.height))
+            bp.set_attribute("fov", str(math.degrees(cam.hfov)))
+            tf = c.Transform(c.Location(x=cam.x, z=cam.z), c.Rotation(yaw=-math.degrees(cam.yaw)))
+            self._attach(cam.name, bp, tf)
+        self._attach("collision", lib.find("sensor.other.collision"), c.Transform())
+        others = [s for i, s in enumerate(spawns) if s is not ego_tf]
+        for i in rng.permutation(len(others))[: self.num_traffic]:
+            v = self.world.try_spawn_actor(lib.find("vehicle.audi.a2"), others[int(i)])
+            if v is not None:
+                v.set_autopilot(True, self.tm.get_port())
+                self._actors.append(v)
+        self.t, self._collided, self._red = 0.0, False, False
+        self._prev = None
+        self.frame = self.world.tick()
+        self._build_route(cmap)
+        return self._observe(self._collect(self.frame))
+
+    def _attach(self, name, bp, tf) -> None:
+        sensor = self.world.spawn_actor(bp, tf, attach_to=self.ego)
+        q: queue.Queue = queue.Queue()
+        sensor.listen(q.put)
+        self._queues[name] = q
+        self._actors.append(sensor)
+
+    def _build_route(self, cmap) -> None:
+        wp = cmap.get_waypoint(self.ego.get_location())
+        pts, total = [], 0.0
+        while total < self.route_length + 20:
+            loc = wp.transform.location
+            pts.append((loc.x, -loc.y))
+            nxt = wp.next(2.0)
+            if not nxt:
+                break
+            wp = nxt[0]
+            total += 2.0
+        from shapely.geometry import LineString
+        self.route_xy = np.array(pts)
+        self.route = LineString(self.route_xy) if len(pts) > 1 else None
+        self.route_length_m = min(self.route_length, total)
+        self.command = "follow lane"
+
+    # ------------------------------------------------------------------ stepping
+    def _collect(self, frame: int) -> dict:
+        """Sensor data of exactly this frame; older frames in the queues are discarded."""
+        out = {}
+        for name, q in self._queues.items():
+            if name == "collision":
+                while not q.empty():
+                    ev = q.get_nowait()
+                    if ev.frame <= frame:
+                        self._collided = True
+                continue
+            while True:
+                try:
+                    data = q.get(timeout=2.0)
+                except queue.Empty:
+                    raise CarlaSyncError(f"camera {name} delivered no image for frame {frame}") from None
+                if data.frame == frame:
+                    out[name] = data
+                    break
+                if data.frame > frame:
+                    raise CarlaSyncError(f"camera {name} is ahead: frame {data.frame} > {frame}")
+        return out
+
+    def step(self, control: Control | None = None) -> Observation:
+        c = self.carla
+        if control is None:
+            self.ego.set_autopilot(True, self.tm.get_port())
+        else:
+            self.ego.set_autopilot(False, self.tm.get_port())
+            acc = float(control.acceleration)
+            self.ego.apply_control(c.VehicleControl(throttle=float(np.clip(acc / 3.0, 0.0, 1.0)),
+                                                    brake=float(np.clip(-acc / 8.0, 0.0, 1.0)),
+                                                    steer=float(np.clip(-control.steering / MAX_STEER_RAD, -1.0, 1.0))))
+        self.frame = self.world.tick()
+        self.t = round(self.t + self.dt, 6)
+        return self._observe(self._collect(self.frame))
+
+    # ------------------------------------------------------------------ observation
+    def _observe(self, data: dict) -> Observation:
+        c = self.carla
+        tf, vel = self.ego.get_transform(), self.ego.get_velocity()
+        x, y, yaw = tf.location.x, -tf.location.y, -math.radians(tf.rotation.yaw)
+        speed = math.hypot(vel.x, vel.y)
+        if self._prev is None:
+            accel = yaw_rate = 0.0
+        else:
+            accel = (speed - self._prev[1]) / self.dt
+            yaw_rate = math.remainder(yaw - self._prev[0], 2 * math.pi) / self.dt
+        self._prev = (yaw, speed)
+        ext = self.ego.bounding_box.extent
+        ego = EgoState(x, y, yaw, speed, accel, yaw_rate, 2 * ext.x, 2 * ext.y)
+        images = {}
+        for name in self.cameras:
+            img = data.get(name)
+            if img is not None:
+                bgra = np.frombuffer(img.raw_data, np.uint8).reshape(img.height, img.width, 4)
+                images[name] = np.ascontiguousarray(bgra[:, :, 2::-1])
+        agents = []
+        for a in self.world.get_actors().filter("vehicle.*"):
+            if a.id == self.ego.id:
+                continue
+            at, av, ae = a.get_transform(), a.get_velocity(), a.bounding_box.extent
+            agents.append(AgentState(a.id, at.location.x, -at.location.y, -math.radians(at.rotation.yaw),
+                                     math.hypot(av.x, av.y), 2 * ae.x, 2 * ae.y))
+        cmap = self.world.get_map()
+        wp = cmap.get_waypoint(tf.location, project_to_road=False, lane_type=c.LaneType.Driving)
+        off_road = wp is None
+        wrong_way = (not off_road) and math.cos(math.radians(wp.transform.rotation.yaw - tf.rotation.yaw)) < 0
+        light = None
+        if self.ego.is_at_traffic_light():
+            state = str(self.ego.get_traffic_light_state()).split(".")[-1].lower()
+            light = TrafficLight(x, y, yaw, state if state in ("red", "yellow", "green") else "red")
+            if light.state == "red" and speed > 1.0:
+                self._red = True
+        progress = 0.0
+        if self.route is not None:
+            from shapely.geometry import Point
+            progress = float(self.route.project(Point(x, y)))
+        flags = Flags(self._collided, off_road, wrong_way, self._red)
+        done = self._collided or progress >= self.route_length_m or self.t >= self.duration
+        return Observation(self.t, ego, agents, images, flags, self.command, progress, self.route_length_m, light, done,
+                           info={"frame": self.frame, "scenario": self.scenario_name, "seed": self.seed})
+
+    def scene_map(self):
+        """Drivable area and lanes along the route, from the map's waypoints (for PDM-style scoring)."""
+        from shapely.geometry import LineString, Polygon
+
+        from ..eval.pdm import Lane, SceneMap, build_drivable
+
+        cmap = self.world.get_map()
+        polys, lanes = [], []
+        for px, py in self.route_xy[::5]:
+            wp = cmap.get_waypoint(self.carla.Location(x=float(px), y=float(-py)))
+            for w in (wp, wp.get_left_lane(), wp.get_right_lane()):
+                if w is None or w.lane_type != self.carla.LaneType.Driving:
+                    continue
+                nxt = w.next(5.0)
+                if not nxt:
+                    continue
+                a, b = w.transform.location, nxt[0].transform.location
+                h = math.atan2(-(b.y - a.y), b.x - a.x)
+                half = w.lane_width / 2
+                dx, dy = -math.sin(h) * half, math.cos(h) * half
+                ax, ay, bx, by = a.x, -a.y, b.x, -b.y
+                polys.append(Polygon([(ax + dx, ay + dy), (bx + dx, by + dy), (bx - dx, by - dy), (ax - dx, ay - dy)]))
+                lanes.append(Lane(LineString([(ax, ay), (bx, by)]), np.array([h, h]), w.lane_width))
+        return SceneMap(build_drivable(polys), lanes, self.route)
+
+    def light_timeline(self, horizon_s: float, dt: float) -> dict:
+        return {}
+
+    def _destroy(self) -> None:
+        for a in reversed(self._actors):
+            if hasattr(a, "stop"):
+                a.stop()
+            a.destroy()
+        self._actors, self._queues = [], {}
+
+    def close(self) -> None:
+        self._destroy()
+        self.world.apply_settings(self._original_settings)
+        self.tm.set_synchronous_mode(False)

@@ -1,0 +1,87 @@
+"""Tracking controller for a planned path: pure pursuit for steering, PI on speed for acceleration.
+
+The planner's path is in the ego frame at its stamp; the caller passes it already expressed in the current
+ego frame (see ``path_to_current_frame``), so a plan a few control ticks old is still tracked correctly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .types import Control
+
+
+@dataclass
+class TrackerConfig:
+    wheelbase: float = 2.5
+    lookahead_min: float = 4.0
+    lookahead_gain: float = 0.5        # lookahead = max(min, gain * speed)
+    speed_kp: float = 1.2
+    speed_ki: float = 0.2
+    preview_s: float = 0.8             # speed target: planned speed this far ahead
+    max_accel: float = 3.0
+    max_decel: float = 7.0
+    max_steer: float = 0.6
+
+
+def path_to_current_frame(path_xy_h: np.ndarray, plan_pose, now_pose) -> np.ndarray:
+    """Re-express (N, >=2) ego-frame points planned at plan_pose (x, y, yaw world) in the frame at now_pose."""
+    px, py, ph = plan_pose
+    nx, ny, nh = now_pose
+    c, s = math.cos(ph), math.sin(ph)
+    wx = px + c * path_xy_h[:, 0] - s * path_xy_h[:, 1]
+    wy = py + s * path_xy_h[:, 0] + c * path_xy_h[:, 1]
+    c2, s2 = math.cos(nh), math.sin(nh)
+    dx, dy = wx - nx, wy - ny
+    out = np.array(path_xy_h, dtype=np.float64, copy=True)
+    out[:, 0], out[:, 1] = c2 * dx + s2 * dy, -s2 * dx + c2 * dy
+    if out.shape[1] > 2:
+        out[:, 2] = path_xy_h[:, 2] + ph - nh
+    return out
+
+
+class PathTracker:
+    def __init__(self, cfg: TrackerConfig | None = None):
+        self.cfg = cfg or TrackerConfig()
+        self._integral = 0.0
+
+    def reset(self) -> None:
+        self._integral = 0.0
+
+    def control(self, path: np.ndarray, speed: float, dt: float, plan_dt: float = 0.5) -> Control:
+        """path: (N, 4) x, y, heading, speed in the current ego frame, poses plan_dt apart starting at +plan_dt."""
+        c = self.cfg
+        pts = np.vstack([[0.0, 0.0], path[:, :2]])
+        # target speed: the plan's speed profile, previewed a little to lead the vehicle's lag
+        t_axis = plan_dt * np.arange(len(path) + 1)
+        v_plan = np.concatenate([[path[0, 3] if path.shape[1] > 3 else speed], path[:, 3] if path.shape[1] > 3 else
+                                 np.linalg.norm(np.diff(pts, axis=0), axis=1) / plan_dt])
+        v_target = max(0.0, float(np.interp(c.preview_s, t_axis, v_plan)))
+        err = v_target - speed
+        self._integral = float(np.clip(self._integral + err * dt, -5.0, 5.0))
+        accel = float(np.clip(c.speed_kp * err + c.speed_ki * self._integral, -c.max_decel, c.max_accel))
+        if v_target < 0.3 and speed < 0.5:
+            accel, self._integral = -c.max_decel * 0.5, 0.0   # hold the stop
+        # pure pursuit on the densified path
+        dense = _densify(pts, 0.5)
+        lookahead = max(c.lookahead_min, c.lookahead_gain * speed)
+        dist = np.hypot(dense[:, 0], dense[:, 1])
+        ahead = np.nonzero((dist >= lookahead) & (dense[:, 0] > 0.0))[0]
+        target = dense[ahead[0]] if len(ahead) else dense[-1]
+        ld2 = max(float(target @ target), 1e-3)
+        curvature = 2.0 * target[1] / ld2
+        steer = float(np.clip(math.atan(c.wheelbase * curvature), -c.max_steer, c.max_steer))
+        if np.hypot(*dense[-1]) < 1.0:     # a stop plan: keep the wheels straight
+            steer = 0.0
+        return Control(accel, steer)
+
+
+def _densify(pts: np.ndarray, step: float) -> np.ndarray:
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    if s[-1] < 1e-6:
+        return pts[-1:].copy()
+    q = np.arange(0.0, s[-1] + 1e-9, step)
+    return np.stack([np.interp(q, s, pts[:, 0]), np.interp(q, s, pts[:, 1])], 1)

@@ -1,0 +1,76 @@
+"""What every simulator backend returns, in the simulator's world frame (x east/forward, y left, yaw CCW)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Control:
+    """Vehicle command: longitudinal acceleration (m/s^2, negative brakes) and front-wheel angle (rad, left > 0)."""
+    acceleration: float = 0.0
+    steering: float = 0.0
+
+
+@dataclass
+class AgentState:
+    id: int
+    x: float
+    y: float
+    heading: float
+    speed: float
+    length: float = 5.0
+    width: float = 2.0
+
+
+@dataclass
+class EgoState:
+    x: float
+    y: float
+    heading: float
+    speed: float
+    accel: float = 0.0
+    yaw_rate: float = 0.0
+    length: float = 5.0
+    width: float = 2.0
+
+
+@dataclass
+class Flags:
+    collision: bool = False
+    off_road: bool = False
+    wrong_way: bool = False
+    red_light: bool = False
+
+    def any(self) -> bool:
+        return self.collision or self.off_road or self.wrong_way or self.red_light
+
+
+@dataclass
+class TrafficLight:
+    """A signal with a stop line across the ego's approach; state is 'green' | 'yellow' | 'red'."""
+    x: float
+    y: float
+    heading: float          # direction of travel it controls
+    state: str
+    stop_s: float = 0.0     # route arc length of the stop line
+
+
+@dataclass
+class Observation:
+    t: float
+    ego: EgoState
+    agents: list[AgentState]
+    images: dict[str, np.ndarray]
+    flags: Flags
+    command: str = "follow lane"
+    route_progress: float = 0.0      # metres along the route
+    route_length: float = 1.0
+    light: TrafficLight | None = None
+    done: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def route_completion(self) -> float:
+        return float(np.clip(self.route_progress / max(self.route_length, 1e-6), 0.0, 1.0))

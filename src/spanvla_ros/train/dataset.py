@@ -1,0 +1,49 @@
+"""Samples of a generated dataset (index.json + episode bags), with camera frames decoded from the bags."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.bag_io import read_episode
+
+
+@dataclass
+class Sample:
+    meta: dict
+    images: list[np.ndarray]        # history_frames x cameras, time-major
+
+    @property
+    def future(self) -> np.ndarray:
+        return np.asarray(self.meta["future"], np.float32)
+
+    @property
+    def past(self) -> np.ndarray:
+        return np.asarray(self.meta["past"], np.float32)
+
+
+def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int | None = None,
+                 progress: bool = True) -> list[Sample]:
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir)
+    index = json.loads((data_dir / "index.json").read_text())
+    metas = [s for s in index["samples"] if (kinds is None or s["kind"] in kinds)
+             and (scenarios is None or s["scenario"] in scenarios)]
+    if limit:
+        metas = metas[:limit]
+    by_bag: dict[str, list[dict]] = {}
+    for m in metas:
+        by_bag.setdefault(m["bag"], []).append(m)
+    out = []
+    for bag, ms in tqdm(by_bag.items(), desc="decoding bags", disable=not progress):
+        log = read_episode(data_dir / bag, cameras)
+        for m in ms:
+            imgs = [log.image_at(c, t) for t in m["frame_stamps"] for c in cameras]
+            if any(i is None for i in imgs):
+                continue   # a frame is missing from the bag: skip the sample rather than pad silently
+            m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
+            out.append(Sample(m, imgs))
+    return out

@@ -1,0 +1,354 @@
+"""spanvla-train: SFT stage 1 (reasoning CE), SFT stage 2 (flow matching from the history initialisation, VLM
+frozen), GRPO post-training of the action expert with r = PDMS - w_N*r_neg + w_R*r_rec - l_C*r_cot.
+
+Runs on CPU here; under `torchrun --nproc_per_node N` the same code trains data-parallel (DDP, gloo/nccl),
+each rank taking its shard of every epoch. Checkpoints after each stage (resume picks up the last finished
+stage), CSV logs (step, stage, loss, reward terms) next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..eval.pdm import score
+from ..model.bridge import BridgeSnapshot
+from ..model.config import SpanVLAConfig
+from ..model.policy import SpanVLAPolicy
+from ..model.trajectory import normalise
+from .dataset import Sample, load_samples
+
+STAGES = ("sft", "grpo_pos", "grpo_neg", "grpo_rec")
+
+
+# ------------------------------------------------------------------ distributed helpers
+def dist_info():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def wrap_ddp(module):
+    rank, world = dist_info()
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(module)
+    return module
+
+
+def shard(n: int, epoch: int, seed: int) -> np.ndarray:
+    rank, world = dist_info()
+    order = np.random.default_rng(seed + epoch).permutation(n)
+    return order[rank::world]
+
+
+class CsvLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a", newline="")
+        self._w = csv.writer(self._f)
+        if path.stat().st_size == 0:
+            self._w.writerow(["time", "stage", "step", "key", "value"])
+
+    def log(self, stage, step, **kv):
+        for k, v in kv.items():
+            self._w.writerow([f"{time.time():.1f}", stage, step, k, f"{float(v):.6g}"])
+        self._f.flush()
+
+
+# ------------------------------------------------------------------ batches
+def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([policy.ego_vector(s.meta["speed"], s.meta["accel"], s.meta["yaw_rate"],
+                                                        s.meta["command"]) for s in samples]))
+
+
+def his_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([policy.history_init(s.past, s.meta["speed"]) for s in samples]))
+
+
+def prompts(policy, samples):
+    return [policy.reasoner.prompt(s.meta["command"], s.meta["speed"], s.meta["accel"], s.past[:, :2]) for s in samples]
+
+
+def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
+    """Right-pad per-sample bridges (B=1 each) to one batch; key_mask marks real keys."""
+    S = max(b.seq_len for b in items)
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, 0, S - t.shape[2]))
+    keys = tuple(torch.cat([pad(b.keys[i]) for b in items]) for i in range(items[0].num_layers))
+    values = tuple(torch.cat([pad(b.values[i]) for b in items]) for i in range(items[0].num_layers))
+    mask = torch.cat([torch.nn.functional.pad(b.key_mask, (0, S - b.key_mask.shape[1])) for b in items])
+    pos = torch.cat([b.next_position for b in items])
+    return BridgeSnapshot(keys, values, mask, pos, items[0].layer_ids)
+
+
+def strip_padding(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
+    out = []
+    for i in range(bridge.key_mask.shape[0]):
+        m = bridge.key_mask[i]
+        out.append(BridgeSnapshot(tuple(k[i:i + 1, :, m].clone() for k in bridge.keys),
+                                  tuple(v[i:i + 1, :, m].clone() for v in bridge.values), m[m][None].clone(),
+                                  bridge.next_position[i:i + 1].clone(), bridge.layer_ids))
+    return out
+
+
+# ------------------------------------------------------------------ stages
+def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0):
+    model = policy.reasoner.model
+    model.train()
+    ddp = wrap_ddp(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    from tqdm import tqdm
+    step = 0
+    total = epochs * math.ceil(len(shard(len(samples), 0, seed)) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.1)
+    bar = tqdm(total=total, desc="sft stage 1 (reasoning)", disable=dist_info()[0] != 0)
+    for ep in range(epochs):
+        idx = shard(len(samples), ep, seed)
+        for b0 in range(0, len(idx), batch):
+            bs = [samples[i] for i in idx[b0:b0 + batch]]
+            if ddp is not model:
+                policy.reasoner.model = ddp.module
+            loss, _ = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
+                                                     [s.meta["reasoning"] for s in bs], with_bridge=False)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.log("sft1", step, loss=loss.item())
+    model.eval()
+
+
+@torch.no_grad()
+def precompute_bridges(policy, samples, batch=16) -> list[BridgeSnapshot]:
+    from tqdm import tqdm
+    out = []
+    for b0 in tqdm(range(0, len(samples), batch), desc="bridges (frozen VLM)", disable=dist_info()[0] != 0):
+        bs = samples[b0:b0 + batch]
+        _, br = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
+                                               [s.meta["reasoning"] for s in bs], with_bridge=True)
+        out.extend(strip_padding(br))
+    return out
+
+
+def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
+    expert = policy.expert
+    expert.train()
+    ddp = wrap_ddp(expert)
+    opt = torch.optim.AdamW(expert.parameters(), lr=lr, weight_decay=0.01)
+    from tqdm import tqdm
+    total = epochs * math.ceil(len(shard(len(samples), 0, seed)) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=total, desc=f"{tag} (flow matching)", disable=dist_info()[0] != 0)
+    step = 0
+    for ep in range(epochs):
+        idx = shard(len(samples), ep, seed)
+        for b0 in range(0, len(idx), batch):
+            ii = idx[b0:b0 + batch]
+            bs = [samples[i] for i in ii]
+            br = collate_bridges([bridges[i] for i in ii])
+            a = torch.from_numpy(np.stack([s.future for s in bs]))
+            x0 = his_tensor(policy, bs)
+            loss = (ddp.module if ddp is not expert else expert).flow_loss(br, a, x0, ego_tensor(policy, bs), generator=gen) \
+                if ddp is expert else _ddp_flow_loss(ddp, br, a, x0, ego_tensor(policy, bs), gen)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.log(tag, step, loss=loss.item())
+    expert.eval()
+
+
+def _ddp_flow_loss(ddp, br, a, x0, ego, gen):
+    # DDP hooks fire on forward(); flow_loss calls forward() through the wrapped module's attribute
+    return ddp.module.flow_loss(br, a, x0, ego, generator=gen)
+
+
+# ------------------------------------------------------------------ GRPO
+def rewards(policy, sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
+    """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty."""
+    from ..data.generate import to_world
+
+    m = sample.meta
+    agents = np.asarray(m["agents_future"], np.float64)
+    if agents.size == 0:
+        agents = np.zeros((len(m["future"]) + 1, 0, 4))
+    sizes = [tuple(s) for s in m["agent_sizes"]]
+    pose = m["pose"]
+    negs = [np.asarray(n["traj"], np.float32) for n in m["negatives"]]
+    r_cot = min(1.0, len(m["reasoning"].split()) / 60.0)   # longer than ~60 words is penalised
+    out = []
+    for tr in trajs:
+        pdm = score(to_world(pose, tr), pose, agents, scene, 0.5, m["ref_progress"], m["lights"], agent_sizes=sizes)
+        r = pdm.PDMS
+        if use_neg and negs:
+            d = min(np.linalg.norm(tr[:, :2] - n[:, :2], axis=1).mean() for n in negs)
+            r -= w_neg * math.exp(-d / 2.0)
+        if use_rec and m["kind"] == "recovery":
+            d = np.linalg.norm(tr[:, :2] - sample.future[:, :2], axis=1).mean()
+            r += w_rec * math.exp(-d / 2.0)
+        out.append(r - l_cot * r_cot)
+    return np.array(out)
+
+
+def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, beta, step_std, log: CsvLog,
+         tag, use_neg, use_rec, w_neg=0.5, w_rec=0.5, l_cot=0.05, seed=0):
+    expert = policy.expert
+    opt = torch.optim.AdamW(expert.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    from tqdm import tqdm
+    steps = policy.cfg.flow_steps
+    dt = 1.0 / steps
+    std = step_std * math.sqrt(dt)
+    for it in tqdm(range(iters), desc=f"{tag} (GRPO)", disable=dist_info()[0] != 0):
+        ii = rng.choice(len(samples), size=batch, replace=False)
+        bs = [samples[i] for i in ii]
+        br = collate_bridges([bridges[i] for i in ii]).expand(group)
+        a_his = his_tensor(policy, bs).repeat_interleave(group, 0)
+        ego = ego_tensor(policy, bs).repeat_interleave(group, 0)
+        # rollout with Gaussian Euler steps; log-probs under the current expert, KL to the SFT reference
+        expert.train()
+        x = expert.initial_state(normalise(a_his, policy.cfg.action_scale), gen)
+        logp = torch.zeros(x.shape[0])
+        kl = torch.zeros(x.shape[0])
+        for k in range(steps):
+            t = torch.full((x.shape[0],), k * dt)
+            mean = x + expert(br, x, t, ego) * dt
+            with torch.no_grad():
+                mean_ref = x + ref_expert(br, x, t, ego) * dt
+            x_next = (mean + std * torch.randn(mean.shape, generator=gen)).detach()
+            logp = logp + (-0.5 * ((x_next - mean) / std) ** 2).flatten(1).sum(-1)
+            kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
+            x = x_next
+        trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
+        R = np.concatenate([rewards(policy, s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
+                                    w_neg, w_rec, l_cot, use_neg, use_rec) for j, s in enumerate(bs)])
+        Rg = R.reshape(batch, group)
+        adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
+        adv_t = torch.from_numpy(adv.reshape(-1)).float()
+        loss = -(adv_t * logp).mean() / (steps * x[0].numel()) + beta * kl.mean() / (steps * x[0].numel())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+        opt.step()
+        log.log(tag, it, loss=loss.item(), reward=R.mean(), kl=kl.mean().item())
+    expert.eval()
+
+
+def scenes_for(samples):
+    from ..sim.highway_backend import HighwayEnvBackend
+    b = HighwayEnvBackend(render=False)
+    out = {}
+    for s in samples:
+        key = (s.meta["scenario"], s.meta["seed"])
+        if key not in out:
+            b.reset(*key)
+            out[key] = b.scene_map()
+    b.close()
+    return out
+
+
+def build_initial(data_dir: Path, samples, flow_init: str, seed: int) -> SpanVLAPolicy:
+    from ..model.corpus import tokenizer_corpus
+    from ..model.tokenizer import train_tokenizer
+
+    cfg = SpanVLAConfig(flow_init=flow_init)
+    corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
+    tok = train_tokenizer(corpus)
+    return SpanVLAPolicy.build(cfg, tok, preset="tiny", seed=seed)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--sft-epochs", type=int, default=6)
+    ap.add_argument("--flow-epochs", type=int, default=40)
+    ap.add_argument("--grpo-iters", type=int, default=60, help="per GRPO stage")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--flow-init", default="history", choices=["history", "noise"])
+    ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+    log = CsvLog(a.out / "train_log.csv")
+    cams = SpanVLAConfig().cameras
+    samples = load_samples(a.data, cams, limit=a.limit or None)
+    pos = [s for s in samples if s.meta["kind"] == "positive"]
+    print(f"{len(samples)} samples ({len(pos)} positive, {len(samples) - len(pos)} recovery)")
+    rank = dist_info()[0]
+
+    def done(stage):
+        return (a.out / stage / "spanvla.json").is_file()
+
+    if done("sft"):
+        policy = SpanVLAPolicy.from_pretrained(a.out / "sft")
+        print("resume: loaded finished stage sft")
+    else:
+        policy = build_initial(a.data, samples, a.flow_init, a.seed)
+        t0 = time.time()
+        sft_reasoning(policy, pos, a.sft_epochs, a.batch, 2e-3, log, a.seed)
+        print(f"sft stage 1: {time.time() - t0:.0f} s")
+    bridges = precompute_bridges(policy, samples)
+    if not done("sft"):
+        t0 = time.time()
+        # stage 2 trains on positives and recovery alike: both are the expert's behaviour
+        sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, 1e-3, log, a.seed)
+        print(f"sft stage 2: {time.time() - t0:.0f} s")
+        if rank == 0:
+            policy.model_id = "sft"
+            policy.save_pretrained(a.out / "sft")
+    if a.skip_grpo:
+        return 0
+    import copy
+    ref = copy.deepcopy(policy.expert).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    scenes = scenes_for(samples)
+    pos_idx = [i for i, s in enumerate(samples) if s.meta["kind"] == "positive"]
+    stages = [("grpo_pos", False, False, pos_idx), ("grpo_neg", True, False, pos_idx),
+              ("grpo_rec", True, True, list(range(len(samples))))]
+    for name, use_neg, use_rec, idx in stages:
+        if done(name):
+            policy = SpanVLAPolicy.from_pretrained(a.out / name)
+            print(f"resume: loaded finished stage {name}")
+            continue
+        sub = [samples[i] for i in idx]
+        sub_b = [bridges[i] for i in idx]
+        t0 = time.time()
+        grpo(policy, ref, sub, sub_b, scenes, a.grpo_iters, min(a.batch, len(sub)), a.group, 2e-5, 0.02, 0.3, log,
+             name, use_neg, use_rec, seed=a.seed)
+        print(f"{name}: {time.time() - t0:.0f} s")
+        if rank == 0:
+            policy.save_pretrained(a.out / name)
+    (a.out / "stages.json").write_text(json.dumps(list(STAGES)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""A duck-typed stand-in for the `carla` module (0.9.16 API subset the backend uses): a straight two-lane road
+along +x, synchronous ticking, sensors that deliver per frame (plus a stale frame first, to check matching),
+and a log of every call the tests assert on."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+
+class Location:
+    def __init__(self, x=0.0, y=0.0, z=0.0):
+        self.x, self.y, self.z = x, y, z
+
+
+class Rotation:
+    def __init__(self, pitch=0.0, yaw=0.0, roll=0.0):
+        self.pitch, self.yaw, self.roll = pitch, yaw, roll
+
+
+class Transform:
+    def __init__(self, location=None, rotation=None):
+        self.location, self.rotation = location or Location(), rotation or Rotation()
+
+
+class Vector3D(Location):
+    pass
+
+
+class VehicleControl:
+    def __init__(self, throttle=0.0, steer=0.0, brake=0.0):
+        self.throttle, self.steer, self.brake = throttle, steer, brake
+
+
+class LaneType:
+    Driving = "Driving"
+
+
+class TrafficLightState:
+    Red, Yellow, Green = "TrafficLightState.Red", "TrafficLightState.Yellow", "TrafficLightState.Green"
+
+
+class Waypoint:
+    def __init__(self, x, lane):
+        self.transform = Transform(Location(x, -3.5 * lane), Rotation(yaw=0.0))
+        self.lane_width, self.lane_type, self.lane = 3.5, LaneType.Driving, lane
+
+    def next(self, d):
+        return [Waypoint(self.transform.location.x + d, self.lane)] if self.transform.location.x < 1000 else []
+
+    def get_left_lane(self):
+        return Waypoint(self.transform.location.x, self.lane - 1) if self.lane > 0 else None
+
+    def get_right_lane(self):
+        return Waypoint(self.transform.location.x, self.lane + 1) if self.lane < 1 else None
+
+
+class Map:
+    def get_spawn_points(self):
+        return [Transform(Location(10.0 + 30 * i, -3.5 * (i % 2)), Rotation()) for i in range(6)]
+
+    def get_waypoint(self, loc, project_to_road=True, lane_type=None):
+        lane = int(round(-loc.y / 3.5))
+        if not project_to_road and (abs(loc.y + 3.5 * lane) > 1.75 or lane not in (0, 1)):
+            return None
+        return Waypoint(loc.x, min(max(lane, 0), 1))
+
+
+class Actor:
+    _next_id = 1
+
+    def __init__(self, world, bp, tf, parent=None):
+        self.world, self.bp, self.parent = world, bp, parent
+        self.id = Actor._next_id
+        Actor._next_id += 1
+        self.tf = Transform(Location(tf.location.x, tf.location.y, tf.location.z), Rotation(yaw=tf.rotation.yaw))
+        self.speed, self.destroyed, self.callback, self.autopilot = 0.0, False, None, False
+        self.controls = []
+        self.bounding_box = SimpleNamespace(extent=Vector3D(2.4, 1.0, 0.8))
+        self.type_id = bp.id
+
+    def get_transform(self):
+        return self.tf
+
+    def get_location(self):
+        return self.tf.location
+
+    def get_velocity(self):
+        yaw = math.radians(self.tf.rotation.yaw)
+        return Vector3D(self.speed * math.cos(yaw), self.speed * math.sin(yaw), 0.0)
+
+    def listen(self, cb):
+        self.callback = cb
+
+    def stop(self):
+        self.callback = None
+
+    def destroy(self):
+        self.destroyed = True
+        self.world.actors.remove(self)
+
+    def set_autopilot(self, on, port=None):
+        self.autopilot = on
+        self.world.log.append(("autopilot", self.id, on))
+
+    def apply_control(self, ctrl):
+        self.controls.append(ctrl)
+        self.world.log.append(("control", self.id, ctrl.throttle, ctrl.steer, ctrl.brake))
+
+    def is_at_traffic_light(self):
+        return False
+
+    def get_traffic_light_state(self):
+        return TrafficLightState.Green
+
+
+class Blueprint:
+    def __init__(self, id):
+        self.id, self.attributes = id, {}
+
+    def set_attribute(self, k, v):
+        self.attributes[k] = v
+
+
+class BlueprintLibrary:
+    def find(self, id):
+        return Blueprint(id)
+
+
+class Settings:
+    def __init__(self):
+        self.synchronous_mode, self.fixed_delta_seconds = False, None
+
+
+class ActorList(list):
+    def filter(self, pattern):
+        prefix = pattern.rstrip("*")
+        return ActorList(a for a in self if a.type_id.startswith(prefix))
+
+
+class World:
+    def __init__(self):
+        self.settings, self.frame, self.actors, self.log = Settings(), 100, ActorList(), []
+        self.collide_at_frame = None
+
+    def get_settings(self):
+        s = Settings()
+        s.synchronous_mode, s.fixed_delta_seconds = self.settings.synchronous_mode, self.settings.fixed_delta_seconds
+        return s
+
+    def apply_settings(self, s):
+        self.settings = s
+        self.log.append(("settings", s.synchronous_mode, s.fixed_delta_seconds))
+
+    def get_map(self):
+        return Map()
+
+    def get_blueprint_library(self):
+        return BlueprintLibrary()
+
+    def spawn_actor(self, bp, tf, attach_to=None):
+        a = Actor(self, bp, tf, attach_to)
+        self.actors.append(a)
+        return a
+
+    def try_spawn_actor(self, bp, tf):
+        return self.spawn_actor(bp, tf)
+
+    def get_actors(self):
+        return ActorList(self.actors)
+
+    def tick(self):
+        assert self.settings.synchronous_mode, "tick() outside synchronous mode"
+        dt = self.settings.fixed_delta_seconds
+        for a in self.actors:
+            if a.parent is None and a.type_id.startswith("vehicle"):
+                if a.controls and not a.autopilot:
+                    c = a.controls[-1]
+                    a.speed = max(0.0, a.speed + (3.0 * c.throttle - 8.0 * c.brake) * dt)
+                    a.tf.rotation.yaw += math.degrees(c.steer * 0.2 * dt)
+                elif a.autopilot:
+                    a.speed = min(10.0, a.speed + 2.0 * dt)
+                yaw = math.radians(a.tf.rotation.yaw)
+                a.tf.location.x += a.speed * math.cos(yaw) * dt
+                a.tf.location.y += a.speed * math.sin(yaw) * dt
+        self.frame += 1
+        self.log.append(("tick", self.frame))
+        for a in list(self.actors):
+            if a.callback is None:
+                continue
+            if a.bp.id == "sensor.camera.rgb":
+                w, h = int(a.bp.attributes["image_size_x"]), int(a.bp.attributes["image_size_y"])
+                stale = np.zeros((h, w, 4), np.uint8)
+                a.callback(SimpleNamespace(frame=self.frame - 1, width=w, height=h, raw_data=stale.tobytes()))
+                img = np.zeros((h, w, 4), np.uint8)
+                img[..., 0], img[..., 2] = 200, 10     # BGRA: blue-ish in BGR order -> must come out as R=10, B=200
+                img[0, 0, :3] = self.frame % 256
+                a.callback(SimpleNamespace(frame=self.frame, width=w, height=h, raw_data=img.tobytes()))
+            elif a.bp.id == "sensor.other.collision" and self.collide_at_frame == self.frame:
+                a.callback(SimpleNamespace(frame=self.frame))
+        return self.frame
+
+
+class TrafficManager:
+    def __init__(self, world):
+        self.world = world
+
+    def set_synchronous_mode(self, on):
+        self.world.log.append(("tm_sync", on))
+
+    def set_random_device_seed(self, s):
+        pass
+
+    def get_port(self):
+        return 8000
+
+
+class Client:
+    last = None
+
+    def __init__(self, host, port):
+        self.host, self.port, self.world = host, port, World()
+        Client.last = self
+
+    def set_timeout(self, t):
+        pass
+
+    def get_world(self):
+        return self.world
+
+    def load_world(self, town):
+        return self.world
+
+    def get_trafficmanager(self, port=8000):
+        return TrafficManager(self.world)
+
+
+def module():
+    return SimpleNamespace(Client=Client, Location=Location, Rotation=Rotation, Transform=Transform,
+                           VehicleControl=VehicleControl, LaneType=LaneType, TrafficLightState=TrafficLightState)
