@@ -1,8 +1,8 @@
 """spanvla-train: SFT stage 1 (reasoning CE), SFT stage 2 (flow matching from the history initialisation, VLM
 frozen), GRPO post-training of the action expert with r = PDMS - w_N*r_neg + w_R*r_rec - l_C*r_cot.
 
-Runs on CPU here; under `torchrun --nproc_per_node N` the same code trains data-parallel (DDP, gloo/nccl),
-each rank taking its shard of every epoch. Checkpoints after each stage (resume picks up the last finished
+Runs on CPU here; under `torchrun --nproc_per_node N` the same code trains data-parallel (gloo/nccl process
+group, each rank taking its shard of every epoch, gradients averaged across ranks before each step). Checkpoints after each stage (resume picks up the last finished
 stage), CSV logs (step, stage, loss, reward terms) next to them.
 """
 from __future__ import annotations
@@ -38,11 +38,22 @@ def dist_info():
     return 0, 1
 
 
-def wrap_ddp(module):
-    rank, world = dist_info()
+def optimizer_step(opt, params, loss, max_norm: float = 1.0) -> None:
+    """backward + gradient all-reduce across ranks (torchrun) + clipping + step.
+
+    The losses call custom methods (teacher_forced, flow_loss, Euler rollouts) rather than one forward(), which
+    DistributedDataParallel's hooks would not see; averaging the gradients explicitly is what DDP does."""
+    params = [p for p in params if p.requires_grad]
+    opt.zero_grad()
+    loss.backward()
+    _, world = dist_info()
     if world > 1:
-        return torch.nn.parallel.DistributedDataParallel(module)
-    return module
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
 
 
 def shard(n: int, epoch: int, seed: int) -> np.ndarray:
@@ -102,34 +113,38 @@ def strip_padding(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
 
 
 # ------------------------------------------------------------------ stages
-def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0):
-    model = policy.reasoner.model
-    model.train()
-    ddp = wrap_ddp(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0):
+    """AdamW + one-cycle LR over this rank's shard of each epoch; batch_loss(indices) -> scalar loss."""
     from tqdm import tqdm
-    step = 0
+
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.01)
     total = epochs * math.ceil(len(shard(len(samples), 0, seed)) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.1)
-    bar = tqdm(total=total, desc="sft stage 1 (reasoning)", disable=dist_info()[0] != 0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=pct_start)
+    bar = tqdm(total=total, desc=desc, disable=dist_info()[0] != 0)
+    step = 0
     for ep in range(epochs):
         idx = shard(len(samples), ep, seed)
         for b0 in range(0, len(idx), batch):
-            bs = [samples[i] for i in idx[b0:b0 + batch]]
-            if ddp is not model:
-                policy.reasoner.model = ddp.module
-            loss, _ = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
-                                                     [s.meta["reasoning"] for s in bs], with_bridge=False)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = batch_loss(idx[b0:b0 + batch])
+            optimizer_step(opt, module.parameters(), loss)
             sched.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.log("sft1", step, loss=loss.item())
-    model.eval()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.log(tag, step, loss=loss.item())
+    module.eval()
+
+
+def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0):
+    def batch_loss(ii):
+        bs = [samples[i] for i in ii]
+        loss, _ = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
+                                                 [s.meta["reasoning"] for s in bs], with_bridge=False)
+        return loss
+
+    supervised_epochs(policy.reasoner.model, samples, epochs, batch, lr, 0.1, log, "sft1", "sft stage 1 (reasoning)",
+                      batch_loss, seed)
 
 
 @torch.no_grad()
@@ -145,45 +160,20 @@ def precompute_bridges(policy, samples, batch=16) -> list[BridgeSnapshot]:
 
 
 def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
-    expert = policy.expert
-    expert.train()
-    ddp = wrap_ddp(expert)
-    opt = torch.optim.AdamW(expert.parameters(), lr=lr, weight_decay=0.01)
-    from tqdm import tqdm
-    total = epochs * math.ceil(len(shard(len(samples), 0, seed)) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, desc=f"{tag} (flow matching)", disable=dist_info()[0] != 0)
-    step = 0
-    for ep in range(epochs):
-        idx = shard(len(samples), ep, seed)
-        for b0 in range(0, len(idx), batch):
-            ii = idx[b0:b0 + batch]
-            bs = [samples[i] for i in ii]
-            br = collate_bridges([bridges[i] for i in ii])
-            a = torch.from_numpy(np.stack([s.future for s in bs]))
-            x0 = his_tensor(policy, bs)
-            loss = (ddp.module if ddp is not expert else expert).flow_loss(br, a, x0, ego_tensor(policy, bs), generator=gen) \
-                if ddp is expert else _ddp_flow_loss(ddp, br, a, x0, ego_tensor(policy, bs), gen)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.log(tag, step, loss=loss.item())
-    expert.eval()
 
+    def batch_loss(ii):
+        bs = [samples[i] for i in ii]
+        a = torch.from_numpy(np.stack([s.future for s in bs]))
+        return policy.expert.flow_loss(collate_bridges([bridges[i] for i in ii]), a, his_tensor(policy, bs),
+                                       ego_tensor(policy, bs), generator=gen)
 
-def _ddp_flow_loss(ddp, br, a, x0, ego, gen):
-    # DDP hooks fire on forward(); flow_loss calls forward() through the wrapped module's attribute
-    return ddp.module.flow_loss(br, a, x0, ego, generator=gen)
+    supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
+                      batch_loss, seed)
 
 
 # ------------------------------------------------------------------ GRPO
-def rewards(policy, sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
+def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
     """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty."""
     from ..data.generate import to_world
 
@@ -240,16 +230,13 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
             kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
             x = x_next
         trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
-        R = np.concatenate([rewards(policy, s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
+        R = np.concatenate([rewards(s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
                                     w_neg, w_rec, l_cot, use_neg, use_rec) for j, s in enumerate(bs)])
         Rg = R.reshape(batch, group)
         adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
         adv_t = torch.from_numpy(adv.reshape(-1)).float()
         loss = -(adv_t * logp).mean() / (steps * x[0].numel()) + beta * kl.mean() / (steps * x[0].numel())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, expert.parameters(), loss)
         log.log(tag, it, loss=loss.item(), reward=R.mean(), kl=kl.mean().item())
     expert.eval()
 
@@ -267,7 +254,7 @@ def scenes_for(samples):
     return out
 
 
-def build_initial(data_dir: Path, samples, flow_init: str, seed: int) -> SpanVLAPolicy:
+def build_initial(samples, flow_init: str, seed: int) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
 
@@ -310,7 +297,7 @@ def main(argv=None) -> int:
         policy = SpanVLAPolicy.from_pretrained(a.out / "sft")
         print("resume: loaded finished stage sft")
     else:
-        policy = build_initial(a.data, samples, a.flow_init, a.seed)
+        policy = build_initial(samples, a.flow_init, a.seed)
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, 2e-3, log, a.seed)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
