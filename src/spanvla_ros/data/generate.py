@@ -24,6 +24,7 @@ import numpy as np
 
 from ..eval.pdm import score
 from ..model.config import CAMERAS
+from ..model.trajectory import to_ego, to_world
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
 from .scene_text import describe, facts_from_state
@@ -39,25 +40,6 @@ class EpisodeJob:
     kind: str          # "expert" | "recovery"
     out_dir: str
     sample_every_s: float = 1.0
-
-
-def to_ego(pose, pts: np.ndarray) -> np.ndarray:
-    """World (N, >=3) x, y, heading[, speed] -> ego frame of pose (x, y, heading)."""
-    c, s = math.cos(pose[2]), math.sin(pose[2])
-    out = np.array(pts, dtype=np.float64, copy=True)
-    dx, dy = pts[:, 0] - pose[0], pts[:, 1] - pose[1]
-    out[:, 0], out[:, 1] = c * dx + s * dy, -s * dx + c * dy
-    out[:, 2] = np.arctan2(np.sin(pts[:, 2] - pose[2]), np.cos(pts[:, 2] - pose[2]))
-    return out
-
-
-def to_world(pose, pts: np.ndarray) -> np.ndarray:
-    c, s = math.cos(pose[2]), math.sin(pose[2])
-    out = np.array(pts, dtype=np.float64, copy=True)
-    out[:, 0] = pose[0] + c * pts[:, 0] - s * pts[:, 1]
-    out[:, 1] = pose[1] + s * pts[:, 0] + c * pts[:, 1]
-    out[:, 2] = pts[:, 2] + pose[2]
-    return out
 
 
 def negative_candidates(speed: float) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..data.generate import to_world
+from ..model.trajectory import to_world
 from ..data.sensor_buffers import EgoHistory, FrameHistory
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation

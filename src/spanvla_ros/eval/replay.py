@@ -230,7 +230,7 @@ def _interp_pose(odom: np.ndarray, t: float):
 def evaluate(bag: Path, records, out_dir: Path) -> dict:
     from transforms3d.euler import quat2euler
 
-    from ..data.generate import to_ego, to_world
+    from ..model.trajectory import to_ego, to_world
     from ..ros.stamps import stamp_to_sec
 
     try:
@@ -263,16 +263,16 @@ def evaluate(bag: Path, records, out_dir: Path) -> dict:
         row = dict(t=t, ade=ade, fde=fde)
         if scene is not None:
             speed = np.r_[np.hypot(plan[0, 0], plan[0, 1]), np.hypot(*np.diff(plan[:, :2], axis=0).T)] / 0.5
-            plan4 = np.c_[plan, speed]
+            plan_world = to_world(pose0, np.c_[plan, speed])
             agents, sizes = _agents_future(log, t, len(plan))
             lights = {k * 0.5: _light_at(log, t + 0.5 * k) for k in range(len(plan) + 1)} if log.light else {}
             ref = float(scene.route.project(_pt(fut[-1])) - scene.route.project(_pt(pose0)))
-            r = score(to_world(pose0, plan4), pose0, agents, scene, 0.5, ref, lights, prev_plan=prev, prev_shift=0,
+            r = score(plan_world, pose0, agents, scene, 0.5, ref, lights, prev_plan=prev, prev_shift=0,
                       agent_sizes=sizes)
-            prev = to_world(pose0, plan4)
+            prev = plan_world
             row.update(r.as_dict())
         rows.append(row)
-        plans_xy.append((t, to_world(pose0, np.c_[plan, np.zeros(len(plan))])[:, :2]))
+        plans_xy.append((t, to_world(pose0, plan)[:, :2]))
     report = dict(plans=len(rows), scenario=scenario, bag_read_error=partial)
     if rows:
         keys = [k for k in rows[0] if k != "t"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.trajectory import to_ego, to_world
 from .types import Control
 
 
@@ -26,20 +27,10 @@ class TrackerConfig:
     max_steer: float = 0.6
 
 
-def path_to_current_frame(path_xy_h: np.ndarray, plan_pose, now_pose) -> np.ndarray:
-    """Re-express (N, >=2) ego-frame points planned at plan_pose (x, y, yaw world) in the frame at now_pose."""
-    px, py, ph = plan_pose
-    nx, ny, nh = now_pose
-    c, s = math.cos(ph), math.sin(ph)
-    wx = px + c * path_xy_h[:, 0] - s * path_xy_h[:, 1]
-    wy = py + s * path_xy_h[:, 0] + c * path_xy_h[:, 1]
-    c2, s2 = math.cos(nh), math.sin(nh)
-    dx, dy = wx - nx, wy - ny
-    out = np.array(path_xy_h, dtype=np.float64, copy=True)
-    out[:, 0], out[:, 1] = c2 * dx + s2 * dy, -s2 * dx + c2 * dy
-    if out.shape[1] > 2:
-        out[:, 2] = path_xy_h[:, 2] + ph - nh
-    return out
+def path_to_current_frame(path: np.ndarray, plan_pose, now_pose) -> np.ndarray:
+    """Re-express an (N, >=3) ego-frame path (x, y, heading, ...) planned at plan_pose (world x, y, yaw) in the
+    ego frame at now_pose; further columns (speed) are kept."""
+    return to_ego(now_pose, to_world(plan_pose, path))
 
 
 class PathTracker:

@@ -53,6 +53,14 @@ def _ego_class():
     return EgoVehicle
 
 
+def _sample_lane(lane, ss: np.ndarray, centre: np.ndarray):
+    """Centre, left and right edge points of a highway-env lane at arc lengths ss, and its widths there."""
+    w = np.array([lane.width_at(x) for x in ss])
+    left = np.array([lane.position(x, -wi / 2) for x, wi in zip(ss, w)])
+    right = np.array([lane.position(x, wi / 2) for x, wi in zip(ss, w)])
+    return centre, left, right, w
+
+
 class HighwayEnvBackend:
     name = "highway-env"
 
@@ -130,7 +138,7 @@ class HighwayEnvBackend:
             p = np.array(self.route.interpolate(self.stop_s).coords[0])
             h = heading[min(int(self.stop_s), len(heading) - 1)]
             # the signal stands 3 m to the right of the stop line's lane centre, 1 m past it
-            self.light_pose = (p[0] + math.cos(h) - 3.0 * math.sin(h) * -1, p[1] + math.sin(h) - 3.0 * math.cos(h), h)
+            self.light_pose = (p[0] + math.cos(h) + 3.0 * math.sin(h), p[1] + math.sin(h) - 3.0 * math.cos(h), h)
         else:
             self.light_pose = None
 
@@ -278,15 +286,12 @@ class HighwayEnvBackend:
             if hi - lo < 0.5:
                 lo, hi = 0.0, min(lane.length, 200.0)
             ss = np.append(np.arange(lo, hi, 1.0), hi)
-            w = np.array([lane.width_at(x) for x in ss])
             centre = np.array([lane.position(x, 0.0) for x in ss])
-            left = np.array([lane.position(x, -wi / 2) for x, wi in zip(ss, w)])
-            right = np.array([lane.position(x, wi / 2) for x, wi in zip(ss, w)])
-            to_ego = lambda p: (p - origin) @ rot
-            d = np.linalg.norm(centre - origin, axis=1).min()
-            if d > 160:
-                continue
-            out.append((to_ego(centre), to_ego(left), to_ego(right), tuple(int(t) for t in lane.line_types)))
+            if np.linalg.norm(centre - origin, axis=1).min() > 160:
+                continue   # out of sight: skip before sampling its edges (this runs every rendered frame)
+            _, left, right, _ = _sample_lane(lane, ss, centre)
+            out.append(((centre - origin) @ rot, (left - origin) @ rot, (right - origin) @ rot,
+                        tuple(int(t) for t in lane.line_types)))
         return out
 
     def scene_map(self):
@@ -307,10 +312,8 @@ class HighwayEnvBackend:
             keep = ((centre >= lo) & (centre <= hi)).all(1)
             if keep.sum() < 2:
                 continue
-            ss, centre = ss[keep], centre[keep]
-            w = np.array([lane.width_at(x) for x in ss])
-            left = np.array([lane.position(x, -wi / 2) for x, wi in zip(ss, w)])
-            right = np.array([lane.position(x, wi / 2) for x, wi in zip(ss, w)])
+            ss = ss[keep]
+            centre, left, right, w = _sample_lane(lane, ss, centre[keep])
             polys.append(Polygon(np.concatenate([left, right[::-1]])).buffer(0))
             lanes.append(Lane(LineString(centre), np.array([lane.heading_at(x) for x in ss]), float(w.mean())))
         return SceneMap(build_drivable(polys), lanes, self.route, self.stop_s)

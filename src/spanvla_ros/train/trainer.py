@@ -175,7 +175,7 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
 # ------------------------------------------------------------------ GRPO
 def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
     """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty."""
-    from ..data.generate import to_world
+    from ..model.trajectory import to_world
 
     m = sample.meta
     agents = np.asarray(m["agents_future"], np.float64)
