@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := source .venv/env.sh
 COLCON_BUILD := colcon build --base-paths . --event-handlers console_cohesion- summary+ \
 	--cmake-args -DPython3_EXECUTABLE=$$(readlink -f .venv)/bin/python -DBUILD_TESTING=ON
-DEMO_ARGS ?= --duration 20
+DEMO_ARGS ?= --episodes 3 --duration 120
 
 .PHONY: venv build demo test bench clean
 venv:
@@ -27,6 +27,7 @@ test: build
 bench: build
 	$(ENV)
 	python -m spanvla_ros.cli.bench_model
+	python -m spanvla_ros.cli.bench_latency --json results/bench_latency.json
 
 clean:
 	rm -rf build install log

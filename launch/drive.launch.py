@@ -2,8 +2,9 @@
 
 Starts the composed driving process (reasoner + action expert sharing the KV bridge in one process, plus
 the simulator/sensor source) with params/spanvla.yaml, and optionally RViz with rviz/spanvla.rviz.
-The same composition runs without `ros2 launch` as the console script `spanvla-drive`; both take their
-node list from spanvla_ros.launch_plan so they cannot drift apart.
+The same composition runs without `ros2 launch` as the console script `spanvla-drive`: both run
+spanvla_ros.cli.drive (the ROS executable lib/spanvla_ros/spanvla_drive wraps it), so they cannot drift apart.
+Each run is recorded (MCAP bag of inputs and plans) with a rendered view next to it under `record`.
 """
 import os
 
@@ -23,13 +24,16 @@ def generate_launch_description():
                               description="ROS 2 parameter file for every spanvla_ros node"),
         DeclareLaunchArgument("rviz", default_value="false", description="also start RViz"),
         DeclareLaunchArgument("duration", default_value="0", description="seconds to run (0 = until stopped)"),
+        DeclareLaunchArgument("record", default_value="runs/{time}",
+                              description="run directory for the MCAP bag and run_view.png ({time}: start time)"),
         Node(
             package="spanvla_ros",
             executable="spanvla_drive",
             name="spanvla_drive",
             output="screen",
             parameters=[params_file],
-            arguments=["--params-file", params_file, "--duration", LaunchConfiguration("duration")],
+            arguments=["--params-file", params_file, "--duration", LaunchConfiguration("duration"),
+                       "--record", LaunchConfiguration("record")],
         ),
         Node(
             package="rviz2",

@@ -16,7 +16,7 @@ ln -sfn "$VENV" "$ROOT/.venv"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 STAMP="$VENV/.spanvla-requirements.sha256"
-want="$(cat "$ROOT"/requirements/*.txt "$0" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT"/requirements/*.txt "$ROOT/setup.cfg" "$0" | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -x "$VENV/bin/python" && -f "$VENV/env.sh" ]]; then
   echo "[setup] $VENV is up to date"
@@ -34,10 +34,25 @@ touch "$VENV/COLCON_IGNORE"   # colcon crawls from the repo root; keep it out of
 # otherwise rosidl_generate_interfaces cannot find Python.h / numpy headers.
 PYINC="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 NPINC="$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')"
-grep -rlE '/opt/python/cp311-cp311/include/python3.11|/opt/python/[^;"]*numpy/_core/include' "$VENV/share" --include='*.cmake' 2>/dev/null \
+{ grep -rlE '/opt/python/cp311-cp311/include/python3.11|/opt/python/[^;"]*numpy/_core/include' "$VENV/share" --include='*.cmake' 2>/dev/null || true; } \
   | while read -r f; do
       sed -i -E "s#/opt/python/cp311-cp311/include/python3.11#$PYINC#g; s#/opt/python/[^;\"]*numpy/_core/include#$NPINC#g" "$f"
     done
+
+# The console commands of setup.cfg as thin shims on the venv's PATH: the package itself is imported from
+# colcon's install space (core + generated messages), so it is deliberately not pip-installed into the venv.
+"$VENV/bin/python" - "$ROOT/setup.cfg" "$VENV/bin" <<'PY'
+import configparser, os, sys
+cp = configparser.ConfigParser()
+cp.read(sys.argv[1])
+for line in cp["options.entry_points"]["console_scripts"].strip().splitlines():
+    name, target = (x.strip() for x in line.split("="))
+    mod, fn = target.split(":")
+    path = os.path.join(sys.argv[2], name)
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.argv[2]}/python" -c "import sys; from {mod} import {fn}; sys.exit({fn}())" "$@"\n')
+    os.chmod(path, 0o755)
+PY
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cat > "$VENV/env.sh" <<ENV

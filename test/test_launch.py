@@ -58,7 +58,7 @@ def test_params_file_is_the_single_source():
 @requires_ros
 @requires_msgs
 @pytest.mark.dds
-def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env):
+def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tmp_path):
     import rclpy
     from nav_msgs.msg import Path as PathMsg
     from rclpy.executors import SingleThreadedExecutor
@@ -77,7 +77,7 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env):
     node.create_subscription(Reasoning, "/spanvla/reasoning", reasoning.append, 10)
     node.create_subscription(PlanStatus, "/spanvla/plan_status", status.append, 50)
     proc = subprocess.Popen([sys.executable, "-m", "spanvla_ros.cli.drive", "--params-file",
-                             str(REPO / "params" / "spanvla.yaml"), "--duration", "60"],
+                             str(REPO / "params" / "spanvla.yaml"), "--duration", "60", "--record", str(tmp_path / "run")],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ok = spin_until(ex, lambda: len(reasoning) >= 2 and sum(not s.degraded for s in status) >= 10, 60.0)
@@ -100,3 +100,9 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env):
     # every plan is stamped with its input (odometry) time, and reasoning with its frames' time
     assert stamp_to_sec(reasoning[-1].header.stamp) <= stamp_to_sec(paths[-1].header.stamp) + 0.5
     assert "plans published" in out
+    # the run was recorded (inputs and outputs, MCAP) and rendered next to the bag
+    from spanvla_ros.eval.run_view import read_run
+    log = read_run([tmp_path / "run" / "bag"])
+    assert len(log.plans) >= len(paths) * 0.8 and len(log.reasoning) >= 2 and log.route is not None
+    assert all(log.images[c] for c in log.images) and log.odom and log.agents
+    assert (tmp_path / "run" / "run_view.png").stat().st_size > 50_000

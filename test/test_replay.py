@@ -34,6 +34,12 @@ def test_replay_records_plans_and_scores_them(episode_bag, tmp_path):
         topics = {c.topic for c in r.connections}
     assert {"/spanvla/path", "/spanvla/plan_status", "/spanvla/reasoning"} <= topics
     assert (tmp_path / "replay.png").stat().st_size > 10_000
+    # the run view combines the input bag's cameras with the recorded plans and reasoning
+    from spanvla_ros.eval.run_view import read_run
+    log = read_run([episode_bag, tmp_path / "plans"])
+    assert len(log.plans) >= rep["plans"] and log.reasoning and not log.errors
+    assert all(len(v) > 50 for v in log.images.values()) and log.route is not None
+    assert rep["run_view"] and (tmp_path / "run_view.png").stat().st_size > 50_000
 
 
 @requires_ros

@@ -163,8 +163,11 @@ def test_closed_loop_policy_driver_runs(backend):
     from spanvla_ros.model.policy import SpanVLAPolicy
 
     policy = SpanVLAPolicy.from_pretrained(REPO / "checkpoints" / "spanvla_default")
-    r = run_episode(backend, PolicyDriver(policy, reason_every_s=2.0), "highway", 10_001)
-    assert r.duration_s > 1.0 and r.route_completion > 0.05 and r.reasoning
+    # the held-out lead-braking scene where the constant-velocity baseline crashes (test above): the shipped,
+    # trained default brakes or steers around it (measured: no collision, route completion 0.81)
+    r = run_episode(backend, PolicyDriver(policy, reason_every_s=1.0), "lead_brake", 10_000)
+    assert r.reasoning and all(text for _, text in r.reasoning)
+    assert not r.collision and r.route_completion > 0.5
 
 
 # ------------------------------------------------------------------ CARLA

@@ -33,25 +33,79 @@ def _spin(executor) -> None:
         pass
 
 
+def _override_file(items: list[str]) -> str:
+    """NODE.PARAM=VALUE items -> a temporary ROS params file (`-p` would lose to the file's node sections)."""
+    import tempfile
+
+    import yaml
+
+    data: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        node, dot, name = key.partition(".")
+        if not (sep and dot and node and name):
+            raise SystemExit(f"--set expects NODE.PARAM=VALUE, got {item!r}")
+        data.setdefault(node, {"ros__parameters": {}})["ros__parameters"][name] = yaml.safe_load(value)
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="spanvla_overrides_", delete=False)
+    yaml.safe_dump(data, f)
+    f.close()
+    return f.name
+
+
+def _render_view(run_dir, title: str) -> None:
+    from spanvla_ros.data.bag_io import BagError
+    from spanvla_ros.eval.run_view import read_run, render_strip
+
+    try:
+        out = render_strip(read_run([run_dir / "bag"]), run_dir / "run_view.png", title=title)
+        print(f"[spanvla-drive] run view -> {out}")
+    except BagError as exc:   # e.g. stopped before the first plan
+        print(f"[spanvla-drive] no run view: {exc}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params-file", default=str(default_params_path()))
     ap.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0 = until Ctrl-C")
     ap.add_argument("--no-sim", action="store_true", help="planner only (camera/odometry from a real car, CARLA "
                     "bridge or bag replay)")
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
+                    help="override one parameter of one node (YAML value), e.g. spanvla_planner.reasoner_rate_hz=2; "
+                    "applied as a second params file, so it wins over node sections of --params-file")
+    ap.add_argument("--episodes", type=int, default=0,
+                    help="stop after this many simulator episodes (overrides sim_bridge max_episodes)")
+    ap.add_argument("--record", default="runs/{time}", help="run directory: MCAP bag of inputs and plans + "
+                    "run_view.png ({time} is replaced by the start time)")
+    ap.add_argument("--no-record", action="store_true")
     a, ros_args = ap.parse_known_args(argv if argv is not None else sys.argv[1:])
 
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
     from spanvla_ros.nodes.planner import PlannerNode
-    rclpy.init(args=["spanvla_drive", "--ros-args", "--params-file", a.params_file] + ros_args)
+    params_files = ["--params-file", a.params_file]
+    if a.set:
+        params_files += ["--params-file", _override_file(a.set)]
+    rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + ros_args)
     nodes = []
     if not a.no_sim:
         from spanvla_ros.nodes.sim_bridge import SimBridgeNode
-        nodes.append(SimBridgeNode())
+        from rclpy.parameter import Parameter
+        sim_node = SimBridgeNode()
+        if a.episodes:
+            sim_node.set_parameters([Parameter("max_episodes", value=a.episodes)])
+            sim_node.p["max_episodes"] = a.episodes
+        nodes.append(sim_node)
     planner = PlannerNode()
     nodes.append(planner)
+    recorder, run_dir = None, None
+    if not a.no_record:
+        from pathlib import Path
+
+        from spanvla_ros.ros.recorder import BagRecorderNode, drive_topics
+        run_dir = Path(a.record.format(time=time.strftime("%Y%m%d-%H%M%S")))
+        recorder = BagRecorderNode(run_dir / "bag", drive_topics(planner.params, None if a.no_sim else nodes[0].p))
+        nodes.append(recorder)
     # One executor thread per node: the source's rendering never delays the planner's control timer.
     executors = []
     for n in nodes:
@@ -100,6 +154,11 @@ def main(argv=None) -> int:
             ex.shutdown()
         for t in spinners:  # C++ objects must not be torn down under a thread still inside spin()
             t.join(timeout=10.0)
+        if recorder is not None:
+            recorder.close()
+            print(f"[spanvla-drive] recorded {sum(recorder.counts.values())} messages "
+                  f"({recorder.bytes / 1e6:.1f} MB) -> {recorder.out}")
+            _render_view(run_dir, planner.policy.model_id)
         for n in nodes:
             n.destroy_node()
         if rclpy.ok():

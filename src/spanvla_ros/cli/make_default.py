@@ -1,5 +1,5 @@
 """spanvla-make-default: build the embedded default checkpoint (tokenizer trained here + tiny Qwen2.5-VL
-config + action expert) at checkpoints/spanvla_default. Training it on generated driving data is the
+config + action expert) at checkpoints/spanvla_init. Training it on generated driving data is the
 training pipeline's job; this writes the starting point with a fixed seed, so it is reproducible."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from spanvla_ros.model.corpus import tokenizer_corpus
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.model.tokenizer import train_tokenizer
 
-DEFAULT_DIR = Path("checkpoints") / "spanvla_default"
+DEFAULT_DIR = Path("checkpoints") / "spanvla_init"   # never over the shipped, trained default
 
 
 def main(argv=None) -> int:

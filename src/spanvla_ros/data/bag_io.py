@@ -30,10 +30,20 @@ class BagError(RuntimeError):
         self.partial = partial
 
 
-def typestore():
-    from rosbags.typesys import Stores, get_typestore
+def typestore(with_spanvla_msgs: bool = False):
+    """The Kilted type store; with this package's own messages (Reasoning, PlanStatus) registered on request,
+    read from msg/ in the source tree or the installed share directory."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-    return get_typestore(Stores.ROS2_KILTED)
+    ts = get_typestore(Stores.ROS2_KILTED)
+    if with_spanvla_msgs:
+        for name in ("Reasoning", "PlanStatus"):
+            f = Path(__file__).resolve().parents[3] / "msg" / f"{name}.msg"
+            if not f.is_file():
+                from ..config import resolve_share_path
+                f = resolve_share_path(Path("msg") / f"{name}.msg")
+            ts.register(get_types_from_msg(f.read_text(), f"spanvla_ros/msg/{name}"))
+    return ts
 
 
 def _stamp(ts, t: float):

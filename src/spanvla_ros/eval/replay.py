@@ -122,18 +122,7 @@ class PlanRecorder:
 
         from ..ros.stamps import stamp_to_sec
 
-        ts = typestore()
-        msg_dir = Path(__file__).resolve().parents[3] / "msg"
-        defs = {}
-        for name in ("Reasoning", "PlanStatus"):
-            f = msg_dir / f"{name}.msg"
-            if not f.is_file():
-                from ..config import resolve_share_path
-                f = resolve_share_path(Path("msg") / f"{name}.msg")
-            defs[f"spanvla_ros/msg/{name}"] = f.read_text()
-        from rosbags.typesys import get_types_from_msg
-        for name, text in defs.items():
-            ts.register(get_types_from_msg(text, name))
+        ts = typestore(with_spanvla_msgs=True)
         with Writer(out, version=9, storage_plugin=StoragePlugin.MCAP) as w:
             conns = {}
             for _, topic, name, msg in self.records:
@@ -214,6 +203,10 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     report = evaluate(bag, recorder.records, out_dir)
     report.update(bag=str(bag), replayed_messages=published, read_error=err, partial=err is not None,
                   planner_counters=counters, output_bag=str(out_bag))
+    if recorder.records:
+        from .run_view import read_run, render_strip
+        # the view needs the input bag's cameras and the plans bag; a broken input bag contributes what it read
+        report["run_view"] = str(render_strip(read_run([bag, out_bag]), out_dir / "run_view.png", title=bag.name))
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
     return report
 
@@ -359,7 +352,8 @@ def main(argv=None) -> int:
         print("| " + " | ".join(rep["mean"]) + " |")
         print("|" + "---|" * len(rep["mean"]))
         print("| " + " | ".join(f"{v:.3f}" for v in rep["mean"].values()) + " |")
-    print(f"[spanvla-replay] plans bag {rep['output_bag']}, plot {rep['plot']}, report {out / 'results.json'}")
+    print(f"[spanvla-replay] plans bag {rep['output_bag']}, plot {rep['plot']}, run view {rep.get('run_view')}, "
+          f"report {out / 'results.json'}")
     return 0
 
 

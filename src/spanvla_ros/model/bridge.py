@@ -76,6 +76,40 @@ class BridgeSnapshot:
                               self.next_position.expand(n), self.layer_ids, self.stamp,
                               self.reasoning * n, self.latency_s, self.created_monotonic)
 
+    def repeat_interleave(self, n: int) -> "BridgeSnapshot":
+        """Each batch entry n times in a row (a GRPO group per scene); copies, unlike expand()."""
+        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        return BridgeSnapshot(tuple(map(rep, self.keys)), tuple(map(rep, self.values)), rep(self.key_mask),
+                              rep(self.next_position), self.layer_ids, self.stamp,
+                              tuple(r for r in self.reasoning for _ in range(n)), self.latency_s,
+                              self.created_monotonic)
+
+
+def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
+    """Right-pad batch-1 snapshots of different lengths into one batch; key_mask marks the real keys."""
+    S = max(b.seq_len for b in items)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, 0, S - t.shape[2]))
+    keys = tuple(torch.cat([pad(b.keys[i]) for b in items]) for i in range(items[0].num_layers))
+    values = tuple(torch.cat([pad(b.values[i]) for b in items]) for i in range(items[0].num_layers))
+    mask = torch.cat([torch.nn.functional.pad(b.key_mask, (0, S - b.key_mask.shape[1])) for b in items])
+    pos = torch.cat([b.next_position for b in items])
+    return BridgeSnapshot(keys, values, mask, pos, items[0].layer_ids,
+                          reasoning=tuple(r for b in items for r in b.reasoning))
+
+
+def split_bridge(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
+    """Inverse of collate_bridges: one batch-1 snapshot per entry, padding dropped (compact to keep in memory)."""
+    out = []
+    for i in range(bridge.key_mask.shape[0]):
+        m = bridge.key_mask[i]
+        out.append(BridgeSnapshot(tuple(k[i:i + 1, :, m].clone() for k in bridge.keys),
+                                  tuple(v[i:i + 1, :, m].clone() for v in bridge.values), m[m][None].clone(),
+                                  bridge.next_position[i:i + 1].clone(), bridge.layer_ids, bridge.stamp,
+                                  bridge.reasoning[i:i + 1]))
+    return out
+
 
 class LatestBridge:
     """Holds the newest snapshot. Writers swap under a lock (to count versions); readers just read the

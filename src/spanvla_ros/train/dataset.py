@@ -47,3 +47,33 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
             m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
             out.append(Sample(m, imgs))
     return out
+
+
+def scene_maps(samples: list[Sample]) -> dict:
+    """(scenario, seed) -> the road's SceneMap, rebuilt by resetting the simulator (deterministic by seed)."""
+    from ..sim.highway_backend import HighwayEnvBackend
+
+    backend = HighwayEnvBackend(render=False)
+    out = {}
+    for s in samples:
+        key = (s.meta["scenario"], s.meta["seed"])
+        if key not in out:
+            backend.reset(*key)
+            out[key] = backend.scene_map()
+    backend.close()
+    return out
+
+
+def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
+    """PDM-style score of an ego-frame (H, 4) plan for this sample, with the other agents' logged futures and
+    the logged signal states (what GRPO rewards and open-loop evaluation both use)."""
+    from ..eval.pdm import score
+    from ..model.trajectory import to_world
+
+    m = sample.meta
+    agents = np.asarray(m["agents_future"], np.float64)
+    if agents.size == 0:
+        agents = np.zeros((len(m["future"]) + 1, 0, 4))
+    pose = m["pose"]
+    return score(to_world(pose, traj_ego), pose, agents, scene, 0.5, m["ref_progress"], m["lights"],
+                 agent_sizes=[tuple(s) for s in m["agent_sizes"]])

@@ -8,6 +8,7 @@ stage), CSV logs (step, stage, loss, reward terms) next to them.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -19,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..eval.pdm import score
-from ..model.bridge import BridgeSnapshot
+from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import SpanVLAConfig
 from ..model.policy import SpanVLAPolicy
 from ..model.trajectory import normalise
-from .dataset import Sample, load_samples
+from .dataset import Sample, load_samples, scene_maps, score_plan
 
-STAGES = ("sft", "grpo_pos", "grpo_neg", "grpo_rec")
+STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
 
 # ------------------------------------------------------------------ distributed helpers
@@ -90,28 +90,6 @@ def prompts(policy, samples):
     return [policy.reasoner.prompt(s.meta["command"], s.meta["speed"], s.meta["accel"], s.past[:, :2]) for s in samples]
 
 
-def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
-    """Right-pad per-sample bridges (B=1 each) to one batch; key_mask marks real keys."""
-    S = max(b.seq_len for b in items)
-    def pad(t):
-        return torch.nn.functional.pad(t, (0, 0, 0, S - t.shape[2]))
-    keys = tuple(torch.cat([pad(b.keys[i]) for b in items]) for i in range(items[0].num_layers))
-    values = tuple(torch.cat([pad(b.values[i]) for b in items]) for i in range(items[0].num_layers))
-    mask = torch.cat([torch.nn.functional.pad(b.key_mask, (0, S - b.key_mask.shape[1])) for b in items])
-    pos = torch.cat([b.next_position for b in items])
-    return BridgeSnapshot(keys, values, mask, pos, items[0].layer_ids)
-
-
-def strip_padding(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
-    out = []
-    for i in range(bridge.key_mask.shape[0]):
-        m = bridge.key_mask[i]
-        out.append(BridgeSnapshot(tuple(k[i:i + 1, :, m].clone() for k in bridge.keys),
-                                  tuple(v[i:i + 1, :, m].clone() for v in bridge.values), m[m][None].clone(),
-                                  bridge.next_position[i:i + 1].clone(), bridge.layer_ids))
-    return out
-
-
 # ------------------------------------------------------------------ stages
 def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0):
     """AdamW + one-cycle LR over this rank's shard of each epoch; batch_loss(indices) -> scalar loss."""
@@ -155,7 +133,7 @@ def precompute_bridges(policy, samples, batch=16) -> list[BridgeSnapshot]:
         bs = samples[b0:b0 + batch]
         _, br = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
                                                [s.meta["reasoning"] for s in bs], with_bridge=True)
-        out.extend(strip_padding(br))
+        out.extend(split_bridge(br))
     return out
 
 
@@ -174,21 +152,16 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
 
 # ------------------------------------------------------------------ GRPO
 def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
-    """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty."""
-    from ..model.trajectory import to_world
+    """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty.
 
+    Closeness is exp(-mean L2 distance / 2 m), so a plan within a metre or two of a known failure costs up to w_N
+    and one that follows the expert's way back from a drift earns up to w_R."""
     m = sample.meta
-    agents = np.asarray(m["agents_future"], np.float64)
-    if agents.size == 0:
-        agents = np.zeros((len(m["future"]) + 1, 0, 4))
-    sizes = [tuple(s) for s in m["agent_sizes"]]
-    pose = m["pose"]
     negs = [np.asarray(n["traj"], np.float32) for n in m["negatives"]]
     r_cot = min(1.0, len(m["reasoning"].split()) / 60.0)   # longer than ~60 words is penalised
     out = []
     for tr in trajs:
-        pdm = score(to_world(pose, tr), pose, agents, scene, 0.5, m["ref_progress"], m["lights"], agent_sizes=sizes)
-        r = pdm.PDMS
+        r = score_plan(sample, tr, scene).PDMS
         if use_neg and negs:
             d = min(np.linalg.norm(tr[:, :2] - n[:, :2], axis=1).mean() for n in negs)
             r -= w_neg * math.exp(-d / 2.0)
@@ -212,7 +185,7 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     for it in tqdm(range(iters), desc=f"{tag} (GRPO)", disable=dist_info()[0] != 0):
         ii = rng.choice(len(samples), size=batch, replace=False)
         bs = [samples[i] for i in ii]
-        br = collate_bridges([bridges[i] for i in ii]).expand(group)
+        br = collate_bridges([bridges[i] for i in ii]).repeat_interleave(group)
         a_his = his_tensor(policy, bs).repeat_interleave(group, 0)
         ego = ego_tensor(policy, bs).repeat_interleave(group, 0)
         # rollout with Gaussian Euler steps; log-probs under the current expert, KL to the SFT reference
@@ -241,19 +214,6 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     expert.eval()
 
 
-def scenes_for(samples):
-    from ..sim.highway_backend import HighwayEnvBackend
-    b = HighwayEnvBackend(render=False)
-    out = {}
-    for s in samples:
-        key = (s.meta["scenario"], s.meta["seed"])
-        if key not in out:
-            b.reset(*key)
-            out[key] = b.scene_map()
-    b.close()
-    return out
-
-
 def build_initial(samples, flow_init: str, seed: int) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
@@ -264,16 +224,29 @@ def build_initial(samples, flow_init: str, seed: int) -> SpanVLAPolicy:
     return SpanVLAPolicy.build(cfg, tok, preset="tiny", seed=seed)
 
 
+def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int) -> SpanVLAPolicy:
+    """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
+    policy.cfg.flow_init = flow_init
+    torch.manual_seed(seed + 1)
+    policy.expert = SpanVLAPolicy.make_expert(policy.cfg, policy.reasoner).eval()
+    return policy
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--sft-epochs", type=int, default=6)
-    ap.add_argument("--flow-epochs", type=int, default=40)
-    ap.add_argument("--grpo-iters", type=int, default=60, help="per GRPO stage")
+    ap.add_argument("--sft-epochs", type=int, default=4)
+    ap.add_argument("--flow-epochs", type=int, default=30)
+    ap.add_argument("--grpo-iters", type=int, default=40, help="per GRPO stage (warm-up and each branch)")
+    ap.add_argument("--grpo-lr", type=float, default=5e-5)
+    ap.add_argument("--grpo-std", type=float, default=0.05, help="per-Euler-step std (normalised units)")
+    ap.add_argument("--grpo-beta", type=float, default=0.1, help="KL weight to the SFT reference")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--flow-init", default="history", choices=["history", "noise"])
+    ap.add_argument("--vlm-from", type=Path, default=None,
+                    help="reuse this finished checkpoint's VLM (skip SFT stage 1) with a fresh action expert")
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -293,9 +266,16 @@ def main(argv=None) -> int:
     def done(stage):
         return (a.out / stage / "spanvla.json").is_file()
 
+    todo = [st for st in (STAGES[:1] if a.skip_grpo else STAGES) if not done(st)]
+    if not todo:
+        print(f"resume: loaded finished stage sft; stage {STAGES[-1]} already finished: nothing to train")
+        return 0
     if done("sft"):
         policy = SpanVLAPolicy.from_pretrained(a.out / "sft")
         print("resume: loaded finished stage sft")
+    elif a.vlm_from:
+        policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed)
+        print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
     else:
         policy = build_initial(samples, a.flow_init, a.seed)
         t0 = time.time()
@@ -308,31 +288,37 @@ def main(argv=None) -> int:
         sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, 1e-3, log, a.seed)
         print(f"sft stage 2: {time.time() - t0:.0f} s")
         if rank == 0:
-            policy.model_id = "sft"
             policy.save_pretrained(a.out / "sft")
     if a.skip_grpo:
         return 0
-    import copy
     ref = copy.deepcopy(policy.expert).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    scenes = scenes_for(samples)
+    sft_state = copy.deepcopy(policy.expert.state_dict())
+    scenes = scene_maps(samples)
     pos_idx = [i for i, s in enumerate(samples) if s.meta["kind"] == "positive"]
-    stages = [("grpo_pos", False, False, pos_idx), ("grpo_neg", True, False, pos_idx),
-              ("grpo_rec", True, True, list(range(len(samples))))]
-    for name, use_neg, use_rec, idx in stages:
+    all_idx = list(range(len(samples)))
+
+    def run_stage(name, start_state, use_neg, use_rec, idx, seed):
         if done(name):
-            policy = SpanVLAPolicy.from_pretrained(a.out / name)
-            print(f"resume: loaded finished stage {name}")
-            continue
-        sub = [samples[i] for i in idx]
-        sub_b = [bridges[i] for i in idx]
+            print(f"resume: stage {name} already finished")
+            return SpanVLAPolicy.from_pretrained(a.out / name).expert.state_dict()
+        policy.expert.load_state_dict(start_state)
+        sub, sub_b = [samples[i] for i in idx], [bridges[i] for i in idx]
         t0 = time.time()
-        grpo(policy, ref, sub, sub_b, scenes, a.grpo_iters, min(a.batch, len(sub)), a.group, 2e-5, 0.02, 0.3, log,
-             name, use_neg, use_rec, seed=a.seed)
+        grpo(policy, ref, sub, sub_b, scenes, a.grpo_iters, min(a.batch, len(sub)), a.group, a.grpo_lr,
+             a.grpo_beta, a.grpo_std, log, name, use_neg, use_rec, seed=seed)
         print(f"{name}: {time.time() - t0:.0f} s")
         if rank == 0:
             policy.save_pretrained(a.out / name)
+        return copy.deepcopy(policy.expert.state_dict())
+
+    # Paper's shape: a positive-only warm-up, then the same number of further iterations three ways, so the
+    # rows (c) positive only, (d) + negatives, (e) + negatives + recovery differ only in what they add.
+    warm = run_stage("grpo_warmup", sft_state, False, False, pos_idx, a.seed)
+    for name, use_neg, use_rec, idx in (("grpo_pos", False, False, pos_idx), ("grpo_neg", True, False, pos_idx),
+                                        ("grpo_rec", True, True, all_idx)):
+        run_stage(name, warm, use_neg, use_rec, idx, a.seed + 1)
     (a.out / "stages.json").write_text(json.dumps(list(STAGES)))
     return 0
 

@@ -1,0 +1,193 @@
+"""spanvla-results: the training results table on held-out scenes, one command.
+
+Rows: (a) constant-velocity baseline, (b) SFT, (c) + GRPO positive only, (d) + negatives, (e) + recovery, the
+pure-noise-start ablation (SFT with a flow from N(0, I) instead of the history trajectory), and the
+data-generating expert as a closed-loop reference.
+
+Open loop, on held-out samples (seeds never trained on): the reasoner generates its text from the frames (the
+inference path, not teacher forcing), the expert plans from that bridge; ADE/FDE against the expert's logged
+future and PDM-style PDMS/EPDMS with the other agents' logged futures.
+Closed loop, lockstep in the simulator on held-out seeds: route completion, collision rate, driving score.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROWS = (  # (row name, checkpoint dir relative to --run / --ablation-run, which run)
+    ("(a) constant velocity", None, None),
+    ("(b) SFT", "sft", "run"),
+    ("(c) + GRPO positive", "grpo_pos", "run"),
+    ("(d) + negatives", "grpo_neg", "run"),
+    ("(e) + recovery", "grpo_rec", "run"),
+    ("ablation: noise start (SFT)", "sft", "ablation"),
+)
+
+
+def vlm_digest(policy) -> str:
+    """Rows that share VLM weights share the reasoner's outputs, so its bridges are computed once."""
+    h = hashlib.sha256()
+    for k, v in sorted(policy.reasoner.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reason_all(policy, samples, progress=True):
+    """Greedy reasoning per sample -> (bridges, texts, action-token hit rate)."""
+    from tqdm import tqdm
+
+    bridges, texts, hits = [], [], 0
+    for s in tqdm(samples, desc="reasoning (held-out)", disable=not progress):
+        m = s.meta
+        r = policy.reason(s.images, m["command"], m["speed"], m["accel"], s.past, stamp=m["stamp"])
+        bridges.append(r.bridge)
+        texts.append(r.text)
+        hits += r.hit_action_token
+    return bridges, texts, hits / max(len(samples), 1)
+
+
+@torch.inference_mode()
+def plan_all(policy, samples, bridges, batch=32) -> np.ndarray:
+    from ..model.bridge import collate_bridges
+    from ..train.trainer import ego_tensor, his_tensor
+
+    out = []
+    for b0 in range(0, len(samples), batch):
+        bs = samples[b0:b0 + batch]
+        br = collate_bridges(bridges[b0:b0 + batch])
+        out.append(policy.expert.sample(br, his_tensor(policy, bs), ego_tensor(policy, bs),
+                                        generator=torch.Generator().manual_seed(0)).numpy())
+    return np.concatenate(out)
+
+
+def open_loop_metrics(samples, plans, scenes) -> dict:
+    from ..train.dataset import score_plan
+    from .pdm import ade_fde
+
+    ade, fde, pdms, epdms = [], [], [], []
+    for s, p in zip(samples, plans):
+        a, f = ade_fde(p[:, :2], s.future[:, :2])
+        r = score_plan(s, p, scenes[(s.meta["scenario"], s.meta["seed"])])
+        ade.append(a)
+        fde.append(f)
+        pdms.append(r.PDMS)
+        epdms.append(r.EPDMS)
+    return dict(samples=len(samples), ade=float(np.mean(ade)), fde=float(np.mean(fde)), pdms=float(np.mean(pdms)),
+                epdms=float(np.mean(epdms)))
+
+
+def reasoning_overlap(texts, refs) -> float:
+    """Mean word-level F1 between generated and reference reasoning (a coarse check that SFT 1 took)."""
+    f1 = []
+    for t, r in zip(texts, refs):
+        a, b = t.lower().split(), r.lower().split()
+        common = sum(min(a.count(w), b.count(w)) for w in set(a))
+        f1.append(0.0 if not common else 2 * common / (len(a) + len(b)))
+    return float(np.mean(f1)) if f1 else float("nan")
+
+
+def closed_loop(driver, scenarios, seeds) -> dict:
+    from ..sim.highway_backend import HighwayEnvBackend
+    from .closed_loop import run_episode, summarise
+
+    backend = HighwayEnvBackend()
+    eps = [run_episode(backend, driver, n, s) for n in scenarios for s in seeds]
+    backend.close()
+    return dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps])
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | ADE (m) | FDE (m) | PDMS | EPDMS | CL route completion | CL collisions | CL driving score |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ol, cl = r.get("open_loop") or {}, (r.get("closed_loop") or {}).get("summary") or {}
+        def f(d, k, fmt="{:.2f}"):
+            return fmt.format(d[k]) if k in d else "-"
+        coll = (f"{round(cl['collision_rate'] * cl['episodes'])}/{cl['episodes']}" if cl else "-")
+        lines.append(f"| {r['name']} | {f(ol, 'ade')} | {f(ol, 'fde')} | {f(ol, 'pdms', '{:.3f}')} | "
+                     f"{f(ol, 'epdms', '{:.3f}')} | {f(cl, 'route_completion')} | {coll} | {f(cl, 'driving_score')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PolicyDriver
+    from ..model.config import SpanVLAConfig
+    from ..model.policy import SpanVLAPolicy
+    from ..model.trajectory import history_trajectory
+    from ..sim.scenarios import HELDOUT_SEEDS, SCENARIOS
+    from ..train.dataset import load_samples, scene_maps
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="spanvla-train output (sft/, grpo_*/)")
+    ap.add_argument("--ablation-run", type=Path, default=None, help="spanvla-train --flow-init noise output")
+    ap.add_argument("--heldout", type=Path, required=True, help="spanvla-generate-data output on held-out seeds")
+    ap.add_argument("--closed-loop-seeds", type=int, default=2, help="first N held-out seeds per scenario (0: skip)")
+    ap.add_argument("--scenarios", default="all")
+    ap.add_argument("--rows", default="", help="comma list of row letters to run (e.g. c,d,e); default all")
+    ap.add_argument("--no-expert", action="store_true", help="skip the expert reference row")
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    a.out.mkdir(parents=True, exist_ok=True)
+    cfg = SpanVLAConfig()
+    samples = load_samples(a.heldout, cfg.cameras, kinds=("positive",))
+    train_seeds = set(range(0, 10000))
+    leaked = {s.meta["seed"] for s in samples} & train_seeds
+    if leaked:
+        raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: generate it with --seeds 10000:...")
+    scenes = scene_maps(samples)
+    scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
+    cl_seeds = list(HELDOUT_SEEDS)[:a.closed_loop_seeds]
+    print(f"{len(samples)} held-out samples from {len(scenes)} episodes; closed loop {len(scen)} scenarios x "
+          f"seeds {cl_seeds}")
+
+    rows, bridge_cache = [], {}
+    wanted = {f"({r.strip()})" for r in a.rows.split(",") if r.strip()}
+    for name, sub, which in ROWS:
+        if wanted and name.split()[0] not in wanted and not (name.startswith("ablation") and "(ablation)" in wanted):
+            continue
+        t0 = time.time()
+        if sub is None:
+            plans = np.stack([history_trajectory(s.past, s.meta["speed"], 0.5, 8, 0.5) for s in samples])
+            row = dict(name=name, open_loop=open_loop_metrics(samples, plans, scenes))
+            driver = ConstantVelocityDriver()
+        else:
+            root = a.run if which == "run" else a.ablation_run
+            if root is None or not (root / sub / "spanvla.json").is_file():
+                print(f"skip {name}: no checkpoint at {root}/{sub}")
+                continue
+            policy = SpanVLAPolicy.from_pretrained(root / sub)
+            key = vlm_digest(policy)
+            if key not in bridge_cache:
+                bridge_cache[key] = reason_all(policy, samples)
+            bridges, texts, hit = bridge_cache[key]
+            row = dict(name=name, checkpoint=str(root / sub), model_id=policy.model_id,
+                       open_loop=open_loop_metrics(samples, plan_all(policy, samples, bridges), scenes))
+            row["open_loop"].update(action_token_rate=hit,
+                                    reasoning_f1=reasoning_overlap(texts, [s.meta["reasoning"] for s in samples]))
+            driver = PolicyDriver(policy, 1.0, name=sub)
+        if cl_seeds:
+            row["closed_loop"] = closed_loop(driver, scen, cl_seeds)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(format_table([row]).splitlines()[-1], f"({row['seconds']} s)", flush=True)
+    if cl_seeds and not a.no_expert:
+        rows.append(dict(name="reference: expert (IDM/MOBIL)", closed_loop=closed_loop(ExpertDriver(), scen, cl_seeds)))
+    table = format_table(rows)
+    print(table)
+    (a.out / "results.json").write_text(json.dumps(dict(rows=rows, heldout=str(a.heldout), seconds=round(time.time() - t_start)), indent=1))
+    (a.out / "results.md").write_text(table + "\n")
+    print(f"-> {a.out}/results.json, results.md ({time.time() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
