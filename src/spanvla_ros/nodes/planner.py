@@ -74,7 +74,11 @@ class PlannerNode(Node):
         self.pub_markers = self.create_publisher(MarkerArray, p["markers_topic"], 5)
         self.pub_reasoning = self.create_publisher(Reasoning, p["reasoning_topic"], 5)
         self.pub_reasoning_text = self.create_publisher(String, p["reasoning_text_topic"], 5)
-        self.create_timer(1.0 / p["control_rate_hz"], self._control)
+        # Plans are made when odometry arrives (no wait for a timer phase: input -> Path latency is transport +
+        # compute), at most at control rate; the timer fills in when odometry is slower than the control rate.
+        self._period = 1.0 / p["control_rate_hz"]
+        self._last_plan_monotonic = -math.inf
+        self.create_timer(self._period, lambda: self._maybe_plan(1.25))
         self._stop = threading.Event()
         self._reasoner_thread = threading.Thread(target=self._reasoner_loop, name="spanvla_reasoner", daemon=True)
         self._reasoner_thread.start()
@@ -119,6 +123,11 @@ class PlannerNode(Node):
         self.ego.add(stamp_to_sec(msg.header.stamp), msg.pose.pose.position.x, msg.pose.pose.position.y, yaw,
                      math.hypot(v.x, v.y))
         self._odom_rx_monotonic = time.monotonic()
+        self._maybe_plan(0.5)
+
+    def _maybe_plan(self, min_gap_periods: float) -> None:
+        if time.monotonic() - self._last_plan_monotonic >= min_gap_periods * self._period:
+            self._control()
 
     def _on_command(self, msg: String) -> None:
         if msg.data in self.policy.cfg.commands:
@@ -173,6 +182,7 @@ class PlannerNode(Node):
     # ------------------------------------------------------------------ action expert (control rate)
     def _control(self) -> None:
         p = self.params
+        self._last_plan_monotonic = time.monotonic()
         if self._odom_rx_monotonic is None or time.monotonic() - self._odom_rx_monotonic > p["odom_timeout_s"]:
             self.counters["plans_withheld_stale_odometry"] += 1
             self.get_logger().warning("not planning: odometry is stale or missing", throttle_duration_sec=2.0)
