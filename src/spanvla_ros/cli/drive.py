@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from spanvla_ros.nodes.planner import PlannerNode
+    if a.episodes:
+        a.set.append(f"sim_bridge.max_episodes={a.episodes}")
     params_files = ["--params-file", a.params_file]
     if a.set:
         params_files += ["--params-file", _override_file(a.set)]
@@ -90,12 +92,7 @@ def main(argv=None) -> int:
     nodes = []
     if not a.no_sim:
         from spanvla_ros.nodes.sim_bridge import SimBridgeNode
-        from rclpy.parameter import Parameter
-        sim_node = SimBridgeNode()
-        if a.episodes:
-            sim_node.set_parameters([Parameter("max_episodes", value=a.episodes)])
-            sim_node.p["max_episodes"] = a.episodes
-        nodes.append(sim_node)
+        nodes.append(SimBridgeNode())
     planner = PlannerNode()
     nodes.append(planner)
     recorder, run_dir = None, None

@@ -29,12 +29,6 @@ REPLAY_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "nav
                 "std_msgs/msg/String")
 
 
-def _rclpy_type(name: str):
-    import importlib
-    pkg, _, cls = name.split("/")
-    return getattr(importlib.import_module(f"{pkg}.msg"), cls)
-
-
 def read_raw(bag: Path, topics: set[str]):
     """(messages [(t_ns, topic, msgtype, cdr bytes)], error or None). Stops at the first unreadable record."""
     from rosbags.highlevel import AnyReader
@@ -140,6 +134,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
 
     from ..config import node_params
     from ..nodes.planner import PlannerNode
+    from ..ros.recorder import rclpy_type
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pp = node_params("spanvla_planner", params_file)
@@ -160,7 +155,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     for _, topic, typ, _ in msgs:
         if topic not in pubs and typ in REPLAY_TYPES:
             qos = qos_profile_sensor_data if "Image" in typ else 20
-            pubs[topic] = player.create_publisher(_rclpy_type(typ), topic, qos)
+            pubs[topic] = player.create_publisher(rclpy_type(typ), topic, qos)
     recorder = PlanRecorder(player, pp)
     executors = []
     for n in (planner, player):
@@ -184,7 +179,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
         delay = target - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        pubs[topic].publish(deserialize_message(raw, _rclpy_type(typ)))
+        pubs[topic].publish(deserialize_message(raw, rclpy_type(typ)))
         published += 1
     time.sleep(settle_s)
     counters = dict(planner.counters)

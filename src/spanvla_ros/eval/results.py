@@ -139,8 +139,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = SpanVLAConfig()
     samples = load_samples(a.heldout, cfg.cameras, kinds=("positive",))
-    train_seeds = set(range(0, 10000))
-    leaked = {s.meta["seed"] for s in samples} & train_seeds
+    leaked = {s.meta["seed"] for s in samples if s.meta["seed"] < HELDOUT_SEEDS.start}
     if leaked:
         raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: generate it with --seeds 10000:...")
     scenes = scene_maps(samples)

@@ -14,7 +14,8 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from ..data.bag_io import typestore
 
 
-def _rclpy_type(name: str):
+def rclpy_type(name: str):
+    """'pkg/msg/Type' -> the rclpy message class."""
     pkg, _, cls = name.split("/")
     return getattr(importlib.import_module(f"{pkg}.msg"), cls)
 
@@ -41,7 +42,7 @@ class BagRecorderNode(Node):
         for topic, typename, q in topics:
             self._conns[topic] = self._writer.add_connection(topic, typename, typestore=self._ts)
             self.counts[topic] = 0
-            self.create_subscription(_rclpy_type(typename), topic, lambda raw, t=topic: self._on(t, raw), qos[q],
+            self.create_subscription(rclpy_type(typename), topic, lambda raw, t=topic: self._on(t, raw), qos[q],
                                      raw=True)
 
     def _on(self, topic: str, raw: bytes) -> None:
