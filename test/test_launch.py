@@ -95,6 +95,8 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     assert all(r.model_id.startswith("spanvla_default@") and r.num_vision_tokens > 0 for r in reasoning)
     fresh = [s for s in status if not s.degraded]
     assert all(s.flow_steps == 5 and s.degraded_reason == "" and 0 <= s.bridge_age < 2.5 for s in fresh)
+    # the sim bridge's latched route reached the planner and the expert planned with it
+    assert all(s.route_used for s in fresh)
     # plans before the first bridge are marked, never silently published as fresh
     assert all(s.degraded_reason for s in status if s.degraded)
     # every plan is stamped with its input (odometry) time, and reasoning with its frames' time

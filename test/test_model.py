@@ -241,3 +241,64 @@ def test_bridge_collate_split_and_group_repeat(policy):
     assert not torch.allclose(together, a_his, atol=1e-3)
     assert torch.allclose(together, alone, atol=1e-5)
     assert torch.allclose(grouped[3:6], alone[1:].expand(3, -1, -1), atol=1e-5)
+
+
+def test_route_features_in_the_ego_frame():
+    from spanvla_ros.model.route import feature_dim, route_features
+
+    look = (5.0, 20.0)
+    straight = np.stack([np.arange(0.0, 100.0, 2.0), np.zeros(50)], 1)
+    f = route_features(straight, (10.0, 1.0, 0.1), look)   # 1 m left of the route, yawed 0.1 rad left
+    assert f.shape == (feature_dim(look),) and f[-1] == 1.0
+    assert f[0] == pytest.approx(-0.5)                      # route centre 1 m to the right, in units of 2 m
+    assert f[1] == pytest.approx(-0.2)                      # route heads 0.1 rad right of the ego
+    c, s = np.cos(0.1), np.sin(0.1)
+    for k, L in enumerate(look):                             # (15, 0) and (30, 0) world, seen from the ego
+        dx, dy = 10.0 + L - 10.0, -1.0
+        assert f[2 + 2 * k:4 + 2 * k] * 10.0 == pytest.approx([c * dx + s * dy, -s * dx + c * dy], abs=1e-5)
+    # past the route's end the last segment is extended straight
+    end = route_features(straight, (97.0, 0.0, 0.0), look)
+    assert end[2:6] * 10.0 == pytest.approx([5.0, 0.0, 20.0, 0.0], abs=1e-5)
+    # a left turn: the far point is to the left
+    arc = np.stack([20 * np.sin(np.linspace(0, np.pi / 2, 40)), 20 - 20 * np.cos(np.linspace(0, np.pi / 2, 40))], 1)
+    assert route_features(arc, (0.0, 0.0, 0.0), look)[5] > 0.5
+    # no route: all zeros, validity 0
+    assert not route_features(None, (0.0, 0.0, 0.0), look).any()
+
+
+def test_hindsight_route_moves_by_whole_lanes():
+    from spanvla_ros.model.route import hindsight_lane_route
+
+    straight = np.stack([np.arange(0.0, 100.0, 2.0), np.zeros(50)], 1)
+    np.testing.assert_allclose(hindsight_lane_route(straight, (60.0, 1.5), 4.0), straight)   # same lane
+    left = hindsight_lane_route(straight, (60.0, 4.6), 4.0)
+    assert np.allclose(left[:, 1], 4.0) and left[0, 0] == 0.0                                # one lane left
+    assert np.allclose(hindsight_lane_route(straight, (60.0, -7.0), 4.0)[:, 1], -8.0)        # two lanes right
+
+
+def test_route_input_config_and_old_checkpoints():
+    cfg = SpanVLAConfig()
+    assert cfg.ego_dim == 3 + len(cfg.commands) + 2 + 2 * len(cfg.route_lookahead_m) + 1
+    old = SpanVLAConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k not in ("route_lookahead_m", "ego_dim")}
+                                  | {"ego_dim": 3 + len(cfg.commands)})
+    assert old.route_lookahead_m == () and old.ego_dim == 3 + len(cfg.commands)   # saved before the route input
+    with pytest.raises(ValueError, match="ego_dim"):
+        SpanVLAConfig(ego_dim=7)
+
+
+def test_shipped_default_follows_the_route():
+    """The trained default steers toward the route it is given: the same scene with the route one lane to the
+    left gives a plan that ends left of the plan for the route straight ahead, and without a route it still plans."""
+    from conftest import REPO
+
+    pol = SpanVLAPolicy.from_pretrained(REPO / "checkpoints" / "spanvla_default")
+    assert pol.uses_route and not pol.cfg.expert_sees_accel
+    r = pol.reason(frames(seed=3, h=112, w=196), "follow lane", 15.0, 0.0, PAST * 1.9, max_new_tokens=8)
+    past = PAST * 1.9                                   # ~15 m/s, straight
+    ahead = np.stack([np.arange(-20.0, 200.0, 2.0), np.zeros(110)], 1)
+    plans = {dy: pol.plan(r.bridge, past, 15.0, 0.0, 0.0, "follow lane", route_xy=ahead + [0.0, dy], pose=(0, 0, 0))
+             for dy in (0.0, 4.0, -4.0)}
+    assert abs(plans[0.0][-1, 1]) < 1.5
+    assert plans[4.0][-1, 1] > plans[0.0][-1, 1] + 1.5 and plans[-4.0][-1, 1] < plans[0.0][-1, 1] - 1.5
+    no_route = pol.plan(r.bridge, past, 15.0, 0.0, 0.0, "follow lane")
+    assert np.isfinite(no_route).all() and no_route[-1, 0] > 20.0

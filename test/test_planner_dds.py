@@ -4,7 +4,8 @@ then everything stops) and this test as the observer.
 
 Checked: Path / Reasoning / PlanStatus arrive with the right frames and stamps; the control loop keeps
 publishing while the reasoner generates; garbage images are counted and survived; a stale bridge marks plans
-degraded; stale odometry stops plans and says so."""
+degraded; stale odometry stops plans and says so; a route in a frame other than the odometry's is not used
+(and the node says why), the same route in the odometry's frame is."""
 from __future__ import annotations
 
 import json
@@ -104,6 +105,14 @@ def test_planner_under_live_inputs(subprocess_env):
     good = [s for t, s in status if stamp_to_sec(s.header.stamp) < sent["cameras_stop"]]
     assert 1 <= good[-1].bad_messages <= sent["garbage_sent"]
     assert any(not s.degraded for s in good), "no fresh plan while cameras were live"
+
+    # route: ignored while in the wrong frame, used once republished in the odometry's frame
+    with_bridge = [s for s in good if s.bridge_age >= 0]
+    wrong = [s for s in with_bridge if stamp_to_sec(s.header.stamp) < sent["route_fix"] - 0.2]
+    fixed = [s for s in with_bridge if stamp_to_sec(s.header.stamp) > sent["route_fix"] + 0.5]
+    assert wrong and fixed, (len(wrong), len(fixed))
+    assert not any(s.route_used for s in wrong) and all(s.route_used for s in fixed)
+    assert "route frame 'odom' != odometry frame 'map': route ignored" in out
 
     # stale bridge: once the cameras stop, plans go on but are marked degraded, with the reason
     late = [s for t, s in status if stamp_to_sec(s.header.stamp) > sent["cameras_stop"] + STALE_S + 1.0]

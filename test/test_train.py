@@ -70,3 +70,31 @@ def test_trainer_runs_every_stage_and_resumes(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resume: loaded finished stage sft" in out and "stage grpo_rec already finished" in out
     assert len(list(csv.DictReader(open(tmp_path / "train_log.csv")))) == n
+
+
+def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, capsys):
+    """--vlm-from + --more-sft-epochs: SFT 1 goes on from that VLM (its weights move), then a fresh
+    route-conditioned expert without the acceleration input is trained on generated-reasoning bridges."""
+    import torch
+
+    from spanvla_ros.model.policy import SpanVLAPolicy
+    from spanvla_ros.train.trainer import main
+
+    base = tmp_path / "base"
+    assert main(["--data", str(dataset), "--out", str(base), "--sft-epochs", "1", "--flow-epochs", "1",
+                 "--batch", "4", "--skip-grpo", "--no-route"]) == 0
+    old = SpanVLAPolicy.from_pretrained(base / "sft")
+    assert not old.uses_route
+    out_dir = tmp_path / "more"
+    assert main(["--data", str(dataset), "--out", str(out_dir), "--vlm-from", str(base / "sft"),
+                 "--more-sft-epochs", "1", "--flow-epochs", "1", "--batch", "4", "--skip-grpo"]) == 0
+    assert "SFT stage 1 continued 1 epochs" in capsys.readouterr().out
+    new = SpanVLAPolicy.from_pretrained(out_dir / "sft")
+    assert new.uses_route and not new.cfg.expert_sees_accel
+    assert new.cfg.ego_dim == old.cfg.ego_dim + 2 + 2 * len(new.cfg.route_lookahead_m) + 1
+    moved = [float((a - b).abs().max()) for a, b in zip(old.reasoner.model.state_dict().values(),
+                                                       new.reasoner.model.state_dict().values())]
+    assert max(moved) > 0
+    rows = [r for r in csv.DictReader(open(out_dir / "train_log.csv")) if r["stage"] == "sft1"]
+    assert rows and all(math.isfinite(float(r["value"])) for r in rows)
+    assert torch.isfinite(torch.cat([p.flatten() for p in new.expert.parameters()])).all()

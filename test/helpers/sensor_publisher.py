@@ -2,7 +2,8 @@
 (odometry every tick, 3 cameras every 2nd tick), in phases:
 
   good      cameras + odometry; every 10th camera tick the front camera also gets garbage (an unsupported
-            encoding, then a payload of the wrong length)
+            encoding, then a payload of the wrong length). The route (latched, straight ahead along the
+            odometry's x) is first published in a frame the odometry is not in, then after --route-fix s in "map"
   odom_only cameras stop, odometry goes on (the planner's bridge goes stale)
   then it stops publishing altogether (odometry goes stale) and prints one JSON line of what it sent."""
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 
 import numpy as np
 import rclpy
-from nav_msgs.msg import Odometry
-from rclpy.qos import qos_profile_sensor_data
+from geometry_msgs.msg import PoseStamped
+from nav_msgs.msg import Odometry, Path
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 from spanvla_ros.ros.images import encode_image_msg
@@ -32,11 +34,25 @@ def main() -> int:
     ap.add_argument("--good", type=float, default=8.0)
     ap.add_argument("--odom-only", type=float, default=4.0)
     ap.add_argument("--speed", type=float, default=8.0)
+    ap.add_argument("--route-fix", type=float, default=4.0)
     a = ap.parse_args()
     rclpy.init()
     node = rclpy.create_node("sensor_publisher")
     cams = [node.create_publisher(Image, t, qos_profile_sensor_data) for t in TOPICS]
     odom_pub = node.create_publisher(Odometry, "/carla/ego_vehicle/odometry", 20)
+    route_pub = node.create_publisher(Path, "/carla/ego_vehicle/route",
+                                      QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+    def route(frame):
+        msg = Path()
+        msg.header.frame_id = frame
+        for x in range(-10, 400, 2):
+            ps = PoseStamped()
+            ps.header = msg.header
+            ps.pose.position.x = float(x)
+            msg.poses.append(ps)
+        return msg
+    route_pub.publish(route("odom"))
     deadline = time.monotonic() + 30
     while any(p.get_subscription_count() == 0 for p in cams + [odom_pub]) and time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.05)
@@ -46,13 +62,15 @@ def main() -> int:
     time.sleep(max(0.0, t0 - time.time()))
     garbage = 0
     k = 0
-    out = dict(t0=t0, period=PERIOD, cam_every=2)
+    out = dict(t0=t0, period=PERIOD, cam_every=2, route_fix=t0 + round(a.route_fix / PERIOD) * PERIOD)
     while True:
         t = t0 + k * PERIOD
         phase_t = t - t0
         if phase_t >= a.good + a.odom_only:
             break
         stamp = sec_to_stamp(t)
+        if k == round(a.route_fix / PERIOD):
+            route_pub.publish(route("map"))
         if phase_t < a.good and k % 2 == 0:
             for i, p in enumerate(cams):
                 p.publish(encode_image_msg(frames[i], stamp, "camera"))

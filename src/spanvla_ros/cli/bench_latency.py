@@ -35,7 +35,7 @@ def record_episode(scenario: str, seed: int):
         obs = b.step(None)
         steps.append(obs)
     b.close()
-    return steps, b.dt
+    return steps, b.dt, b.route_xy
 
 
 def pct(xs, q):
@@ -45,15 +45,26 @@ def pct(xs, q):
 class Player:
     """Publishes the recorded episode on the planner's input topics at wall-clock pace, looping."""
 
-    def __init__(self, node, params: dict, steps, sim_dt: float):
-        from nav_msgs.msg import Odometry
-        from rclpy.qos import qos_profile_sensor_data
+    def __init__(self, node, params: dict, steps, sim_dt: float, route_xy):
+        from geometry_msgs.msg import PoseStamped
+        from nav_msgs.msg import Odometry, Path as PathMsg
+        from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import Image
 
         self.node, self.steps, self.sim_dt = node, steps, sim_dt
         self.cams = list(params["camera_names"])
         self.cam_pubs = [node.create_publisher(Image, t, qos_profile_sensor_data) for t in params["camera_topics"]]
         self.odom_pub = node.create_publisher(Odometry, params["odom_topic"], 20)
+        route = PathMsg()
+        route.header.frame_id = "map"
+        for x, y in route_xy[::2]:
+            ps = PoseStamped()
+            ps.header = route.header
+            ps.pose.position.x, ps.pose.position.y = float(x), float(y)
+            route.poses.append(ps)
+        self.route_pub = node.create_publisher(PathMsg, params["route_topic"],
+                                               QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.route_pub.publish(route)
         self.stop = threading.Event()
         self.published = 0
 
@@ -91,8 +102,8 @@ class Player:
             time.sleep(max(0.0, t0 + k * period - time.monotonic()))
 
 
-def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, checkpoint: str,
-            env: dict) -> dict:
+def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, route_xy,
+            checkpoint: str, env: dict) -> dict:
     import psutil
     import rclpy
     from nav_msgs.msg import Path as PathMsg
@@ -117,7 +128,7 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
                              lambda m: status.__setitem__(round(stamp_to_sec(m.header.stamp), 6), m), 50)
     node.create_subscription(Reasoning, params["reasoning_topic"],
                              lambda m: reasoning.append((time.time(), m.generation_latency)), 10)
-    player = Player(node, params, steps, sim_dt)
+    player = Player(node, params, steps, sim_dt, route_xy)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     spin = threading.Thread(target=ex.spin, daemon=True)
@@ -224,11 +235,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    steps, sim_dt = record_episode(a.scenario, a.seed)
+    steps, sim_dt, route_xy = record_episode(a.scenario, a.seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     results = []
     for hz in [float(x) for x in a.reasoner_hz.split(",")]:
-        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, a.checkpoint, env))
+        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route_xy, a.checkpoint, env))
         print(f"reasoner {hz:g} Hz: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()})}",
               flush=True)
     print(f"\nplanner process (spanvla-drive --no-sim), {os.cpu_count()} CPU cores, {a.duration:g} s per run, "

@@ -125,9 +125,9 @@ def main(argv=None) -> int:
         c = planner.counters
         rl, el = planner.reasoner_latencies, planner.expert_latencies
         print(f"[spanvla-drive] model {planner.policy.model_id}")
-        print(f"[spanvla-drive] plans published {c['plans_published']} (degraded {c['plans_degraded']}), "
-              f"withheld for stale odometry {c['plans_withheld_stale_odometry']}, reasoner runs {c['reasoner_runs']}, "
-              f"bad messages {planner.bad_messages}")
+        print(f"[spanvla-drive] plans published {c['plans_published']} (degraded {c['plans_degraded']}, "
+              f"without route {c['plans_without_route']}), withheld for stale odometry "
+              f"{c['plans_withheld_stale_odometry']}, reasoner runs {c['reasoner_runs']}, bad messages {planner.bad_messages}")
         if rl:
             print(f"[spanvla-drive] reasoner latency median {statistics.median(rl):.3f} s, max {max(rl):.3f} s; "
                   f"expert latency p50 {_pct(el, .5) * 1e3:.1f} ms, p99 {_pct(el, .99) * 1e3:.1f} ms")

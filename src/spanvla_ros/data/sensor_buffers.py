@@ -92,6 +92,11 @@ class EgoHistory:
     def latest_stamp(self) -> float | None:
         return self._buf[-1][0] if self._buf else None
 
+    def latest_pose(self) -> tuple[float, float, float] | None:
+        """Newest (x, y, yaw) in the odometry frame."""
+        with self._lock:
+            return tuple(self._buf[-1][1:4]) if self._buf else None
+
     def _interp(self, arr: np.ndarray, t: float) -> np.ndarray:
         ts = arr[:, 0]
         if t <= ts[0]:

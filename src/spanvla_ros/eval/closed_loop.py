@@ -105,13 +105,16 @@ class ConstantVelocityDriver(PlanningDriver):
 class PolicyDriver(PlanningDriver):
     """SpanVLA: reasoner every ``reason_every_s`` of sim time (lockstep), action expert every control step."""
 
-    def __init__(self, policy, reason_every_s: float = 1.0, flow_steps: int | None = None, name: str = "spanvla"):
+    def __init__(self, policy, reason_every_s: float = 1.0, flow_steps: int | None = None, name: str = "spanvla",
+                 use_route: bool = True):
         super().__init__(policy.cfg.dt, policy.cfg.history_frames, policy.cfg.cameras)
         self.policy, self.reason_every_s, self.flow_steps, self.name = policy, reason_every_s, flow_steps, name
+        self.use_route = use_route
 
     def reset(self, obs, backend) -> None:
         super().reset(obs, backend)
         self.bridge, self._next_reason, self.texts = None, 0.0, []
+        self.route_xy = backend.route_xy if self.use_route else None
 
     def plan(self, obs, past, speed, accel, yaw_rate):
         if obs.t >= self._next_reason:
@@ -123,7 +126,9 @@ class PolicyDriver(PlanningDriver):
             self._next_reason = obs.t + self.reason_every_s
         if self.bridge is None:
             return self.policy.history_init(past, speed)
-        return self.policy.plan(self.bridge, past, speed, accel, yaw_rate, obs.command, steps=self.flow_steps)
+        e = obs.ego
+        return self.policy.plan(self.bridge, past, speed, accel, yaw_rate, obs.command, steps=self.flow_steps,
+                                route_xy=self.route_xy, pose=(e.x, e.y, e.heading))
 
 
 def _cv_agents(obs: Observation, horizon: int, dt: float):

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, BagError, read_episode, typestore)
+from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, ROUTE_TOPIC, BagError, read_episode,
+                           typestore)
 from ..model.config import CAMERAS
 from .pdm import ade_fde, score
 
 REPLAY_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "nav_msgs/msg/Odometry",
-                "std_msgs/msg/String")
+                "std_msgs/msg/String", "nav_msgs/msg/Path")
+LATCHED_TYPES = ("std_msgs/msg/String", "nav_msgs/msg/Path")   # command and route: the planner subscribes latched
 
 
 def read_raw(bag: Path, topics: set[str]):
@@ -130,7 +132,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
            settle_s: float = 3.0) -> dict:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 
     from ..config import node_params
     from ..nodes.planner import PlannerNode
@@ -139,7 +141,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     out_dir.mkdir(parents=True, exist_ok=True)
     pp = node_params("spanvla_planner", params_file)
     topics = {ODOM_TOPIC} | {t for c in CAMERAS for t in (CAMERA_TOPIC.format(c), CAMERA_TOPIC.format(c) + "/compressed")}
-    topics |= {pp.get("command_topic", "/spanvla/command")}
+    topics |= {pp.get("command_topic", "/spanvla/command"), pp.get("route_topic", ROUTE_TOPIC)}
     msgs, err = read_raw(bag, topics)
     if not msgs:
         raise BagError(f"nothing replayable in {bag}: {err or 'no camera/odometry topics'}")
@@ -154,7 +156,8 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     pubs = {}
     for _, topic, typ, _ in msgs:
         if topic not in pubs and typ in REPLAY_TYPES:
-            qos = qos_profile_sensor_data if "Image" in typ else 20
+            qos = (qos_profile_sensor_data if "Image" in typ else
+                   QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL) if typ in LATCHED_TYPES else 20)
             pubs[topic] = player.create_publisher(rclpy_type(typ), topic, qos)
     recorder = PlanRecorder(player, pp)
     executors = []

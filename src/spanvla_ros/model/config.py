@@ -6,8 +6,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .route import feature_dim
+
 COMMANDS = ("follow lane", "turn left", "turn right", "go straight")
 CAMERAS = ("front", "front_left", "front_right")
+# arc lengths (m) ahead of the ego's projection on the route at which the expert sees the route
+ROUTE_LOOKAHEAD_M = (4.0, 8.0, 12.0, 18.0, 25.0, 35.0, 50.0, 70.0)
+
+
+def ego_dim_for(commands, route_lookahead_m) -> int:
+    """speed, acceleration, yaw rate, command one-hot, then the route features (none without a lookahead)."""
+    return 3 + len(commands) + (feature_dim(route_lookahead_m) if route_lookahead_m else 0)
 
 
 @dataclass
@@ -30,10 +39,23 @@ class SpanVLAConfig:
     history_noise_std: float = 0.05    # noise on a_his during training, in normalised units
     max_new_tokens: int = 40
     action_token: str = "<|action|>"
-    ego_dim: int = 3 + len(COMMANDS)   # speed, acceleration, yaw rate, command one-hot
     commands: tuple[str, ...] = COMMANDS
+    route_lookahead_m: tuple[float, ...] = ROUTE_LOOKAHEAD_M   # () = no route input (checkpoints before it)
+    route_dropout: float = 0.15        # training: share of samples planned without the route
+    # The expert is not given the ego's acceleration (it stays in the reasoner's prompt): given it, the expert
+    # learns to continue whatever the ego is doing (the copycat problem of behaviour cloning) and in closed loop
+    # a small deceleration compounds into a stop on an empty road. The input slot stays, held at zero.
+    expert_sees_accel: bool = False
+    ego_dim: int = 0                   # derived from commands + route lookahead (0 = derive)
     vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        expected = ego_dim_for(self.commands, self.route_lookahead_m)
+        if not self.ego_dim:
+            self.ego_dim = expected
+        elif self.ego_dim != expected:
+            raise ValueError(f"ego_dim {self.ego_dim} does not match commands + route lookahead ({expected})")
 
     @property
     def num_images(self) -> int:
@@ -49,7 +71,9 @@ class SpanVLAConfig:
         if unknown:
             raise ValueError(f"unknown SpanVLA config keys: {sorted(unknown)}")
         d = dict(d)
-        for k in ("cameras", "action_scale", "commands"):
+        d.setdefault("route_lookahead_m", ())   # saved before the route input existed
+        d.setdefault("expert_sees_accel", True)
+        for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -20,6 +20,7 @@ from .config import SpanVLAConfig
 from .errors import CheckpointError
 from .expert import FlowActionExpert
 from .reasoner import ReasoningResult, VLMReasoner
+from .route import route_features
 from .trajectory import ego_state_vector, history_trajectory
 
 # Shapes of the VLMs this project builds from scratch. "tiny" is the embedded default; "qwen0.5b-class" has
@@ -127,14 +128,31 @@ class SpanVLAPolicy:
     def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:
         return history_trajectory(past_xyh, speed, self.cfg.history_dt, horizon or self.cfg.horizon, self.cfg.dt)
 
-    def ego_vector(self, speed: float, accel: float, yaw_rate: float, command: str) -> np.ndarray:
-        return ego_state_vector(speed, accel, yaw_rate, command, self.cfg.commands)
+    @property
+    def uses_route(self) -> bool:
+        return bool(self.cfg.route_lookahead_m)
+
+    def route_input(self, route_xy: np.ndarray | None, pose) -> np.ndarray | None:
+        """Route features for the ego at world ``pose`` (x, y, yaw), or None for a model without route input."""
+        return route_features(route_xy, pose, self.cfg.route_lookahead_m) if self.uses_route else None
+
+    def ego_vector(self, speed: float, accel: float, yaw_rate: float, command: str,
+                   route: np.ndarray | None = None) -> np.ndarray:
+        if self.uses_route and route is None:
+            route = route_features(None, (0.0, 0.0, 0.0), self.cfg.route_lookahead_m)   # "no route known"
+        return ego_state_vector(speed, accel if self.cfg.expert_sees_accel else 0.0, yaw_rate, command,
+                                self.cfg.commands, route)
 
     @torch.inference_mode()
     def plan(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float, command: str,
-             steps: int | None = None, horizon: int | None = None) -> np.ndarray:
-        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge."""
+             steps: int | None = None, horizon: int | None = None, route_xy: np.ndarray | None = None,
+             pose=None) -> np.ndarray:
+        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge.
+
+        ``route_xy`` (world polyline) and the ego's world ``pose`` (x, y, yaw) in the same frame give the route
+        input; without them a route-conditioned model plans from the cameras alone."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
-        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command))[None].to(dev)
+        route = self.route_input(route_xy, pose) if route_xy is not None and pose is not None else None
+        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(dev)
         return self.expert.sample(bridge, a_his, ego, steps=steps)[0].cpu().numpy()

@@ -64,8 +64,11 @@ def denormalise(a: torch.Tensor, scale) -> torch.Tensor:
     return a * torch.as_tensor(scale, dtype=a.dtype, device=a.device)
 
 
-def ego_state_vector(speed: float, accel: float, yaw_rate: float, command: str, commands) -> np.ndarray:
+def ego_state_vector(speed: float, accel: float, yaw_rate: float, command: str, commands,
+                     route: np.ndarray | None = None) -> np.ndarray:
+    """Expert conditioning: normalised speed, acceleration, yaw rate, command one-hot[, route features]."""
     onehot = np.zeros(len(commands), np.float32)
     if command in commands:
         onehot[commands.index(command)] = 1.0
-    return np.concatenate([[speed / 10.0, accel / 3.0, yaw_rate], onehot]).astype(np.float32)
+    parts = [[speed / 10.0, accel / 3.0, yaw_rate], onehot] + ([route] if route is not None else [])
+    return np.concatenate(parts).astype(np.float32)

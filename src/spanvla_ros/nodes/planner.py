@@ -49,6 +49,9 @@ class PlannerNode(Node):
         self.ego = EgoHistory(keep_s=cfg.history_dt * cfg.past_poses + 1.0)
         self.bridge = LatestBridge()
         self.command = "follow lane"
+        self.route_xy: np.ndarray | None = None    # world polyline, in self.route_frame
+        self.route_frame = ""
+        self._odom_frame = ""
         self.counters: Counter = Counter()
         self.bad_messages = 0
         self.reasoner_latencies: list[float] = []
@@ -67,8 +70,10 @@ class PlannerNode(Node):
                 self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
         self.create_subscription(Odometry, p["odom_topic"], self._on_odom, 20)
         # the command is latched by its publisher (route-level, changes rarely)
-        self.create_subscription(String, p["command_topic"], self._on_command,
-                                 QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.create_subscription(String, p["command_topic"], self._on_command, latched)
+        # the mission route (lane centre to follow), latched like the carla-ros-bridge waypoint topic
+        self.create_subscription(Path, p["route_topic"], self._on_route, latched)
         self.pub_path = self.create_publisher(Path, p["path_topic"], 5)
         self.pub_status = self.create_publisher(PlanStatus, p["status_topic"], 5)
         self.pub_markers = self.create_publisher(MarkerArray, p["markers_topic"], 5)
@@ -90,6 +95,7 @@ class PlannerNode(Node):
                         camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                                        "/carla/ego_vehicle/rgb_front_right/image"],
                         odom_topic="/carla/ego_vehicle/odometry", command_topic="/spanvla/command",
+                        route_topic="/carla/ego_vehicle/route",
                         base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
                         control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
                         odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
@@ -122,12 +128,40 @@ class PlannerNode(Node):
             return
         self.ego.add(stamp_to_sec(msg.header.stamp), msg.pose.pose.position.x, msg.pose.pose.position.y, yaw,
                      math.hypot(v.x, v.y))
+        self._odom_frame = msg.header.frame_id
         self._odom_rx_monotonic = time.monotonic()
         self._maybe_plan(0.5)
 
     def _maybe_plan(self, min_gap_periods: float) -> None:
         if time.monotonic() - self._last_plan_monotonic >= min_gap_periods * self._period:
             self._control()
+
+    def _on_route(self, msg: Path) -> None:
+        xy = np.array([(ps.pose.position.x, ps.pose.position.y) for ps in msg.poses], np.float64).reshape(-1, 2)
+        if len(xy) < 2 or not np.isfinite(xy).all():
+            self._bad("route", f"route needs >= 2 finite poses, got {len(xy)}")
+            return
+        keep = np.concatenate([[True], np.linalg.norm(np.diff(xy, axis=0), axis=1) > 1e-3])   # drop repeats
+        self.route_xy, self.route_frame = xy[keep], msg.header.frame_id
+        self.counters["routes_received"] += 1
+        self.get_logger().info(f"route: {len(self.route_xy)} poses in frame {self.route_frame!r}")
+
+    def _route_for_plan(self):
+        """The route if it can be used with the current odometry, else None (and why, counted and logged)."""
+        if not self.policy.uses_route:
+            return None
+        if self.route_xy is None:
+            self.counters["plans_without_route"] += 1
+            self.get_logger().warning(f"no route on {self.params['route_topic']}: planning from cameras only",
+                                      throttle_duration_sec=5.0)
+            return None
+        if self.route_frame and self._odom_frame and self.route_frame != self._odom_frame:
+            # no tf2 wheel here: frames are not chained, so a route in another frame cannot be used
+            self.counters["plans_without_route"] += 1
+            self.get_logger().warning(f"route frame {self.route_frame!r} != odometry frame {self._odom_frame!r}: "
+                                      "route ignored", throttle_duration_sec=5.0)
+            return None
+        return self.route_xy
 
     def _on_command(self, msg: String) -> None:
         if msg.data in self.policy.cfg.commands:
@@ -189,13 +223,15 @@ class PlannerNode(Node):
             return
         ego = self.ego.state(self.policy.cfg.past_poses, self.policy.cfg.history_dt)
         past, speed, accel, yaw_rate, stamp = ego
+        route = self._route_for_plan()
         bridge = self.bridge.latest()
         t0 = time.perf_counter()
         if bridge is None:
             traj = self.policy.history_init(past, speed)
             degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", float("inf")
         else:
-            traj = self.policy.plan(bridge, past, speed, accel, yaw_rate, self.command, steps=p["flow_steps"])
+            traj = self.policy.plan(bridge, past, speed, accel, yaw_rate, self.command, steps=p["flow_steps"],
+                                    route_xy=route, pose=self.ego.latest_pose())
             age = stamp - bridge.stamp
             degraded = age > p["bridge_stale_s"]
             reason = f"bridge stale: {age:.2f} s > {p['bridge_stale_s']:.2f} s" if degraded else ""
@@ -211,6 +247,7 @@ class PlannerNode(Node):
         st.reasoner_latency = float(bridge.latency_s) if bridge else 0.0
         st.expert_latency = float(dt)
         st.flow_steps = int(p["flow_steps"])
+        st.route_used = route is not None and bridge is not None
         st.degraded, st.degraded_reason = degraded, reason
         st.plans_published, st.bad_messages = self.counters["plans_published"], self.bad_messages
         self.pub_status.publish(st)

@@ -20,7 +20,9 @@ class TrackerConfig:
     lookahead_min: float = 4.0
     lookahead_gain: float = 0.5        # lookahead = max(min, gain * speed)
     speed_kp: float = 1.2
-    speed_ki: float = 0.2
+    speed_ki: float = 0.1
+    integral_limit: float = 2.0        # m/s*s: the I-term can add at most ki*limit = 0.2 m/s^2 (anti-windup: a
+                                       # long braking phase must not keep braking once the plan's speed is met)
     preview_s: float = 0.8             # speed target: planned speed this far ahead
     max_accel: float = 3.0
     max_decel: float = 7.0
@@ -51,7 +53,7 @@ class PathTracker:
                                  np.linalg.norm(np.diff(pts, axis=0), axis=1) / plan_dt])
         v_target = max(0.0, float(np.interp(c.preview_s, t_axis, v_plan)))
         err = v_target - speed
-        self._integral = float(np.clip(self._integral + err * dt, -5.0, 5.0))
+        self._integral = float(np.clip(self._integral + err * dt, -c.integral_limit, c.integral_limit))
         accel = float(np.clip(c.speed_kp * err + c.speed_ki * self._integral, -c.max_decel, c.max_accel))
         if v_target < 0.3 and speed < 0.5:
             accel, self._integral = -c.max_decel * 0.5, 0.0   # hold the stop

@@ -77,3 +77,20 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
     pose = m["pose"]
     return score(to_world(pose, traj_ego), pose, agents, scene, 0.5, m["ref_progress"], m["lights"],
                  agent_sizes=[tuple(s) for s in m["agent_sizes"]])
+
+
+def attach_route_features(samples: list[Sample], scenes: dict, lookahead_m) -> None:
+    """meta["route"]: the expert's route input for each sample, from the episode's route relabelled to the lane
+    the logged drive ends in (see model.route.hindsight_lane_route)."""
+    from shapely.geometry import Point
+
+    from ..model.route import hindsight_lane_route, route_features
+    from ..model.trajectory import to_world
+
+    for s in samples:
+        scene = scenes[(s.meta["scenario"], s.meta["seed"])]
+        pose = s.meta["pose"]
+        goal = to_world(pose, s.future[-1:])[0, :2]
+        lane = min(scene.lanes, key=lambda ln: ln.centre.distance(Point(*goal)), default=None)
+        route = hindsight_lane_route(np.asarray(scene.route.coords), goal, lane.width if lane else 4.0)
+        s.meta["route"] = route_features(route, pose[:3], lookahead_m)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
-from ..model.config import SpanVLAConfig
+from ..model.config import ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.policy import SpanVLAPolicy
 from ..model.trajectory import normalise
-from .dataset import Sample, load_samples, scene_maps, score_plan
+from .dataset import Sample, attach_route_features, load_samples, scene_maps, score_plan
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -77,9 +77,14 @@ class CsvLog:
 
 
 # ------------------------------------------------------------------ batches
-def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
+def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample], route_dropout: float = 0.0, rng=None) -> torch.Tensor:
+    """Expert conditioning per sample; with ``route_dropout`` that share of samples is given no route."""
+    def route(s):
+        if not policy.uses_route or (route_dropout > 0 and rng.random() < route_dropout):
+            return None
+        return s.meta["route"]
     return torch.from_numpy(np.stack([policy.ego_vector(s.meta["speed"], s.meta["accel"], s.meta["yaw_rate"],
-                                                        s.meta["command"]) for s in samples]))
+                                                        s.meta["command"], route(s)) for s in samples]))
 
 
 def his_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
@@ -125,9 +130,31 @@ def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0):
                       batch_loss, seed)
 
 
-@torch.no_grad()
-def precompute_bridges(policy, samples, batch=16) -> list[BridgeSnapshot]:
+def reason_all(policy, samples, desc="reasoning", progress=True):
+    """The inference path per sample (greedy reasoning from the frames) -> (bridges, texts, action-token hit rate)."""
     from tqdm import tqdm
+
+    bridges, texts, hits = [], [], 0
+    for s in tqdm(samples, desc=desc, disable=not progress or dist_info()[0] != 0):
+        m = s.meta
+        r = policy.reason(s.images, m["command"], m["speed"], m["accel"], s.past, stamp=m["stamp"])
+        bridges.append(r.bridge)
+        texts.append(r.text)
+        hits += r.hit_action_token
+    return bridges, texts, hits / max(len(samples), 1)
+
+
+@torch.no_grad()
+def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> list[BridgeSnapshot]:
+    """Bridges the action expert trains on (VLM frozen). ``generated``: over the reasoning the VLM itself writes
+    from the frames, exactly what the planner hands the expert at run time. ``reference``: teacher-forced over
+    the dataset's reasoning text (the paper's setup; with a VLM whose text is not yet right this trains the expert
+    on text it never sees at run time, e.g. lead-vehicle distances the generated text gets wrong)."""
+    from tqdm import tqdm
+    if text == "generated":
+        return reason_all(policy, samples, desc="bridges (frozen VLM, generated reasoning)")[0]
+    if text != "reference":
+        raise ValueError(f"bridge text must be 'generated' or 'reference', got {text!r}")
     out = []
     for b0 in tqdm(range(0, len(samples), batch), desc="bridges (frozen VLM)", disable=dist_info()[0] != 0):
         bs = samples[b0:b0 + batch]
@@ -139,12 +166,13 @@ def precompute_bridges(policy, samples, batch=16) -> list[BridgeSnapshot]:
 
 def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         a = torch.from_numpy(np.stack([s.future for s in bs]))
         return policy.expert.flow_loss(collate_bridges([bridges[i] for i in ii]), a, his_tensor(policy, bs),
-                                       ego_tensor(policy, bs), generator=gen)
+                                       ego_tensor(policy, bs, policy.cfg.route_dropout, rng), generator=gen)
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
                       batch_loss, seed)
@@ -214,19 +242,22 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     expert.eval()
 
 
-def build_initial(samples, flow_init: str, seed: int) -> SpanVLAPolicy:
+def build_initial(samples, flow_init: str, seed: int, route: bool = True) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
 
-    cfg = SpanVLAConfig(flow_init=flow_init)
+    cfg = SpanVLAConfig(flow_init=flow_init, **({} if route else dict(route_lookahead_m=())))
     corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
     tok = train_tokenizer(corpus)
     return SpanVLAPolicy.build(cfg, tok, preset="tiny", seed=seed)
 
 
-def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int) -> SpanVLAPolicy:
+def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True) -> SpanVLAPolicy:
     """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
     policy.cfg.flow_init = flow_init
+    policy.cfg.route_lookahead_m = ROUTE_LOOKAHEAD_M if route else ()
+    policy.cfg.ego_dim = ego_dim_for(policy.cfg.commands, policy.cfg.route_lookahead_m)
+    policy.cfg.expert_sees_accel = SpanVLAConfig.expert_sees_accel
     torch.manual_seed(seed + 1)
     policy.expert = SpanVLAPolicy.make_expert(policy.cfg, policy.reasoner).eval()
     return policy
@@ -236,7 +267,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--sft-epochs", type=int, default=4)
+    ap.add_argument("--sft-epochs", type=int, default=10)
     ap.add_argument("--flow-epochs", type=int, default=30)
     ap.add_argument("--grpo-iters", type=int, default=40, help="per GRPO stage (warm-up and each branch)")
     ap.add_argument("--grpo-lr", type=float, default=5e-5)
@@ -247,6 +278,12 @@ def main(argv=None) -> int:
     ap.add_argument("--flow-init", default="history", choices=["history", "noise"])
     ap.add_argument("--vlm-from", type=Path, default=None,
                     help="reuse this finished checkpoint's VLM (skip SFT stage 1) with a fresh action expert")
+    ap.add_argument("--bridge-text", default="generated", choices=["generated", "reference"],
+                    help="reasoning the expert's training bridges are computed over (see precompute_bridges)")
+    ap.add_argument("--no-route", action="store_true",
+                    help="train the expert without the route input (cameras + command only, as before it existed)")
+    ap.add_argument("--more-sft-epochs", type=int, default=0,
+                    help="with --vlm-from: continue SFT stage 1 on that VLM for this many epochs first")
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -274,14 +311,24 @@ def main(argv=None) -> int:
         policy = SpanVLAPolicy.from_pretrained(a.out / "sft")
         print("resume: loaded finished stage sft")
     elif a.vlm_from:
-        policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed)
-        print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
+        policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
+                              route=not a.no_route)
+        if a.more_sft_epochs:
+            t0 = time.time()
+            sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, 1e-3, log, a.seed + 1)
+            print(f"VLM from {a.vlm_from}, SFT stage 1 continued {a.more_sft_epochs} epochs: {time.time() - t0:.0f} s; "
+                  f"fresh expert (flow_init={a.flow_init})")
+        else:
+            print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
     else:
-        policy = build_initial(samples, a.flow_init, a.seed)
+        policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route)
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, 2e-3, log, a.seed)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
-    bridges = precompute_bridges(policy, samples)
+    bridges = precompute_bridges(policy, samples, text=a.bridge_text)
+    scenes = scene_maps(samples)
+    if policy.uses_route:
+        attach_route_features(samples, scenes, policy.cfg.route_lookahead_m)
     if not done("sft"):
         t0 = time.time()
         # stage 2 trains on positives and recovery alike: both are the expert's behaviour
@@ -295,7 +342,6 @@ def main(argv=None) -> int:
     for p in ref.parameters():
         p.requires_grad_(False)
     sft_state = copy.deepcopy(policy.expert.state_dict())
-    scenes = scene_maps(samples)
     pos_idx = [i for i, s in enumerate(samples) if s.meta["kind"] == "positive"]
     all_idx = list(range(len(samples)))
 

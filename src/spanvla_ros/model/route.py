@@ -1,0 +1,94 @@
+"""Route input of the action expert: where the navigation route goes, seen from the ego's current pose.
+
+Closed-loop driving stacks give the planner the mission route (CARLA leaderboard / Bench2Drive target points,
+Autoware's route, the carla-ros-bridge waypoint topic). Without it a planner that sees the road only through a
+VLM bridge refreshed at ~1 Hz cannot hold the lane centre between reasoner runs (the ego moves 20 m per second
+on a highway while the bridge stays the same) and cannot know which exit a roundabout route takes.
+
+The route is a world-frame polyline (the lane centre to follow). Features are computed at control rate from the
+newest odometry pose, so they are never older than the odometry the plan starts from:
+lateral offset and heading error at the ego's projection on the route, then the route points at fixed arc
+lengths ahead in the ego frame, then a validity bit (0 and all-zero features when no route is known; the
+expert is trained with route dropout so it still plans from the cameras alone).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LATERAL_SCALE_M = 2.0
+HEADING_SCALE_RAD = 0.5
+POINT_SCALE_M = 10.0
+
+
+def feature_dim(lookahead_m) -> int:
+    return 2 + 2 * len(lookahead_m) + 1
+
+
+def _project(route_xy: np.ndarray, x: float, y: float):
+    """(arc length of the closest point, signed lateral offset (left > 0), segment index)."""
+    a, b = route_xy[:-1], route_xy[1:]
+    seg = b - a
+    seg_len2 = np.maximum((seg ** 2).sum(1), 1e-12)
+    u = np.clip(((x - a[:, 0]) * seg[:, 0] + (y - a[:, 1]) * seg[:, 1]) / seg_len2, 0.0, 1.0)
+    closest = a + u[:, None] * seg
+    d2 = (closest[:, 0] - x) ** 2 + (closest[:, 1] - y) ** 2
+    i = int(np.argmin(d2))
+    cum = np.concatenate([[0.0], np.cumsum(np.sqrt(seg_len2))])
+    s = cum[i] + u[i] * math.sqrt(seg_len2[i])
+    cross = seg[i, 0] * (y - a[i, 1]) - seg[i, 1] * (x - a[i, 0])
+    return s, math.copysign(math.sqrt(d2[i]), cross), i, cum
+
+
+def points_along(route_xy: np.ndarray, s_query: np.ndarray, cum: np.ndarray | None = None) -> np.ndarray:
+    """Route points at arc lengths ``s_query``; past either end the end segment is extended straight."""
+    if cum is None:
+        cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route_xy, axis=0), axis=1))])
+    out = np.stack([np.interp(s_query, cum, route_xy[:, 0]), np.interp(s_query, cum, route_xy[:, 1])], 1)
+    for end, sel in ((-1, s_query > cum[-1]), (0, s_query < 0.0)):
+        if sel.any():
+            p0, p1 = (route_xy[-2], route_xy[-1]) if end == -1 else (route_xy[0], route_xy[1])
+            d = (p1 - p0) / max(np.linalg.norm(p1 - p0), 1e-9)
+            ref, s_ref = (route_xy[-1], cum[-1]) if end == -1 else (route_xy[0], 0.0)
+            out[sel] = ref + (s_query[sel] - s_ref)[:, None] * d
+    return out
+
+
+def route_features(route_xy: np.ndarray | None, pose, lookahead_m) -> np.ndarray:
+    """Normalised route features for an ego at world ``pose`` (x, y, yaw); zeros with validity 0 if no route."""
+    out = np.zeros(feature_dim(lookahead_m), np.float32)
+    if route_xy is None or len(route_xy) < 2:
+        return out
+    route_xy = np.asarray(route_xy, np.float64)
+    x, y, yaw = float(pose[0]), float(pose[1]), float(pose[2])
+    s, lateral, i, cum = _project(route_xy, x, y)
+    seg = route_xy[i + 1] - route_xy[i]
+    heading_err = math.remainder(math.atan2(seg[1], seg[0]) - yaw, math.tau)
+    pts = points_along(route_xy, s + np.asarray(lookahead_m, np.float64), cum)
+    c, sn = math.cos(yaw), math.sin(yaw)
+    dx, dy = pts[:, 0] - x, pts[:, 1] - y
+    ego_pts = np.stack([c * dx + sn * dy, -sn * dx + c * dy], 1)
+    out[0] = np.clip(-lateral / LATERAL_SCALE_M, -5, 5)   # where the route centre is, seen from the ego (left > 0)
+    out[1] = np.clip(heading_err / HEADING_SCALE_RAD, -2 * math.pi, 2 * math.pi)
+    out[2:-1] = np.clip(ego_pts / POINT_SCALE_M, -10, 10).reshape(-1)
+    out[-1] = 1.0
+    return out
+
+
+def hindsight_lane_route(route_xy: np.ndarray, goal_xy, lane_width: float) -> np.ndarray:
+    """The route moved sideways by whole lanes so that it passes the lane the logged drive ends in.
+
+    Training labels only: the expert's route is road-level (lane changes allowed), the planner's input is
+    lane-level. Relabelling with the lane the expert actually reached (as nuPlan/NAVSIM planners receive the
+    lane-level route of the logged drive) keeps "follow the route" consistent with the targets; at run time the
+    route comes from the mission and the planner keeps to it."""
+    route_xy = np.asarray(route_xy, np.float64)
+    _, lateral, _, _ = _project(route_xy, float(goal_xy[0]), float(goal_xy[1]))
+    lanes = round(lateral / lane_width)
+    if lanes == 0:
+        return route_xy
+    from shapely.geometry import LineString
+
+    shifted = LineString(route_xy).offset_curve(lanes * lane_width)
+    return np.asarray(shifted.coords, np.float64)
