@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 import rclpy
-from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 from spanvla_ros.ros.images import encode_image_msg
+from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.stamps import sec_to_stamp
 
 TOPICS = ("/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
@@ -44,14 +44,7 @@ def main() -> int:
                                       QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
 
     def route(frame):
-        msg = Path()
-        msg.header.frame_id = frame
-        for x in range(-10, 400, 2):
-            ps = PoseStamped()
-            ps.header = msg.header
-            ps.pose.position.x = float(x)
-            msg.poses.append(ps)
-        return msg
+        return xy_path_msg(np.stack([np.arange(-10.0, 400.0, 2.0), np.zeros(205)], 1), frame)
     route_pub.publish(route("odom"))
     deadline = time.monotonic() + 30
     while any(p.get_subscription_count() == 0 for p in cams + [odom_pub]) and time.monotonic() < deadline:

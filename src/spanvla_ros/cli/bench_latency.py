@@ -46,25 +46,19 @@ class Player:
     """Publishes the recorded episode on the planner's input topics at wall-clock pace, looping."""
 
     def __init__(self, node, params: dict, steps, sim_dt: float, route_xy):
-        from geometry_msgs.msg import PoseStamped
         from nav_msgs.msg import Odometry, Path as PathMsg
         from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import Image
+
+        from spanvla_ros.ros.messages import xy_path_msg
 
         self.node, self.steps, self.sim_dt = node, steps, sim_dt
         self.cams = list(params["camera_names"])
         self.cam_pubs = [node.create_publisher(Image, t, qos_profile_sensor_data) for t in params["camera_topics"]]
         self.odom_pub = node.create_publisher(Odometry, params["odom_topic"], 20)
-        route = PathMsg()
-        route.header.frame_id = "map"
-        for x, y in route_xy[::2]:
-            ps = PoseStamped()
-            ps.header = route.header
-            ps.pose.position.x, ps.pose.position.y = float(x), float(y)
-            route.poses.append(ps)
         self.route_pub = node.create_publisher(PathMsg, params["route_topic"],
                                                QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.route_pub.publish(route)
+        self.route_pub.publish(xy_path_msg(route_xy[::2], "map"))
         self.stop = threading.Event()
         self.published = 0
 

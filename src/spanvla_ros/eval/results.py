@@ -47,8 +47,6 @@ def plan_all(policy, samples, bridges, batch=32) -> np.ndarray:
     from ..model.bridge import collate_bridges
     from ..train.trainer import ego_tensor, his_tensor
 
-    if policy.uses_route and tuple(policy.cfg.route_lookahead_m) != tuple(SpanVLAConfig().route_lookahead_m):
-        raise ValueError("checkpoint's route lookahead differs from the one the held-out route features use")
     out = []
     for b0 in range(0, len(samples), batch):
         bs = samples[b0:b0 + batch]
@@ -133,7 +131,7 @@ def main(argv=None) -> int:
     from ..model.policy import SpanVLAPolicy
     from ..model.trajectory import history_trajectory
     from ..sim.scenarios import HELDOUT_SEEDS, SCENARIOS
-    from ..train.dataset import attach_route_features, load_samples, scene_maps
+    from ..train.dataset import attach_routes, load_samples, scene_maps
     from ..train.trainer import reason_all
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +152,7 @@ def main(argv=None) -> int:
     if leaked:
         raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: generate it with --seeds 10000:...")
     scenes = scene_maps(samples)
-    attach_route_features(samples, scenes, cfg.route_lookahead_m)
+    attach_routes(samples, scenes)
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
     cl_seeds = list(HELDOUT_SEEDS)[:a.closed_loop_seeds]
     print(f"{len(samples)} held-out samples from {len(scenes)} episodes; closed loop {len(scen)} scenarios x "

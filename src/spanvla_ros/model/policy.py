@@ -139,7 +139,7 @@ class SpanVLAPolicy:
     def ego_vector(self, speed: float, accel: float, yaw_rate: float, command: str,
                    route: np.ndarray | None = None) -> np.ndarray:
         if self.uses_route and route is None:
-            route = route_features(None, (0.0, 0.0, 0.0), self.cfg.route_lookahead_m)   # "no route known"
+            route = self.route_input(None, None)   # "no route known": zeros, validity 0
         return ego_state_vector(speed, accel if self.cfg.expert_sees_accel else 0.0, yaw_rate, command,
                                 self.cfg.commands, route)
 
@@ -153,6 +153,6 @@ class SpanVLAPolicy:
         input; without them a route-conditioned model plans from the cameras alone."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
-        route = self.route_input(route_xy, pose) if route_xy is not None and pose is not None else None
-        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(dev)
+        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command,
+                                               self.route_input(route_xy, pose)))[None].to(dev)
         return self.expert.sample(bridge, a_his, ego, steps=steps)[0].cpu().numpy()

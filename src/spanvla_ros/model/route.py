@@ -27,7 +27,7 @@ def feature_dim(lookahead_m) -> int:
 
 
 def _project(route_xy: np.ndarray, x: float, y: float):
-    """(arc length of the closest point, signed lateral offset (left > 0), segment index)."""
+    """(arc length of the closest point, signed lateral offset (left > 0), segment index, vertex arc lengths)."""
     a, b = route_xy[:-1], route_xy[1:]
     seg = b - a
     seg_len2 = np.maximum((seg ** 2).sum(1), 1e-12)
@@ -41,10 +41,9 @@ def _project(route_xy: np.ndarray, x: float, y: float):
     return s, math.copysign(math.sqrt(d2[i]), cross), i, cum
 
 
-def points_along(route_xy: np.ndarray, s_query: np.ndarray, cum: np.ndarray | None = None) -> np.ndarray:
-    """Route points at arc lengths ``s_query``; past either end the end segment is extended straight."""
-    if cum is None:
-        cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route_xy, axis=0), axis=1))])
+def points_along(route_xy: np.ndarray, s_query: np.ndarray, cum: np.ndarray) -> np.ndarray:
+    """Route points at arc lengths ``s_query`` (``cum``: arc length at each vertex); past either end the end
+    segment is extended straight."""
     out = np.stack([np.interp(s_query, cum, route_xy[:, 0]), np.interp(s_query, cum, route_xy[:, 1])], 1)
     for end, sel in ((-1, s_query > cum[-1]), (0, s_query < 0.0)):
         if sel.any():

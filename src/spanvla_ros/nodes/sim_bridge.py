@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 
 import numpy as np
-from geometry_msgs.msg import PoseStamped, TransformStamped
+from geometry_msgs.msg import TransformStamped
 from nav_msgs.msg import Odometry, Path
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -23,6 +23,7 @@ from transforms3d.euler import quat2euler
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.ros.images import encode_image_msg
+from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 from spanvla_ros.sim.controller import PathTracker, path_to_current_frame
 from spanvla_ros.sim.types import Control
@@ -108,14 +109,7 @@ class SimBridgeNode(Node):
         self._flags_seen = Counter()
         self.get_logger().info(f"episode {self._episode_index}: {self.scenario} seed {self.seed} ({self.obs.command})")
         stamp = sec_to_stamp(self._stamp())
-        route = Path()
-        route.header.stamp, route.header.frame_id = stamp, p["map_frame"]
-        for x, y in self.backend.route_xy[::2]:
-            ps = PoseStamped()
-            ps.header = route.header
-            ps.pose.position.x, ps.pose.position.y, ps.pose.orientation.w = float(x), float(y), 1.0
-            route.poses.append(ps)
-        self.route_pub.publish(route)
+        self.route_pub.publish(xy_path_msg(self.backend.route_xy[::2], p["map_frame"], stamp))
         self.cmd_pub.publish(String(data=self.obs.command))
         for cam in getattr(self.backend.rig, "cameras", ()):
             self._send_tf(self._transform(stamp, p["base_frame"], f"{cam.name}_camera", cam.x, 0.0, cam.z, cam.yaw), True)

@@ -79,12 +79,13 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
                  agent_sizes=[tuple(s) for s in m["agent_sizes"]])
 
 
-def attach_route_features(samples: list[Sample], scenes: dict, lookahead_m) -> None:
-    """meta["route"]: the expert's route input for each sample, from the episode's route relabelled to the lane
-    the logged drive ends in (see model.route.hindsight_lane_route)."""
+def attach_routes(samples: list[Sample], scenes: dict) -> None:
+    """meta["route_xy"]: the route polyline the expert is given for each sample, the episode's route relabelled to
+    the lane the logged drive ends in (see model.route.hindsight_lane_route). The features a model reads from it
+    depend on that model's lookahead, so they are made per batch (SpanVLAPolicy.route_input)."""
     from shapely.geometry import Point
 
-    from ..model.route import hindsight_lane_route, route_features
+    from ..model.route import hindsight_lane_route
     from ..model.trajectory import to_world
 
     for s in samples:
@@ -92,5 +93,4 @@ def attach_route_features(samples: list[Sample], scenes: dict, lookahead_m) -> N
         pose = s.meta["pose"]
         goal = to_world(pose, s.future[-1:])[0, :2]
         lane = min(scene.lanes, key=lambda ln: ln.centre.distance(Point(*goal)), default=None)
-        route = hindsight_lane_route(np.asarray(scene.route.coords), goal, lane.width if lane else 4.0)
-        s.meta["route"] = route_features(route, pose[:3], lookahead_m)
+        s.meta["route_xy"] = hindsight_lane_route(np.asarray(scene.route.coords), goal, lane.width if lane else 4.0)

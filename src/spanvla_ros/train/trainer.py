@@ -24,7 +24,7 @@ from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.policy import SpanVLAPolicy
 from ..model.trajectory import normalise
-from .dataset import Sample, attach_route_features, load_samples, scene_maps, score_plan
+from .dataset import Sample, attach_routes, load_samples, scene_maps, score_plan
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -82,7 +82,7 @@ def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample], route_dropout: floa
     def route(s):
         if not policy.uses_route or (route_dropout > 0 and rng.random() < route_dropout):
             return None
-        return s.meta["route"]
+        return policy.route_input(s.meta["route_xy"], s.meta["pose"])
     return torch.from_numpy(np.stack([policy.ego_vector(s.meta["speed"], s.meta["accel"], s.meta["yaw_rate"],
                                                         s.meta["command"], route(s)) for s in samples]))
 
@@ -326,9 +326,9 @@ def main(argv=None) -> int:
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, 2e-3, log, a.seed)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
     bridges = precompute_bridges(policy, samples, text=a.bridge_text)
-    scenes = scene_maps(samples)
+    scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
-        attach_route_features(samples, scenes, policy.cfg.route_lookahead_m)
+        attach_routes(samples, scenes)
     if not done("sft"):
         t0 = time.time()
         # stage 2 trains on positives and recovery alike: both are the expert's behaviour
