@@ -147,6 +147,27 @@ def test_teacher_forced_batch_and_sft_step_reduces_loss(policy):
     assert loss.item() < 0.5 * loss0.item()
 
 
+def test_token_weight_moves_the_loss_onto_the_weighted_words(policy):
+    """A uniform weight keeps the plain mean; a huge weight on the colour word leaves (almost) only that word's
+    CE, which equals the next-token CE after the prefix (same causal logits)."""
+    from spanvla_ros.data.scene_text import light_token_weight
+
+    rs = policy.reasoner
+    prompt = rs.prompt("turn left", 5.0, -1.0, PAST[:, :2])
+    imgs = [frames(seed=7)]
+    text = "the traffic light is red 12 meters ahead, then brake and stop."
+    with torch.no_grad():
+        plain, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False)
+        uniform, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False, token_weight=lambda t: 1.0)
+        colour, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False,
+                                      token_weight=light_token_weight(1e6))
+        logits = rs._forward(rs.encode(imgs, [prompt + "the traffic light is"])).logits[0, -1]
+    red_ce = torch.nn.functional.cross_entropy(logits[None].float(),
+                                               torch.tensor([rs.tokenizer.convert_tokens_to_ids("Ġred")]))
+    assert torch.allclose(plain, uniform, atol=1e-5)
+    assert abs(colour.item() - red_ce.item()) < 1e-3 and abs(colour.item() - plain.item()) > 1e-2
+
+
 def test_save_load_roundtrip_is_identical(policy, tmp_path):
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = SpanVLAPolicy.from_pretrained(tmp_path / "ckpt")

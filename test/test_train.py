@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
 
 def test_reward_penalises_negatives_and_rewards_recovery(dataset):
     from spanvla_ros.model.config import SpanVLAConfig
-    from spanvla_ros.train.dataset import load_samples, scene_maps
+    from spanvla_ros.train.dataset import load_samples, scene_maps, score_plan
     from spanvla_ros.train.trainer import rewards
 
     samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)
@@ -72,6 +72,34 @@ def test_trainer_runs_every_stage_and_resumes(dataset, tmp_path, capsys):
     assert len(list(csv.DictReader(open(tmp_path / "train_log.csv")))) == n
 
 
+def test_epdms_reward_makes_running_the_red_light_cost(tmp_path):
+    """At a red light the expert stops; a plan that keeps speed through the stop line scores fine on PDMS
+    (no traffic-light term) but zero on EPDMS (TLC = 0), so only the EPDMS reward teaches GRPO to stop."""
+    from spanvla_ros.data.generate import generate
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.trajectory import history_trajectory
+    from spanvla_ros.train.dataset import load_samples, scene_maps, score_plan
+    from spanvla_ros.train.trainer import rewards
+
+    generate(tmp_path, ["intersection_left"], [6], kinds=("expert",), progress=False)
+    samples = load_samples(tmp_path, SpanVLAConfig().cameras, progress=False)
+    stops = [s for s in samples if s.meta["speed"] > 3.0 and s.future[-1, 3] < 1.0]
+    assert stops and all(s.meta["lights"] for s in stops), "the intersection samples carry the signal timeline"
+    checked = 0
+    for stop in stops:
+        scene = scene_maps([stop])[(stop.meta["scenario"], stop.meta["seed"])]
+        keep_speed = history_trajectory(stop.past, stop.meta["speed"], 0.5, 8, 0.5)
+        if score_plan(stop, keep_speed, scene).NC < 1.0:
+            continue   # running into the queue at the light: both metrics already zero it
+        plans = np.stack([stop.future, keep_speed])
+        pdms = rewards(stop, plans, scene, 0.5, 0.5, 0.0, False, False, metric="PDMS")
+        epdms = rewards(stop, plans, scene, 0.5, 0.5, 0.0, False, False, metric="EPDMS")
+        assert epdms[1] == 0.0 and pdms[1] > 0.3
+        assert epdms[0] > 0.5 and epdms[0] > epdms[1]
+        checked += 1
+    assert checked, "no stop sample where keeping speed is collision-free"
+
+
 def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, capsys):
     """--vlm-from + --more-sft-epochs: SFT 1 goes on from that VLM (its weights move), then a fresh
     route-conditioned expert without the acceleration input is trained on generated-reasoning bridges."""
@@ -86,9 +114,14 @@ def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, ca
     old = SpanVLAPolicy.from_pretrained(base / "sft")
     assert not old.uses_route
     out_dir = tmp_path / "more"
+    with pytest.raises(SystemExit, match="no positive samples of those scenarios"):
+        main(["--data", str(dataset), "--out", str(tmp_path / "none"), "--vlm-from", str(base / "sft"),
+              "--more-sft-epochs", "1", "--sft-scenarios", "roundabout", "--skip-grpo"])
     assert main(["--data", str(dataset), "--out", str(out_dir), "--vlm-from", str(base / "sft"),
-                 "--more-sft-epochs", "1", "--flow-epochs", "1", "--batch", "4", "--skip-grpo"]) == 0
-    assert "SFT stage 1 continued 1 epochs" in capsys.readouterr().out
+                 "--more-sft-epochs", "1", "--flow-epochs", "1", "--batch", "4", "--skip-grpo",
+                 "--sft-scenarios", "lead_brake", "--light-weight", "10", "--sft-lr", "1e-3"]) == 0
+    printed = capsys.readouterr().out
+    assert "SFT stage 1 continued 1 epochs" in printed and "positives of lead_brake" in printed
     new = SpanVLAPolicy.from_pretrained(out_dir / "sft")
     assert new.uses_route and not new.cfg.expert_sees_accel
     assert new.cfg.ego_dim == old.cfg.ego_dim + 2 + 2 * len(new.cfg.route_lookahead_m) + 1

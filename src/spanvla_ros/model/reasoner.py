@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -186,10 +186,21 @@ class VLMReasoner:
                                cache if keep_cache else None, logits if keep_cache else None)
 
     # ------------------------------------------------------------------ training
+    def _token_weights(self, token_weight: Callable[[str], float]) -> torch.Tensor:
+        cached = getattr(self, "_token_weight_cache", None)
+        if cached is None or cached[0] is not token_weight:
+            words = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            table = torch.tensor([token_weight(self.tokenizer.convert_tokens_to_string([w]).strip()) for w in words])
+            self._token_weight_cache = cached = (token_weight, table)
+        return cached[1]
+
     def teacher_forced(self, images_per_sample, prompts: Sequence[str], reasoning: Sequence[str],
-                       with_bridge: bool = True):
+                       with_bridge: bool = True, token_weight: Callable[[str], float] | None = None):
         """One forward over prompt + reasoning + action token. Returns (CE loss on reasoning and action
-        token, bridge snapshot or None). Used by SFT stage 1 (loss) and stage 2 / GRPO (bridge only)."""
+        token, bridge snapshot or None). Used by SFT stage 1 (loss) and stage 2 / GRPO (bridge only).
+        ``token_weight(token_string)`` reweights each target token's CE (weighted mean): the tokens that only the
+        frames can tell (a light's colour, a distance) are a few per sentence, and with a plain mean the text prior
+        wins over looking at the image."""
         texts = [p + r + self.cfg.action_token for p, r in zip(prompts, reasoning)]
         inputs = self.encode(images_per_sample, texts)
         # Prompt length in tokens with one placeholder per image; expansion adds n_vis - num_images tokens.
@@ -202,8 +213,14 @@ class VLMReasoner:
             labels[i, : plen + n_vis - self.cfg.num_images] = -100
         out = self._forward(inputs)
         logits = out.logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+        targets = labels[:, 1:].reshape(-1)
+        if token_weight is None:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
+        else:
+            per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                                                          ignore_index=-100, reduction="none")
+            w = self._token_weights(token_weight).to(per_token.device)[targets.clamp(min=0)] * (targets != -100)
+            loss = (per_token * w).sum() / w.sum().clamp(min=1e-6)
         bridge = None
         if with_bridge:
             mask = inputs["attention_mask"].bool()

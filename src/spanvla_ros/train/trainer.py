@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.scene_text import light_token_weight
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.policy import SpanVLAPolicy
@@ -119,11 +120,14 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
     module.eval()
 
 
-def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0):
+def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light_weight: float = 1.0):
+    token_weight = light_token_weight(light_weight) if light_weight != 1.0 else None
+
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         loss, _ = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
-                                                 [s.meta["reasoning"] for s in bs], with_bridge=False)
+                                                 [s.meta["reasoning"] for s in bs], with_bridge=False,
+                                                 token_weight=token_weight)
         return loss
 
     supervised_epochs(policy.reasoner.model, samples, epochs, batch, lr, 0.1, log, "sft1", "sft stage 1 (reasoning)",
@@ -179,8 +183,10 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
 
 
 # ------------------------------------------------------------------ GRPO
-def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec):
+def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_neg, use_rec, metric: str = "PDMS"):
     """Per trajectory: PDMS - w_N * closeness to negatives + w_R * closeness to recovery - l_C * reasoning penalty.
+    ``metric="EPDMS"`` uses the extended score instead, whose traffic-light compliance (TLC) and driving-direction
+    terms PDMS leaves out: with PDMS a plan through a red light scores as well as one that stops.
 
     Closeness is exp(-mean L2 distance / 2 m), so a plan within a metre or two of a known failure costs up to w_N
     and one that follows the expert's way back from a drift earns up to w_R."""
@@ -189,7 +195,7 @@ def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_n
     r_cot = min(1.0, len(m["reasoning"].split()) / 60.0)   # longer than ~60 words is penalised
     out = []
     for tr in trajs:
-        r = score_plan(sample, tr, scene).PDMS
+        r = getattr(score_plan(sample, tr, scene), metric)
         if use_neg and negs:
             d = min(np.linalg.norm(tr[:, :2] - n[:, :2], axis=1).mean() for n in negs)
             r -= w_neg * math.exp(-d / 2.0)
@@ -201,7 +207,7 @@ def rewards(sample: Sample, trajs: np.ndarray, scene, w_neg, w_rec, l_cot, use_n
 
 
 def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, beta, step_std, log: CsvLog,
-         tag, use_neg, use_rec, w_neg=0.5, w_rec=0.5, l_cot=0.05, seed=0):
+         tag, use_neg, use_rec, w_neg=0.5, w_rec=0.5, l_cot=0.05, seed=0, metric="PDMS"):
     expert = policy.expert
     opt = torch.optim.AdamW(expert.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -232,7 +238,7 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
             x = x_next
         trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
         R = np.concatenate([rewards(s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
-                                    w_neg, w_rec, l_cot, use_neg, use_rec) for j, s in enumerate(bs)])
+                                    w_neg, w_rec, l_cot, use_neg, use_rec, metric) for j, s in enumerate(bs)])
         Rg = R.reshape(batch, group)
         adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
         adv_t = torch.from_numpy(adv.reshape(-1)).float()
@@ -265,7 +271,8 @@ def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool =
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--data", required=True, type=Path, nargs="+",
+                    help="spanvla-generate-data output(s); several are concatenated (e.g. extra intersection seeds)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--sft-epochs", type=int, default=10)
     ap.add_argument("--flow-epochs", type=int, default=30)
@@ -273,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grpo-lr", type=float, default=5e-5)
     ap.add_argument("--grpo-std", type=float, default=0.05, help="per-Euler-step std (normalised units)")
     ap.add_argument("--grpo-beta", type=float, default=0.1, help="KL weight to the SFT reference")
+    ap.add_argument("--grpo-reward", default="PDMS", choices=["PDMS", "EPDMS"],
+                    help="driving score in the GRPO reward (EPDMS adds traffic-light and direction compliance)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--flow-init", default="history", choices=["history", "noise"])
@@ -284,6 +293,12 @@ def main(argv=None) -> int:
                     help="train the expert without the route input (cameras + command only, as before it existed)")
     ap.add_argument("--more-sft-epochs", type=int, default=0,
                     help="with --vlm-from: continue SFT stage 1 on that VLM for this many epochs first")
+    ap.add_argument("--light-weight", type=float, default=1.0,
+                    help="SFT stage 1: CE weight of the light-colour words (see scene_text.light_token_weight)")
+    ap.add_argument("--sft-lr", type=float, default=0.0,
+                    help="SFT stage 1 peak LR (default 2e-3 from scratch, 1e-3 with --more-sft-epochs)")
+    ap.add_argument("--sft-scenarios", default="",
+                    help="SFT stage 1 only on these scenarios' positives (comma list; default all)")
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -295,9 +310,15 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(a.out / "train_log.csv")
     cams = SpanVLAConfig().cameras
-    samples = load_samples(a.data, cams, limit=a.limit or None)
+    samples = [s for d in a.data for s in load_samples(d, cams, limit=a.limit or None)]
     pos = [s for s in samples if s.meta["kind"] == "positive"]
     print(f"{len(samples)} samples ({len(pos)} positive, {len(samples) - len(pos)} recovery)")
+    if a.sft_scenarios:
+        pos = [s for s in pos if s.meta["scenario"] in a.sft_scenarios.split(",")]
+        if not pos:
+            raise SystemExit(f"--sft-scenarios {a.sft_scenarios}: no positive samples of those scenarios in "
+                             f"{', '.join(map(str, a.data))}")
+        print(f"SFT stage 1 on {len(pos)} positives of {a.sft_scenarios}")
     rank = dist_info()[0]
 
     def done(stage):
@@ -315,7 +336,7 @@ def main(argv=None) -> int:
                               route=not a.no_route)
         if a.more_sft_epochs:
             t0 = time.time()
-            sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, 1e-3, log, a.seed + 1)
+            sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight)
             print(f"VLM from {a.vlm_from}, SFT stage 1 continued {a.more_sft_epochs} epochs: {time.time() - t0:.0f} s; "
                   f"fresh expert (flow_init={a.flow_init})")
         else:
@@ -323,7 +344,7 @@ def main(argv=None) -> int:
     else:
         policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route)
         t0 = time.time()
-        sft_reasoning(policy, pos, a.sft_epochs, a.batch, 2e-3, log, a.seed)
+        sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
     bridges = precompute_bridges(policy, samples, text=a.bridge_text)
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
@@ -353,7 +374,7 @@ def main(argv=None) -> int:
         sub, sub_b = [samples[i] for i in idx], [bridges[i] for i in idx]
         t0 = time.time()
         grpo(policy, ref, sub, sub_b, scenes, a.grpo_iters, min(a.batch, len(sub)), a.group, a.grpo_lr,
-             a.grpo_beta, a.grpo_std, log, name, use_neg, use_rec, seed=seed)
+             a.grpo_beta, a.grpo_std, log, name, use_neg, use_rec, seed=seed, metric=a.grpo_reward)
         print(f"{name}: {time.time() - t0:.0f} s")
         if rank == 0:
             policy.save_pretrained(a.out / name)
