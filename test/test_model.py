@@ -158,9 +158,10 @@ def test_token_weight_moves_the_loss_onto_the_weighted_words(policy):
     text = "the traffic light is red 12 meters ahead, then brake and stop."
     with torch.no_grad():
         plain, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False)
-        uniform, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False, token_weight=lambda t: 1.0)
+        uniform, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False,
+                                       vocab_weights=rs.vocab_weights(lambda t: 1.0))
         colour, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False,
-                                      token_weight=light_token_weight(1e6))
+                                      vocab_weights=rs.vocab_weights(light_token_weight(1e6)))
         logits = rs._forward(rs.encode(imgs, [prompt + "the traffic light is"])).logits[0, -1]
     red_ce = torch.nn.functional.cross_entropy(logits[None].float(),
                                                torch.tensor([rs.tokenizer.convert_tokens_to_ids("Ġred")]))

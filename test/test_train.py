@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
 
 def test_reward_penalises_negatives_and_rewards_recovery(dataset):
     from spanvla_ros.model.config import SpanVLAConfig
-    from spanvla_ros.train.dataset import load_samples, scene_maps, score_plan
+    from spanvla_ros.train.dataset import load_samples, scene_maps
     from spanvla_ros.train.trainer import rewards
 
     samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)

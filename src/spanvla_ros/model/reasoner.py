@@ -186,21 +186,19 @@ class VLMReasoner:
                                cache if keep_cache else None, logits if keep_cache else None)
 
     # ------------------------------------------------------------------ training
-    def _token_weights(self, token_weight: Callable[[str], float]) -> torch.Tensor:
-        cached = getattr(self, "_token_weight_cache", None)
-        if cached is None or cached[0] is not token_weight:
-            words = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            table = torch.tensor([token_weight(self.tokenizer.convert_tokens_to_string([w]).strip()) for w in words])
-            self._token_weight_cache = cached = (token_weight, table)
-        return cached[1]
+    def vocab_weights(self, token_weight: Callable[[str], float]) -> torch.Tensor:
+        """Per-token-id CE weights for ``teacher_forced``: ``token_weight`` applied to every vocabulary entry's
+        text (built once per training run, not per batch)."""
+        words = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return torch.tensor([token_weight(self.tokenizer.convert_tokens_to_string([w]).strip()) for w in words])
 
     def teacher_forced(self, images_per_sample, prompts: Sequence[str], reasoning: Sequence[str],
-                       with_bridge: bool = True, token_weight: Callable[[str], float] | None = None):
+                       with_bridge: bool = True, vocab_weights: torch.Tensor | None = None):
         """One forward over prompt + reasoning + action token. Returns (CE loss on reasoning and action
         token, bridge snapshot or None). Used by SFT stage 1 (loss) and stage 2 / GRPO (bridge only).
-        ``token_weight(token_string)`` reweights each target token's CE (weighted mean): the tokens that only the
-        frames can tell (a light's colour, a distance) are a few per sentence, and with a plain mean the text prior
-        wins over looking at the image."""
+        ``vocab_weights`` (per token id, from ``vocab_weights()``) reweights each target token's CE (weighted mean):
+        the tokens that only the frames can tell (a light's colour, a distance) are a few per sentence, and with a
+        plain mean the text prior wins over looking at the image."""
         texts = [p + r + self.cfg.action_token for p, r in zip(prompts, reasoning)]
         inputs = self.encode(images_per_sample, texts)
         # Prompt length in tokens with one placeholder per image; expansion adds n_vis - num_images tokens.
@@ -214,13 +212,12 @@ class VLMReasoner:
         out = self._forward(inputs)
         logits = out.logits[:, :-1].float()
         targets = labels[:, 1:].reshape(-1)
-        if token_weight is None:
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-        else:
-            per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
-                                                          ignore_index=-100, reduction="none")
-            w = self._token_weights(token_weight).to(per_token.device)[targets.clamp(min=0)] * (targets != -100)
-            loss = (per_token * w).sum() / w.sum().clamp(min=1e-6)
+        per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                                                      ignore_index=-100, reduction="none")
+        w = (targets != -100).float()
+        if vocab_weights is not None:
+            w = w * vocab_weights.to(per_token.device)[targets.clamp(min=0)]
+        loss = (per_token * w).sum() / w.sum().clamp(min=1e-6)
         bridge = None
         if with_bridge:
             mask = inputs["attention_mask"].bool()

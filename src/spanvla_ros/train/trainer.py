@@ -121,13 +121,13 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
 
 
 def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light_weight: float = 1.0):
-    token_weight = light_token_weight(light_weight) if light_weight != 1.0 else None
+    weights = policy.reasoner.vocab_weights(light_token_weight(light_weight)) if light_weight != 1.0 else None
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         loss, _ = policy.reasoner.teacher_forced([s.images for s in bs], prompts(policy, bs),
                                                  [s.meta["reasoning"] for s in bs], with_bridge=False,
-                                                 token_weight=token_weight)
+                                                 vocab_weights=weights)
         return loss
 
     supervised_epochs(policy.reasoner.model, samples, epochs, batch, lr, 0.1, log, "sft1", "sft stage 1 (reasoning)",
@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     pos = [s for s in samples if s.meta["kind"] == "positive"]
     print(f"{len(samples)} samples ({len(pos)} positive, {len(samples) - len(pos)} recovery)")
     if a.sft_scenarios:
-        pos = [s for s in pos if s.meta["scenario"] in a.sft_scenarios.split(",")]
+        keep = set(a.sft_scenarios.split(","))
+        pos = [s for s in pos if s.meta["scenario"] in keep]
         if not pos:
             raise SystemExit(f"--sft-scenarios {a.sft_scenarios}: no positive samples of those scenarios in "
                              f"{', '.join(map(str, a.data))}")
