@@ -162,7 +162,7 @@ def test_token_weight_moves_the_loss_onto_the_weighted_words(policy):
                                        vocab_weights=rs.vocab_weights(lambda t: 1.0))
         colour, _ = rs.teacher_forced(imgs, [prompt], [text], with_bridge=False,
                                       vocab_weights=rs.vocab_weights(light_token_weight(1e6)))
-        logits = rs._forward(rs.encode(imgs, [prompt + "the traffic light is"])).logits[0, -1]
+        logits = rs._forward(rs.encode(imgs, [prompt + "the traffic light is"]))[0].logits[0, -1]
     red_ce = torch.nn.functional.cross_entropy(logits[None].float(),
                                                torch.tensor([rs.tokenizer.convert_tokens_to_ids("Ġred")]))
     assert torch.allclose(plain, uniform, atol=1e-5)
@@ -248,10 +248,10 @@ def test_bridge_collate_split_and_group_repeat(policy):
     back = split_bridge(batch)
     assert [b.seq_len for b in back] == [b1.seq_len, b2.seq_len]
     assert torch.equal(back[1].keys[0], b2.keys[0]) and torch.equal(back[0].values[-1], b1.values[-1])
+    assert torch.equal(back[1].front_features, b2.front_features)   # the light head's input travels along
     # give the expert a non-zero velocity field so the comparison means something
     torch.manual_seed(3)
-    expert = type(policy.expert)(policy.cfg, policy.expert.num_layers, policy.reasoner.num_heads,
-                                 policy.reasoner.num_kv_heads, policy.reasoner.head_dim, policy.reasoner.rope_theta)
+    expert = SpanVLAPolicy.make_expert(policy.cfg, policy.reasoner)
     for p in expert.parameters():
         torch.nn.init.normal_(p, std=0.05)
     a_his = torch.randn(2, 8, 4)
@@ -301,11 +301,57 @@ def test_hindsight_route_moves_by_whole_lanes():
 def test_route_input_config_and_old_checkpoints():
     cfg = SpanVLAConfig()
     assert cfg.ego_dim == 3 + len(cfg.commands) + 2 + 2 * len(cfg.route_lookahead_m) + 1
-    old = SpanVLAConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k not in ("route_lookahead_m", "ego_dim")}
-                                  | {"ego_dim": 3 + len(cfg.commands)})
+    assert SpanVLAConfig(traffic_lights=True).ego_dim == cfg.ego_dim + 2      # + the next stop line
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("route_lookahead_m", "ego_dim", "traffic_lights")}
+    old = SpanVLAConfig.from_dict(saved | {"ego_dim": 3 + len(cfg.commands)})
     assert old.route_lookahead_m == () and old.ego_dim == 3 + len(cfg.commands)   # saved before the route input
+    assert not old.traffic_lights
     with pytest.raises(ValueError, match="ego_dim"):
         SpanVLAConfig(ego_dim=7)
+    with pytest.raises(ValueError, match="traffic_lights needs the route input"):
+        SpanVLAConfig(route_lookahead_m=(), traffic_lights=True)
+
+
+def test_stop_line_distance_along_the_route():
+    from spanvla_ros.model.route import STOP_SCALE_M, stop_line_distance, stop_line_features
+
+    straight = np.stack([np.arange(-100.0, 200.0, 2.0), np.zeros(150)], 1)
+    line = np.array([[50.0, 0.5]])
+    assert stop_line_distance(straight, line, (10.0, 1.0, 0.0)) == pytest.approx(40.0)
+    np.testing.assert_allclose(stop_line_features(straight, line, (10.0, 0.0, 0.0)), [40.0 / STOP_SCALE_M, 1.0])
+    assert stop_line_distance(straight, line, (49.0, 0.0, 0.0)) == pytest.approx(1.0)
+    assert stop_line_distance(straight, line, (51.5, 0.0, 0.0)) == pytest.approx(-1.5)   # the nose is still behind it
+    assert stop_line_distance(straight, line, (55.0, 0.0, 0.0)) is None                  # passed
+    assert stop_line_distance(straight, line, (-20.0, 0.0, 0.0)) is None                 # 70 m: not yet relevant
+    assert stop_line_distance(straight, np.array([[50.0, 8.0]]), (10.0, 0.0, 0.0)) is None   # another road's line
+    assert stop_line_distance(straight, np.array([[50.0, 0.0], [30.0, 0.0]]), (10.0, 0.0, 0.0)) == pytest.approx(20.0)
+    for route, stops in ((straight, None), (straight, np.zeros((0, 2))), (None, line)):
+        assert not stop_line_features(route, stops, (10.0, 0.0, 0.0)).any()
+
+
+def test_traffic_light_head_conditions_the_expert_only_before_a_stop_line(tokenizer):
+    """The light head reads the bridge's front-frame features; its probabilities join the ego conditioning only
+    while a stop line is ahead, so away from intersections the frames' colours cannot move the plan."""
+    import dataclasses
+
+    policy = SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True), tokenizer, seed=0)
+    expert = policy.expert
+    r = policy.reason(frames(seed=5), "go straight", 6.0, 0.0, PAST, max_new_tokens=4)
+    b = r.bridge
+    rs = policy.reasoner
+    assert b.front_features.shape == (1, rs.front_tokens, rs.front_token_dim) and not b.front_features.requires_grad
+    other = dataclasses.replace(b, front_features=b.front_features.flip(-1))
+    route = np.stack([np.arange(-50.0, 150.0, 2.0), np.zeros(100)], 1)
+    at_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), np.array([[25.0, 0]])))
+    no_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), None))
+    with torch.no_grad():
+        c_at, c_other = (expert.conditioning(br, torch.from_numpy(at_light)[None]) for br in (b, other))
+        c_none, c_none_other = (expert.conditioning(br, torch.from_numpy(no_light)[None]) for br in (b, other))
+    assert c_at.shape[1] == policy.cfg.ego_dim + 3
+    assert float(c_at[0, -3:].sum()) == pytest.approx(1.0) and not torch.allclose(c_at, c_other)
+    assert not c_none[0, -3:].any() and torch.equal(c_none, c_none_other)
+    with pytest.raises(ValueError, match="front_features"):
+        expert.light_logits(dataclasses.replace(b, front_features=None))
 
 
 def test_shipped_default_follows_the_route():
@@ -314,7 +360,7 @@ def test_shipped_default_follows_the_route():
     from conftest import REPO
 
     pol = SpanVLAPolicy.from_pretrained(REPO / "checkpoints" / "spanvla_default")
-    assert pol.uses_route and not pol.cfg.expert_sees_accel
+    assert pol.uses_route and not pol.cfg.expert_sees_accel and pol.cfg.traffic_lights
     r = pol.reason(frames(seed=3, h=112, w=196), "follow lane", 15.0, 0.0, PAST * 1.9, max_new_tokens=8)
     past = PAST * 1.9                                   # ~15 m/s, straight
     ahead = np.stack([np.arange(-20.0, 200.0, 2.0), np.zeros(110)], 1)

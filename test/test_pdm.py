@@ -114,3 +114,21 @@ def test_ade_fde():
     a = np.zeros((4, 2))
     b = np.stack([np.zeros(4), np.arange(4.0)], 1)
     assert ade_fde(a, b) == (pytest.approx(1.5), pytest.approx(3.0))
+
+
+def test_results_table_counts_completed_routes_against_the_expert():
+    """A route is completed with no infraction and >= 90 % of the expert's completion on the same episode."""
+    from spanvla_ros.eval.results import format_table, mark_completed
+
+    def ep(rc, **flags):
+        return dict(dict(scenario="intersection_left", seed=10000, route_completion=rc, collision=False,
+                         off_road=False, red_light=False), **flags)
+    expert = dict(name="expert", closed_loop=dict(summary=dict(episodes=2), episodes=[ep(0.5), ep(1.0, seed=10001)]))
+    row = dict(name="model", open_loop=dict(ade=1.0, fde=2.0, pdms=0.8, epdms=0.7),
+               closed_loop=dict(summary=dict(episodes=2, route_completion=0.7, collision_rate=0.0, off_road_rate=0.0,
+                                             red_light_rate=0.5, driving_score=0.5),
+                                episodes=[ep(0.46), ep(1.0, seed=10001, red_light=True)]))
+    mark_completed([row, expert], expert)
+    assert [e["completed"] for e in row["closed_loop"]["episodes"]] == [True, False]   # 0.46 >= 0.9 x 0.5
+    line = format_table([row]).splitlines()[-1]
+    assert line.startswith("| model | 1.00 | 2.00 | 0.800 | 0.700 | 1/2 | 0.70 | 0/2 | 0/2 | 1/2 | 0.50 |")

@@ -5,7 +5,8 @@ then everything stops) and this test as the observer.
 Checked: Path / Reasoning / PlanStatus arrive with the right frames and stamps; the control loop keeps
 publishing while the reasoner generates; garbage images are counted and survived; a stale bridge marks plans
 degraded; stale odometry stops plans and says so; a route in a frame other than the odometry's is not used
-(and the node says why), the same route in the odometry's frame is."""
+(and the node says why), the same route in the odometry's frame is; a corrupt stop-line message is counted and
+dropped, a good one is taken."""
 from __future__ import annotations
 
 import json
@@ -113,6 +114,8 @@ def test_planner_under_live_inputs(subprocess_env):
     assert wrong and fixed, (len(wrong), len(fixed))
     assert not any(s.route_used for s in wrong) and all(s.route_used for s in fixed)
     assert "route frame 'odom' != odometry frame 'map': route ignored" in out
+    assert "dropped message (stop_lines): non-finite stop line position" in out
+    assert "stop lines: 1 on the route, frame 'map'" in out
 
     # stale bridge: once the cameras stop, plans go on but are marked degraded, with the reason
     late = [s for t, s in status if stamp_to_sec(s.header.stamp) > sent["cameras_stop"] + STALE_S + 1.0]

@@ -197,6 +197,8 @@ def test_carla_backend_sync_mode_ticks_and_frame_matching():
     assert world.settings.synchronous_mode and world.settings.fixed_delta_seconds == 0.05
     assert ("tm_sync", True) in world.log
     assert set(obs.images) == {"front", "front_left", "front_right"}
+    # the traffic light's stop line on the ego's lane is the route's; the one on the other lane is not
+    assert b.stop_lines_xy.tolist() == [[300.0, b.route_xy[0, 1]]]
     ticks_before = sum(1 for e in world.log if e[0] == "tick")
     obs = b.step(Control(3.0, 0.35))
     assert sum(1 for e in world.log if e[0] == "tick") == ticks_before + 1

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("highway_env", reason="highway-env is not installed")
 pytestmark = pytest.mark.slow
+LIGHT_SEED = 11   # an intersection_straight episode whose approach sees green and red, and some samples past the line
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,8 @@ def test_epdms_reward_makes_running_the_red_light_cost(tmp_path):
 
 def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, capsys):
     """--vlm-from + --more-sft-epochs: SFT 1 goes on from that VLM (its weights move), then a fresh
-    route-conditioned expert without the acceleration input is trained on generated-reasoning bridges."""
+    route-conditioned expert without the acceleration input, with stop lines and the traffic-light head
+    (--traffic-lights), is trained on generated-reasoning bridges; --traffic-lights without a route is refused."""
     import torch
 
     from spanvla_ros.model.policy import SpanVLAPolicy
@@ -114,20 +116,51 @@ def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, ca
     old = SpanVLAPolicy.from_pretrained(base / "sft")
     assert not old.uses_route
     out_dir = tmp_path / "more"
+    with pytest.raises(SystemExit, match="--traffic-lights needs the route input"):
+        main(["--data", str(dataset), "--out", str(tmp_path / "x"), "--no-route", "--traffic-lights"])
     with pytest.raises(SystemExit, match="no positive samples of those scenarios"):
         main(["--data", str(dataset), "--out", str(tmp_path / "none"), "--vlm-from", str(base / "sft"),
               "--more-sft-epochs", "1", "--sft-scenarios", "roundabout", "--skip-grpo"])
     assert main(["--data", str(dataset), "--out", str(out_dir), "--vlm-from", str(base / "sft"),
                  "--more-sft-epochs", "1", "--flow-epochs", "1", "--batch", "4", "--skip-grpo",
-                 "--sft-scenarios", "lead_brake", "--light-weight", "10", "--sft-lr", "1e-3"]) == 0
+                 "--sft-scenarios", "lead_brake", "--light-weight", "10", "--sft-lr", "1e-3", "--traffic-lights"]) == 0
     printed = capsys.readouterr().out
     assert "SFT stage 1 continued 1 epochs" in printed and "positives of lead_brake" in printed
     new = SpanVLAPolicy.from_pretrained(out_dir / "sft")
     assert new.uses_route and not new.cfg.expert_sees_accel
-    assert new.cfg.ego_dim == old.cfg.ego_dim + 2 + 2 * len(new.cfg.route_lookahead_m) + 1
+    assert new.cfg.ego_dim == old.cfg.ego_dim + 2 + 2 * len(new.cfg.route_lookahead_m) + 1 + 2   # route, stop line
+    assert new.cfg.traffic_lights and not old.cfg.traffic_lights
     moved = [float((a - b).abs().max()) for a, b in zip(old.reasoner.model.state_dict().values(),
                                                        new.reasoner.model.state_dict().values())]
     assert max(moved) > 0
     rows = [r for r in csv.DictReader(open(out_dir / "train_log.csv")) if r["stage"] == "sft1"]
     assert rows and all(math.isfinite(float(r["value"])) for r in rows)
     assert torch.isfinite(torch.cat([p.flatten() for p in new.expert.parameters()])).all()
+
+
+def test_light_head_learns_the_signal_before_the_stop_line(tmp_path):
+    """At an intersection the samples with the stop line ahead are labelled with the signal's colour (those past
+    it are not); SFT 2 trains the traffic-light head on them: its cross-entropy on those frames falls."""
+    import torch
+
+    from spanvla_ros.data.generate import generate
+    from spanvla_ros.model.bridge import collate_bridges
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.train.dataset import attach_routes, light_label, load_samples, scene_maps
+    from spanvla_ros.train.trainer import CsvLog, build_initial, precompute_bridges, sft_flow
+
+    generate(tmp_path, ["intersection_straight"], [LIGHT_SEED], kinds=("expert",), progress=False)
+    samples = load_samples(tmp_path, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    labels = torch.tensor([light_label(s) for s in samples])
+    assert len(set(labels.tolist()) - {-100}) >= 2 and (labels == -100).any()   # two colours; some past the line
+    policy = build_initial(samples, "noise", 0, lights=True)
+    bridges = precompute_bridges(policy, samples, text="reference")
+    batch, seen = collate_bridges(bridges), labels >= 0
+
+    def light_ce():
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(policy.expert.light_logits(batch)[seen], labels[seen]))
+    before = light_ce()
+    sft_flow(policy, samples, bridges, 15, 4, 1e-3, CsvLog(tmp_path / "log.csv"))
+    assert light_ce() < 0.5 * before

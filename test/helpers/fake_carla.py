@@ -139,9 +139,21 @@ class ActorList(list):
         return ActorList(a for a in self if a.type_id.startswith(prefix))
 
 
+class TrafficLight:
+    """A map actor (never destroyed by the backend) with a stop waypoint on each of the two lanes at x."""
+    type_id = "traffic.traffic_light"
+
+    def __init__(self, x):
+        self.x = x
+
+    def get_stop_waypoints(self):
+        return [Waypoint(self.x, lane) for lane in (0, 1)]
+
+
 class World:
     def __init__(self):
         self.settings, self.frame, self.actors, self.log = Settings(), 100, ActorList(), []
+        self.traffic_lights = [TrafficLight(300.0)]
         self.collide_at_frame = None
 
     def get_settings(self):
@@ -168,7 +180,7 @@ class World:
         return self.spawn_actor(bp, tf)
 
     def get_actors(self):
-        return ActorList(self.actors)
+        return ActorList(self.actors + self.traffic_lights)
 
     def tick(self):
         assert self.settings.synchronous_mode, "tick() outside synchronous mode"

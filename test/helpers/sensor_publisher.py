@@ -3,7 +3,8 @@
 
   good      cameras + odometry; every 10th camera tick the front camera also gets garbage (an unsupported
             encoding, then a payload of the wrong length). The route (latched, straight ahead along the
-            odometry's x) is first published in a frame the odometry is not in, then after --route-fix s in "map"
+            odometry's x) is first published in a frame the odometry is not in, then after --route-fix s in "map";
+            its stop lines (latched) first as a corrupt message (a NaN point), then with the route as one line 60 m on
   odom_only cameras stop, odometry goes on (the planner's bridge goes stale)
   then it stops publishing altogether (odometry goes stale) and prints one JSON line of what it sent."""
 from __future__ import annotations
@@ -45,7 +46,10 @@ def main() -> int:
 
     def route(frame):
         return xy_path_msg(np.stack([np.arange(-10.0, 400.0, 2.0), np.zeros(205)], 1), frame)
+    stop_pub = node.create_publisher(Path, "/carla/ego_vehicle/stop_lines",
+                                     QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     route_pub.publish(route("odom"))
+    stop_pub.publish(xy_path_msg([(math.nan, 0.0)], "map"))
     deadline = time.monotonic() + 30
     while any(p.get_subscription_count() == 0 for p in cams + [odom_pub]) and time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.05)
@@ -53,7 +57,7 @@ def main() -> int:
     frames = [rng.integers(0, 256, (112, 196, 3), dtype=np.uint8) for _ in range(3)]
     t0 = math.floor(time.time()) + 1.0
     time.sleep(max(0.0, t0 - time.time()))
-    garbage = 0
+    garbage = 1   # the NaN stop line
     k = 0
     out = dict(t0=t0, period=PERIOD, cam_every=2, route_fix=t0 + round(a.route_fix / PERIOD) * PERIOD)
     while True:
@@ -64,6 +68,7 @@ def main() -> int:
         stamp = sec_to_stamp(t)
         if k == round(a.route_fix / PERIOD):
             route_pub.publish(route("map"))
+            stop_pub.publish(xy_path_msg([(60.0, 0.0)], "map"))
         if phase_t < a.good and k % 2 == 0:
             for i, p in enumerate(cams):
                 p.publish(encode_image_msg(frames[i], stamp, "camera"))

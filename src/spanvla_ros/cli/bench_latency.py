@@ -35,7 +35,7 @@ def record_episode(scenario: str, seed: int):
         obs = b.step(None)
         steps.append(obs)
     b.close()
-    return steps, b.dt, b.route_xy
+    return steps, b.dt, (b.route_xy, b.stop_lines_xy)
 
 
 def pct(xs, q):
@@ -45,7 +45,7 @@ def pct(xs, q):
 class Player:
     """Publishes the recorded episode on the planner's input topics at wall-clock pace, looping."""
 
-    def __init__(self, node, params: dict, steps, sim_dt: float, route_xy):
+    def __init__(self, node, params: dict, steps, sim_dt: float, route):
         from nav_msgs.msg import Odometry, Path as PathMsg
         from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import Image
@@ -56,9 +56,12 @@ class Player:
         self.cams = list(params["camera_names"])
         self.cam_pubs = [node.create_publisher(Image, t, qos_profile_sensor_data) for t in params["camera_topics"]]
         self.odom_pub = node.create_publisher(Odometry, params["odom_topic"], 20)
-        self.route_pub = node.create_publisher(PathMsg, params["route_topic"],
-                                               QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.route_pub = node.create_publisher(PathMsg, params["route_topic"], latched)
+        self.stop_lines_pub = node.create_publisher(PathMsg, params["stop_lines_topic"], latched)
+        route_xy, stop_xy = route
         self.route_pub.publish(xy_path_msg(route_xy[::2], "map"))
+        self.stop_lines_pub.publish(xy_path_msg(stop_xy, "map"))
         self.stop = threading.Event()
         self.published = 0
 
@@ -96,7 +99,7 @@ class Player:
             time.sleep(max(0.0, t0 + k * period - time.monotonic()))
 
 
-def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, route_xy,
+def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, route,
             checkpoint: str, env: dict) -> dict:
     import psutil
     import rclpy
@@ -122,7 +125,7 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
                              lambda m: status.__setitem__(round(stamp_to_sec(m.header.stamp), 6), m), 50)
     node.create_subscription(Reasoning, params["reasoning_topic"],
                              lambda m: reasoning.append((time.time(), m.generation_latency)), 10)
-    player = Player(node, params, steps, sim_dt, route_xy)
+    player = Player(node, params, steps, sim_dt, route)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     spin = threading.Thread(target=ex.spin, daemon=True)
@@ -229,11 +232,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    steps, sim_dt, route_xy = record_episode(a.scenario, a.seed)
+    steps, sim_dt, route = record_episode(a.scenario, a.seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     results = []
     for hz in [float(x) for x in a.reasoner_hz.split(",")]:
-        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route_xy, a.checkpoint, env))
+        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env))
         print(f"reasoner {hz:g} Hz: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()})}",
               flush=True)
     print(f"\nplanner process (spanvla-drive --no-sim), {os.cpu_count()} CPU cores, {a.duration:g} s per run, "

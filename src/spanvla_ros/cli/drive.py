@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         rl, el = planner.reasoner_latencies, planner.expert_latencies
         print(f"[spanvla-drive] model {planner.policy.model_id}")
         print(f"[spanvla-drive] plans published {c['plans_published']} (degraded {c['plans_degraded']}, "
-              f"without route {c['plans_without_route']}), withheld for stale odometry "
+              f"without route {c['plans_without_route']}, without stop lines {c['plans_without_stop_lines']}), withheld for stale odometry "
               f"{c['plans_withheld_stale_odometry']}, reasoner runs {c['reasoner_runs']}, bad messages {planner.bad_messages}")
         if rl:
             print(f"[spanvla-drive] reasoner latency median {statistics.median(rl):.3f} s, max {max(rl):.3f} s; "

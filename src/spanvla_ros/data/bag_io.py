@@ -16,6 +16,7 @@ import numpy as np
 CAMERA_TOPIC = "/carla/ego_vehicle/rgb_{}/image"
 ODOM_TOPIC = "/carla/ego_vehicle/odometry"
 ROUTE_TOPIC = "/carla/ego_vehicle/route"
+STOP_LINES_TOPIC = "/carla/ego_vehicle/stop_lines"
 AGENTS_TOPIC = "/sim/agents"
 LIGHT_TOPIC = "/sim/traffic_light"
 COMMAND_TOPIC = "/spanvla/command"
@@ -88,6 +89,7 @@ class EpisodeBagWriter:
         for c in self.cameras:
             self._add(CAMERA_TOPIC.format(c) + "/compressed", "sensor_msgs/msg/CompressedImage")
         for topic, typ in ((ODOM_TOPIC, "nav_msgs/msg/Odometry"), (ROUTE_TOPIC, "nav_msgs/msg/Path"),
+                           (STOP_LINES_TOPIC, "nav_msgs/msg/Path"),
                            (AGENTS_TOPIC, "visualization_msgs/msg/MarkerArray"), (LIGHT_TOPIC, "std_msgs/msg/String"),
                            (COMMAND_TOPIC, "std_msgs/msg/String")):
             self._add(topic, typ)
@@ -99,15 +101,20 @@ class EpisodeBagWriter:
         conn, typ = self.conn[topic]
         self.w.write(conn, int(round((BAG_EPOCH + t) * 1e9)), self.ts.serialize_cdr(msg, typ))
 
-    def write_route(self, t: float, route_xy: np.ndarray, command: str) -> None:
+    def _xy_path(self, t: float, xy) -> object:
         T = self.ts.types
         poses = []
-        for x, y in route_xy[::2]:
+        for x, y in xy:
             p = T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=float(x), y=float(y), z=0.0),
                                             orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
             poses.append(T["geometry_msgs/msg/PoseStamped"](header=_header(self.ts, BAG_EPOCH + t, "map"), pose=p))
-        self._write(ROUTE_TOPIC, t, T["nav_msgs/msg/Path"](header=_header(self.ts, BAG_EPOCH + t, "map"), poses=poses))
-        self._write(COMMAND_TOPIC, t, T["std_msgs/msg/String"](data=command))
+        return T["nav_msgs/msg/Path"](header=_header(self.ts, BAG_EPOCH + t, "map"), poses=poses)
+
+    def write_route(self, t: float, route_xy: np.ndarray, command: str, stop_xy: np.ndarray | None = None) -> None:
+        self._write(ROUTE_TOPIC, t, self._xy_path(t, route_xy[::2]))
+        if stop_xy is not None:
+            self._write(STOP_LINES_TOPIC, t, self._xy_path(t, stop_xy))
+        self._write(COMMAND_TOPIC, t, self.ts.types["std_msgs/msg/String"](data=command))
 
     def write_step(self, obs) -> None:
         T, t = self.ts.types, obs.t
@@ -168,6 +175,7 @@ class EpisodeLog:
     agents: list = field(default_factory=list)      # (t, [(id, x, y, yaw, speed, length, width), ...])
     light: list = field(default_factory=list)       # (t, state)
     route: np.ndarray | None = None
+    stop_lines: np.ndarray | None = None            # (K, 2), None when the bag has no stop-line message
     command: str = "follow lane"
     messages: int = 0
 
@@ -226,6 +234,8 @@ def read_episode(path: Path, cameras) -> EpisodeLog:
                     log.light.append((t, msg.data))
                 elif conn.topic == ROUTE_TOPIC:
                     log.route = np.array([(p.pose.position.x, p.pose.position.y) for p in msg.poses])
+                elif conn.topic == STOP_LINES_TOPIC:
+                    log.stop_lines = np.array([(p.pose.position.x, p.pose.position.y) for p in msg.poses]).reshape(-1, 2)
                 elif conn.topic == COMMAND_TOPIC:
                     log.command = msg.data
     except BagError:

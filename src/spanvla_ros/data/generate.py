@@ -69,7 +69,7 @@ class EpisodeRecorder:
         obs = b.reset(job.scenario, job.seed)
         rng = np.random.default_rng(job.seed * 7 + (1 if job.kind == "recovery" else 0))
         writer = EpisodeBagWriter(bag_path, b.cameras)
-        writer.write_route(0.0, b.route_xy, b.command)
+        writer.write_route(0.0, b.route_xy, b.command, b.stop_lines_xy)
         drift = None
         if job.kind == "recovery":
             t0 = float(rng.uniform(2.5, max(3.0, b.scenario.duration_s - 7.0)))

@@ -115,6 +115,7 @@ class PolicyDriver(PlanningDriver):
         super().reset(obs, backend)
         self.bridge, self._next_reason, self.texts = None, 0.0, []
         self.route_xy = backend.route_xy if self.use_route else None
+        self.stop_xy = getattr(backend, "stop_lines_xy", None) if self.use_route else None
 
     def plan(self, obs, past, speed, accel, yaw_rate):
         if obs.t >= self._next_reason:
@@ -128,7 +129,7 @@ class PolicyDriver(PlanningDriver):
             return self.policy.history_init(past, speed)
         e = obs.ego
         return self.policy.plan(self.bridge, past, speed, accel, yaw_rate, obs.command, steps=self.flow_steps,
-                                route_xy=self.route_xy, pose=(e.x, e.y, e.heading))
+                                route_xy=self.route_xy, pose=(e.x, e.y, e.heading), stop_xy=self.stop_xy)
 
 
 def _cv_agents(obs: Observation, horizon: int, dt: float):

@@ -48,6 +48,12 @@ class SceneMap:
     def __post_init__(self):
         self._drivable = prep(self.drivable)
 
+    def stop_lines_xy(self) -> np.ndarray:
+        """(K, 2) world points where the route crosses a stop line (what a route map gives the planner)."""
+        if self.stop_s is None:
+            return np.zeros((0, 2))
+        return np.asarray(self.route.interpolate(self.stop_s).coords, np.float64)[:1]
+
     def lane_info(self, x: float, y: float, heading: float):
         """(aligned lane deviation or None, on an opposing lane only?)"""
         p = Point(x, y)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, ROUTE_TOPIC, BagError, read_episode,
+from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, ROUTE_TOPIC, STOP_LINES_TOPIC, BagError, read_episode,
                            typestore)
 from ..model.config import CAMERAS
 from .pdm import ade_fde, score
 
 REPLAY_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "nav_msgs/msg/Odometry",
                 "std_msgs/msg/String", "nav_msgs/msg/Path")
-LATCHED_TYPES = ("std_msgs/msg/String", "nav_msgs/msg/Path")   # command and route: the planner subscribes latched
+LATCHED_TYPES = ("std_msgs/msg/String", "nav_msgs/msg/Path")   # command, route, stop lines: subscribed latched
 
 
 def read_raw(bag: Path, topics: set[str]):
@@ -141,7 +141,8 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     out_dir.mkdir(parents=True, exist_ok=True)
     pp = node_params("spanvla_planner", params_file)
     topics = {ODOM_TOPIC} | {t for c in CAMERAS for t in (CAMERA_TOPIC.format(c), CAMERA_TOPIC.format(c) + "/compressed")}
-    topics |= {pp.get("command_topic", "/spanvla/command"), pp.get("route_topic", ROUTE_TOPIC)}
+    topics |= {pp.get("command_topic", "/spanvla/command"), pp.get("route_topic", ROUTE_TOPIC),
+               pp.get("stop_lines_topic", STOP_LINES_TOPIC)}
     msgs, err = read_raw(bag, topics)
     if not msgs:
         raise BagError(f"nothing replayable in {bag}: {err or 'no camera/odometry topics'}")

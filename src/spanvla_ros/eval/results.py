@@ -1,7 +1,8 @@
 """spanvla-results: the training results table on held-out scenes, one command.
 
 Rows: (a) constant-velocity baseline, (b) SFT, (c) + GRPO positive only, (d) + negatives, (e) + recovery, the
-pure-noise-start ablation (SFT with a flow from N(0, I) instead of the history trajectory), and the
+pure-noise-start ablation (SFT with a flow from N(0, I) instead of the history trajectory), any further
+checkpoints given with --extra (e.g. the shipped default when it comes from another run), and the
 data-generating expert as a closed-loop reference.
 
 Open loop, on held-out samples (seeds never trained on): the reasoner generates its text from the frames (the
@@ -87,6 +88,7 @@ def closed_loop(driver, scenarios, seeds) -> dict:
     from .closed_loop import run_episode, summarise
 
     backend = HighwayEnvBackend()
+    torch.manual_seed(0)   # the noise-start expert samples: same draws for every row, reproducible
     eps = [run_episode(backend, driver, n, s) for n in scenarios for s in seeds]
     backend.close()
     return dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps])
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--closed-loop-seeds", type=int, default=2, help="first N held-out seeds per scenario (0: skip)")
     ap.add_argument("--scenarios", default="all")
     ap.add_argument("--rows", default="", help="comma list of row letters to run (e.g. c,d,e); default all")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=CHECKPOINT",
+                    help="one more row: a checkpoint directory evaluated the same way (repeatable)")
     ap.add_argument("--no-expert", action="store_true", help="skip the expert reference row")
     ap.add_argument("--out", type=Path, default=Path("results"))
     a = ap.parse_args(argv)
@@ -160,16 +164,21 @@ def main(argv=None) -> int:
 
     rows, bridge_cache = [], {}
     wanted = {f"({r.strip()})" for r in a.rows.split(",") if r.strip()}
-    for name, sub, which in ROWS:
-        if wanted and name.split()[0] not in wanted and not (name.startswith("ablation") and "(ablation)" in wanted):
-            continue
+    extra = []
+    for item in a.extra:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--extra {item!r}: expected NAME=CHECKPOINT")
+        extra.append((name, Path(path), "extra"))
+    for name, sub, which in [r for r in ROWS if not wanted or r[0].split()[0] in wanted
+                             or (r[0].startswith("ablation") and "(ablation)" in wanted)] + extra:
         t0 = time.time()
         if sub is None:
             plans = np.stack([history_trajectory(s.past, s.meta["speed"], 0.5, 8, 0.5) for s in samples])
             row = dict(name=name, open_loop=open_loop_metrics(samples, plans, scenes))
             driver = ConstantVelocityDriver()
         else:
-            root = a.run if which == "run" else a.ablation_run
+            root = {"run": a.run, "ablation": a.ablation_run, "extra": Path(".")}[which]
             if root is None or not (root / sub / "spanvla.json").is_file():
                 print(f"skip {name}: no checkpoint at {root}/{sub}")
                 continue

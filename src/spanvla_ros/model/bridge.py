@@ -34,8 +34,13 @@ class BridgeSnapshot:
     reasoning: tuple[str, ...] = ()
     latency_s: float = 0.0
     created_monotonic: float = field(default_factory=time.monotonic)
+    # (B, N, D) the VLM's vision tokens of the newest front frame (what the expert's traffic-light head reads),
+    # or None from a reasoner that does not provide them
+    front_features: torch.Tensor | None = None
 
     def __post_init__(self):
+        if self.front_features is not None and self.front_features.requires_grad:
+            raise ValueError("bridge front features must be detached")
         if not (len(self.keys) == len(self.values) == len(self.layer_ids)):
             raise ValueError("keys, values and layer_ids must have one entry per bridge layer")
         for k, v in zip(self.keys, self.values):
@@ -65,7 +70,8 @@ class BridgeSnapshot:
         return now_stamp - self.stamp
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        extra = () if self.front_features is None else (self.front_features,)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values + extra)
 
     def expand(self, n: int) -> "BridgeSnapshot":
         """Repeat a batch-1 snapshot n times (GRPO groups, batched sampling) without copying memory."""
@@ -74,7 +80,8 @@ class BridgeSnapshot:
         ex = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
         return BridgeSnapshot(tuple(map(ex, self.keys)), tuple(map(ex, self.values)), ex(self.key_mask),
                               self.next_position.expand(n), self.layer_ids, self.stamp,
-                              self.reasoning * n, self.latency_s, self.created_monotonic)
+                              self.reasoning * n, self.latency_s, self.created_monotonic,
+                              _maybe(ex, self.front_features))
 
     def repeat_interleave(self, n: int) -> "BridgeSnapshot":
         """Each batch entry n times in a row (a GRPO group per scene); copies, unlike expand()."""
@@ -82,7 +89,11 @@ class BridgeSnapshot:
         return BridgeSnapshot(tuple(map(rep, self.keys)), tuple(map(rep, self.values)), rep(self.key_mask),
                               rep(self.next_position), self.layer_ids, self.stamp,
                               tuple(r for r in self.reasoning for _ in range(n)), self.latency_s,
-                              self.created_monotonic)
+                              self.created_monotonic, _maybe(rep, self.front_features))
+
+
+def _maybe(fn, t):
+    return None if t is None else fn(t)
 
 
 def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
@@ -95,8 +106,9 @@ def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
     values = tuple(torch.cat([pad(b.values[i]) for b in items]) for i in range(items[0].num_layers))
     mask = torch.cat([torch.nn.functional.pad(b.key_mask, (0, S - b.key_mask.shape[1])) for b in items])
     pos = torch.cat([b.next_position for b in items])
+    front = None if any(b.front_features is None for b in items) else torch.cat([b.front_features for b in items])
     return BridgeSnapshot(keys, values, mask, pos, items[0].layer_ids,
-                          reasoning=tuple(r for b in items for r in b.reasoning))
+                          reasoning=tuple(r for b in items for r in b.reasoning), front_features=front)
 
 
 def split_bridge(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
@@ -107,7 +119,8 @@ def split_bridge(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
         out.append(BridgeSnapshot(tuple(k[i:i + 1, :, m].clone() for k in bridge.keys),
                                   tuple(v[i:i + 1, :, m].clone() for v in bridge.values), m[m][None].clone(),
                                   bridge.next_position[i:i + 1].clone(), bridge.layer_ids, bridge.stamp,
-                                  bridge.reasoning[i:i + 1]))
+                                  bridge.reasoning[i:i + 1],
+                                  front_features=_maybe(lambda t: t[i:i + 1].clone(), bridge.front_features)))
     return out
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .route import feature_dim
+from .route import STOP_FEATURES, feature_dim
 
 COMMANDS = ("follow lane", "turn left", "turn right", "go straight")
 CAMERAS = ("front", "front_left", "front_right")
@@ -14,9 +14,14 @@ CAMERAS = ("front", "front_left", "front_right")
 ROUTE_LOOKAHEAD_M = (4.0, 8.0, 12.0, 18.0, 25.0, 35.0, 50.0, 70.0)
 
 
-def ego_dim_for(commands, route_lookahead_m) -> int:
-    """speed, acceleration, yaw rate, command one-hot, then the route features (none without a lookahead)."""
-    return 3 + len(commands) + (feature_dim(route_lookahead_m) if route_lookahead_m else 0)
+LIGHT_STATES = ("green", "yellow", "red")
+
+
+def ego_dim_for(commands, route_lookahead_m, traffic_lights: bool = False) -> int:
+    """speed, acceleration, yaw rate, command one-hot, then the route features (none without a lookahead), then
+    the next stop line (distance, validity: the last entry) for a model with traffic-light input."""
+    return (3 + len(commands) + (feature_dim(route_lookahead_m) if route_lookahead_m else 0)
+            + (STOP_FEATURES if traffic_lights else 0))
 
 
 @dataclass
@@ -46,16 +51,25 @@ class SpanVLAConfig:
     # learns to continue whatever the ego is doing (the copycat problem of behaviour cloning) and in closed loop
     # a small deceleration compounds into a stop on an empty road. The input slot stays, held at zero.
     expert_sees_accel: bool = False
-    ego_dim: int = 0                   # derived from commands + route lookahead (0 = derive)
+    # Traffic lights (opt-in, `spanvla-train --traffic-lights`): the route's stop lines in the expert's
+    # conditioning, and a traffic-light head on the VLM's vision tokens of the newest front frame whose (detached)
+    # colour probabilities condition the expert when a stop line is ahead; the head is trained with an auxiliary
+    # cross-entropy in SFT stage 2. Needs the route input. Not in the shipped default: it did not improve the
+    # closed loop (results/training/results.md).
+    traffic_lights: bool = False
+    ego_dim: int = 0                   # derived from commands + route lookahead + traffic lights (0 = derive)
     vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        expected = ego_dim_for(self.commands, self.route_lookahead_m)
+        if self.traffic_lights and not self.route_lookahead_m:
+            raise ValueError("traffic_lights needs the route input (stop lines are measured along the route)")
+        expected = ego_dim_for(self.commands, self.route_lookahead_m, self.traffic_lights)
         if not self.ego_dim:
             self.ego_dim = expected
         elif self.ego_dim != expected:
-            raise ValueError(f"ego_dim {self.ego_dim} does not match commands + route lookahead ({expected})")
+            raise ValueError(f"ego_dim {self.ego_dim} does not match commands + route lookahead + traffic lights "
+                             f"({expected})")
 
     @property
     def num_images(self) -> int:
@@ -73,6 +87,7 @@ class SpanVLAConfig:
         d = dict(d)
         d.setdefault("route_lookahead_m", ())   # saved before the route input existed
         d.setdefault("expert_sees_accel", True)
+        d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):
             if k in d:
                 d[k] = tuple(d[k])

@@ -20,7 +20,7 @@ from .config import SpanVLAConfig
 from .errors import CheckpointError
 from .expert import FlowActionExpert
 from .reasoner import ReasoningResult, VLMReasoner
-from .route import route_features
+from .route import route_features, stop_line_features
 from .trajectory import ego_state_vector, history_trajectory
 
 # Shapes of the VLMs this project builds from scratch. "tiny" is the embedded default; "qwen0.5b-class" has
@@ -71,7 +71,7 @@ class SpanVLAPolicy:
     @staticmethod
     def make_expert(cfg: SpanVLAConfig, reasoner: VLMReasoner) -> FlowActionExpert:
         return FlowActionExpert(cfg, len(reasoner.layer_ids), reasoner.num_heads, reasoner.num_kv_heads,
-                                reasoner.head_dim, reasoner.rope_theta)
+                                reasoner.head_dim, reasoner.rope_theta, reasoner.front_token_dim)
 
     @classmethod
     def build(cls, cfg: SpanVLAConfig, tokenizer, preset: str = "tiny", seed: int = 0) -> "SpanVLAPolicy":
@@ -132,9 +132,15 @@ class SpanVLAPolicy:
     def uses_route(self) -> bool:
         return bool(self.cfg.route_lookahead_m)
 
-    def route_input(self, route_xy: np.ndarray | None, pose) -> np.ndarray | None:
-        """Route features for the ego at world ``pose`` (x, y, yaw), or None for a model without route input."""
-        return route_features(route_xy, pose, self.cfg.route_lookahead_m) if self.uses_route else None
+    def route_input(self, route_xy: np.ndarray | None, pose, stop_xy: np.ndarray | None = None) -> np.ndarray | None:
+        """Route features for the ego at world ``pose`` (x, y, yaw), then (traffic-light model) the next of the
+        stop lines ``stop_xy`` (world points on the route); None for a model without route input."""
+        if not self.uses_route:
+            return None
+        route = route_features(route_xy, pose, self.cfg.route_lookahead_m)
+        if not self.cfg.traffic_lights:
+            return route
+        return np.concatenate([route, stop_line_features(route_xy, stop_xy, pose)])
 
     def ego_vector(self, speed: float, accel: float, yaw_rate: float, command: str,
                    route: np.ndarray | None = None) -> np.ndarray:
@@ -146,13 +152,14 @@ class SpanVLAPolicy:
     @torch.inference_mode()
     def plan(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float, command: str,
              steps: int | None = None, horizon: int | None = None, route_xy: np.ndarray | None = None,
-             pose=None) -> np.ndarray:
+             pose=None, stop_xy: np.ndarray | None = None) -> np.ndarray:
         """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge.
 
         ``route_xy`` (world polyline) and the ego's world ``pose`` (x, y, yaw) in the same frame give the route
-        input; without them a route-conditioned model plans from the cameras alone."""
+        input; without them a route-conditioned model plans from the cameras alone. ``stop_xy``: the route's
+        stop lines (world points), for a traffic-light model."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
         ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command,
-                                               self.route_input(route_xy, pose)))[None].to(dev)
+                                               self.route_input(route_xy, pose, stop_xy)))[None].to(dev)
         return self.expert.sample(bridge, a_his, ego, steps=steps)[0].cpu().numpy()

@@ -62,6 +62,14 @@ class VLMReasoner:
         if self.action_token_id is None or self.action_token_id == tokenizer.unk_token_id:
             raise CheckpointError(f"tokenizer has no action token {cfg.action_token!r}: add it and fine-tune the VLM")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # the traffic-light head reads the vision encoder's last hidden states (before the 2x2 merger, which blurs
+        # a signal head a few pixels wide) of the newest front frame; images are time-major, cameras inner
+        grid = image_processor(images=[Image.new("RGB", (cfg.image_width, cfg.image_height))],
+                               return_tensors="pt")["image_grid_thw"]
+        self.front_tokens = int(grid.prod(-1)[0])
+        self.front_token_dim = model.config.vision_config.hidden_size
+        front = cfg.cameras.index("front") if "front" in cfg.cameras else 0
+        self.front_image_index = (cfg.history_frames - 1) * len(cfg.cameras) + front
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -137,11 +145,22 @@ class VLMReasoner:
                 "position_ids": position_ids.to(dev), "num_vision_tokens": int(mm[0].sum())}
 
     def _forward(self, inputs: dict, cache=None):
+        """Model forward with a fresh KV cache; also returns the front features (B, N, D), the vision encoder's
+        last hidden states of the newest front frame, taken with a forward hook so the encoder runs once. (Within an
+        image they are in the encoder's window order: the light head pools over tokens, so order does not matter.)"""
         from transformers import DynamicCache
 
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         kw = {k: v for k, v in inputs.items() if k != "num_vision_tokens"}
-        return self.model(**kw, past_key_values=cache, use_cache=True, return_dict=True)
+        seen = []
+        hook = self.model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.last_hidden_state))
+        try:
+            out = self.model(**kw, past_key_values=cache, use_cache=True, return_dict=True)
+        finally:
+            hook.remove()
+        B = inputs["input_ids"].shape[0]
+        vis = seen[0].reshape(B, self.cfg.num_images, self.front_tokens, -1)
+        return out, vis[:, self.front_image_index].detach().float()
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -153,7 +172,7 @@ class VLMReasoner:
         max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         t0 = time.perf_counter()
         inputs = self.encode([images], [prompt])
-        out = self._forward(inputs)
+        out, front = self._forward(inputs)
         cache = out.past_key_values
         next_pos = int(inputs["position_ids"].max()) + 1
         t1 = time.perf_counter()
@@ -181,7 +200,8 @@ class VLMReasoner:
         seq_len = cache.get_seq_length()
         bridge = BridgeSnapshot.from_cache(
             cache, self.layer_ids, torch.ones(1, seq_len, dtype=torch.bool, device=self.device),
-            torch.tensor([next_pos], device=self.device), stamp=stamp, reasoning=(text,), latency_s=t2 - t0)
+            torch.tensor([next_pos], device=self.device), stamp=stamp, reasoning=(text,), latency_s=t2 - t0,
+            front_features=front)
         return ReasoningResult(text, generated, bridge, t1 - t0, t2 - t1, inputs["num_vision_tokens"], hit,
                                cache if keep_cache else None, logits if keep_cache else None)
 
@@ -209,7 +229,7 @@ class VLMReasoner:
         n_vis = inputs["num_vision_tokens"]
         for i, plen in enumerate(prompt_lens):
             labels[i, : plen + n_vis - self.cfg.num_images] = -100
-        out = self._forward(inputs)
+        out, front = self._forward(inputs)
         logits = out.logits[:, :-1].float()
         targets = labels[:, 1:].reshape(-1)
         per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
@@ -222,5 +242,5 @@ class VLMReasoner:
         if with_bridge:
             mask = inputs["attention_mask"].bool()
             pos = inputs["position_ids"].masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1
-            bridge = BridgeSnapshot.from_cache(out.past_key_values, self.layer_ids, mask, pos)
+            bridge = BridgeSnapshot.from_cache(out.past_key_values, self.layer_ids, mask, pos, front_features=front)
         return loss, bridge

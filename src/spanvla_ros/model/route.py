@@ -10,6 +10,11 @@ newest odometry pose, so they are never older than the odometry the plan starts 
 lateral offset and heading error at the ego's projection on the route, then the route points at fixed arc
 lengths ahead in the ego frame, then a validity bit (0 and all-zero features when no route is known; the
 expert is trained with route dropout so it still plans from the cameras alone).
+
+Stop lines come with the route (lane-level route maps give them: CARLA's traffic lights' stop waypoints, a
+lanelet2 map's stop lines): the expert sees the arc length from the ego to the next one ahead, and a validity
+bit. Where to stop is then a map fact; whether to stop (the light's colour) is read from the camera frames by
+the expert's traffic-light head (model.expert), so the bridge no longer has to carry the distance as well.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ import numpy as np
 LATERAL_SCALE_M = 2.0
 HEADING_SCALE_RAD = 0.5
 POINT_SCALE_M = 10.0
+STOP_SCALE_M = 20.0
+STOP_RANGE_M = (-2.0, 60.0)    # a stop line is "ahead" from just behind the ego's centre to 60 m (4 s at 15 m/s)
+STOP_MAX_OFFSET_M = 3.0       # farther from the route than this, a stop line belongs to another road
+STOP_FEATURES = 2
 
 
 def feature_dim(lookahead_m) -> int:
@@ -73,6 +82,27 @@ def route_features(route_xy: np.ndarray | None, pose, lookahead_m) -> np.ndarray
     out[2:-1] = np.clip(ego_pts / POINT_SCALE_M, -10, 10).reshape(-1)
     out[-1] = 1.0
     return out
+
+
+def stop_line_distance(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> float | None:
+    """Arc length along the route from the ego's projection to the nearest stop line in STOP_RANGE_M, or None."""
+    if route_xy is None or len(route_xy) < 2 or stop_xy is None or len(stop_xy) == 0:
+        return None
+    route_xy = np.asarray(route_xy, np.float64)
+    s_ego = _project(route_xy, float(pose[0]), float(pose[1]))[0]
+    ahead = []
+    for x, y in np.asarray(stop_xy, np.float64).reshape(-1, 2):
+        s, offset, _, _ = _project(route_xy, float(x), float(y))
+        if abs(offset) <= STOP_MAX_OFFSET_M and STOP_RANGE_M[0] <= s - s_ego <= STOP_RANGE_M[1]:
+            ahead.append(s - s_ego)
+    return min(ahead) if ahead else None
+
+
+def stop_line_features(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> np.ndarray:
+    """(distance to the next stop line / STOP_SCALE_M, validity); zeros when none is ahead or none is known.
+    The validity bit is the last entry of the expert's conditioning vector (it gates the traffic-light head)."""
+    d = stop_line_distance(route_xy, stop_xy, pose)
+    return np.zeros(STOP_FEATURES, np.float32) if d is None else np.array([d / STOP_SCALE_M, 1.0], np.float32)
 
 
 def hindsight_lane_route(route_xy: np.ndarray, goal_xy, lane_width: float) -> np.ndarray:

@@ -30,6 +30,7 @@ from spanvla_ros.model.bridge import LatestBridge
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
+from spanvla_ros.ros.messages import path_xy
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
@@ -51,6 +52,8 @@ class PlannerNode(Node):
         self.command = "follow lane"
         self.route_xy: np.ndarray | None = None    # world polyline, in self.route_frame
         self.route_frame = ""
+        self.stop_xy: np.ndarray | None = None     # the route's stop lines (world points), in self.stop_frame
+        self.stop_frame = ""
         self._odom_frame = ""
         self.counters: Counter = Counter()
         self.bad_messages = 0
@@ -74,6 +77,8 @@ class PlannerNode(Node):
         self.create_subscription(String, p["command_topic"], self._on_command, latched)
         # the mission route (lane centre to follow), latched like the carla-ros-bridge waypoint topic
         self.create_subscription(Path, p["route_topic"], self._on_route, latched)
+        # the route's stop lines (a Path of points, empty when the route has none), latched like the route
+        self.create_subscription(Path, p["stop_lines_topic"], self._on_stop_lines, latched)
         self.pub_path = self.create_publisher(Path, p["path_topic"], 5)
         self.pub_status = self.create_publisher(PlanStatus, p["status_topic"], 5)
         self.pub_markers = self.create_publisher(MarkerArray, p["markers_topic"], 5)
@@ -95,7 +100,7 @@ class PlannerNode(Node):
                         camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                                        "/carla/ego_vehicle/rgb_front_right/image"],
                         odom_topic="/carla/ego_vehicle/odometry", command_topic="/spanvla/command",
-                        route_topic="/carla/ego_vehicle/route",
+                        route_topic="/carla/ego_vehicle/route", stop_lines_topic="/carla/ego_vehicle/stop_lines",
                         base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
                         control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
                         odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
@@ -137,7 +142,7 @@ class PlannerNode(Node):
             self._control()
 
     def _on_route(self, msg: Path) -> None:
-        xy = np.array([(ps.pose.position.x, ps.pose.position.y) for ps in msg.poses], np.float64).reshape(-1, 2)
+        xy = path_xy(msg)
         if len(xy) < 2 or not np.isfinite(xy).all():
             self._bad("route", f"route needs >= 2 finite poses, got {len(xy)}")
             return
@@ -145,6 +150,27 @@ class PlannerNode(Node):
         self.route_xy, self.route_frame = xy[keep], msg.header.frame_id
         self.counters["routes_received"] += 1
         self.get_logger().info(f"route: {len(self.route_xy)} poses in frame {self.route_frame!r}")
+
+    def _on_stop_lines(self, msg: Path) -> None:
+        xy = path_xy(msg)
+        if not np.isfinite(xy).all():
+            self._bad("stop_lines", "non-finite stop line position")
+            return
+        self.stop_xy, self.stop_frame = xy, msg.header.frame_id
+        self.counters["stop_lines_received"] += 1
+        self.get_logger().info(f"stop lines: {len(xy)} on the route, frame {self.stop_frame!r}")
+
+    def _stop_lines_for_plan(self):
+        """The route's stop lines for a traffic-light model, None if unknown (the model then reads the light
+        but not where to stop: counted)."""
+        if not self.policy.cfg.traffic_lights:
+            return None
+        if self.stop_xy is None or (self.stop_frame and self.route_frame and self.stop_frame != self.route_frame):
+            self.counters["plans_without_stop_lines"] += 1
+            self.get_logger().warning(f"no stop lines on {self.params['stop_lines_topic']} in the route's frame: "
+                                      "planning without them", throttle_duration_sec=5.0)
+            return None
+        return self.stop_xy
 
     def _route_for_plan(self):
         """The route if it can be used with the current odometry, else None (and why, counted and logged)."""
@@ -231,7 +257,8 @@ class PlannerNode(Node):
             degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", float("inf")
         else:
             traj = self.policy.plan(bridge, past, speed, accel, yaw_rate, self.command, steps=p["flow_steps"],
-                                    route_xy=route, pose=self.ego.latest_pose())
+                                    route_xy=route, pose=self.ego.latest_pose(),
+                                    stop_xy=self._stop_lines_for_plan() if route is not None else None)
             age = stamp - bridge.stamp
             degraded = age > p["bridge_stale_s"]
             reason = f"bridge stale: {age:.2f} s > {p['bridge_stale_s']:.2f} s" if degraded else ""

@@ -1,7 +1,7 @@
 """sim_bridge: the simulator side of the closed loop, on carla-ros-bridge topic names.
 
-Publishes per camera sensor_msgs/Image + CameraInfo, nav_msgs/Odometry, the ground-truth route (nav_msgs/Path,
-transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where it is
+Publishes per camera sensor_msgs/Image + CameraInfo, nav_msgs/Odometry, the ground-truth route and its stop lines
+(nav_msgs/Path, transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where it is
 installed, else as geometry_msgs/TransformStamped on /sim/tf and /sim/tf_static (tf2_msgs has no wheel here).
 Subscribes to the planned nav_msgs/Path and tracks it with pure pursuit + PI speed control at control rate.
 The simulator steps at ``sim_rate_hz`` in real time; when an episode ends the next seed starts.
@@ -49,7 +49,7 @@ class SimBridgeNode(Node):
                  camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                                 "/carla/ego_vehicle/rgb_front_right/image"],
                  odom_topic="/carla/ego_vehicle/odometry", route_topic="/carla/ego_vehicle/route",
-                 agents_topic="/sim/agents", command_topic="/spanvla/command", path_topic="/spanvla/path",
+                 stop_lines_topic="/carla/ego_vehicle/stop_lines", agents_topic="/sim/agents", command_topic="/spanvla/command", path_topic="/spanvla/path",
                  base_frame="base_link", map_frame="map")
         self.p = p = {k: self.declare_parameter(k, v).value for k, v in d.items()}
         self.backend = backend or make_backend(p["backend"])
@@ -63,6 +63,7 @@ class SimBridgeNode(Node):
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.odom_pub = self.create_publisher(Odometry, p["odom_topic"], 20)
         self.route_pub = self.create_publisher(Path, p["route_topic"], latched)
+        self.stop_lines_pub = self.create_publisher(Path, p["stop_lines_topic"], latched)
         self.cmd_pub = self.create_publisher(String, p["command_topic"], latched)
         self.agents_pub = self.create_publisher(MarkerArray, p["agents_topic"], 5)
         self._tf = self._make_tf_publishers(latched)
@@ -110,6 +111,7 @@ class SimBridgeNode(Node):
         self.get_logger().info(f"episode {self._episode_index}: {self.scenario} seed {self.seed} ({self.obs.command})")
         stamp = sec_to_stamp(self._stamp())
         self.route_pub.publish(xy_path_msg(self.backend.route_xy[::2], p["map_frame"], stamp))
+        self.stop_lines_pub.publish(xy_path_msg(self.backend.stop_lines_xy, p["map_frame"], stamp))
         self.cmd_pub.publish(String(data=self.obs.command))
         for cam in getattr(self.backend.rig, "cameras", ()):
             self._send_tf(self._transform(stamp, p["base_frame"], f"{cam.name}_camera", cam.x, 0.0, cam.z, cam.yaw), True)

@@ -113,6 +113,18 @@ class CarlaBackend:
         self.route = LineString(self.route_xy) if len(pts) > 1 else None
         self.route_length_m = min(self.route_length, total)
         self.command = "follow lane"
+        self.stop_lines_xy = self._route_stop_lines()
+
+    def _route_stop_lines(self) -> np.ndarray:
+        """Stop lines of the traffic lights whose stop waypoints lie on the route (within half a lane)."""
+        from shapely.geometry import Point
+
+        if self.route is None:
+            return np.zeros((0, 2))
+        pts = [(w.transform.location.x, -w.transform.location.y)
+               for tl in self.world.get_actors().filter("traffic.traffic_light*") for w in tl.get_stop_waypoints()]
+        on_route = [p for p in pts if self.route.distance(Point(p)) < 1.75]
+        return np.array(sorted(on_route, key=lambda p: self.route.project(Point(p)))).reshape(-1, 2)
 
     # ------------------------------------------------------------------ stepping
     def _collect(self, frame: int) -> dict:

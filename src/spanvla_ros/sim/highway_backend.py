@@ -129,6 +129,8 @@ class HighwayEnvBackend:
 
         self.route_xy = np.array(pts)
         self.route = LineString(self.route_xy)
+        self.stop_lines_xy = (np.asarray(self.route.interpolate(self.stop_s).coords, np.float64)[:1]
+                              if self.stop_s is not None else np.zeros((0, 2)))
         self.route_length = min(sc.route_length_m, self.route.length - 5.0)
         heading = np.unwrap(np.arctan2(np.diff(self.route_xy[:, 1]), np.diff(self.route_xy[:, 0])))
         turn = heading[-1] - heading[0] if len(heading) else 0.0

@@ -81,9 +81,10 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
 
 def attach_routes(samples: list[Sample], scenes: dict) -> None:
     """meta["route_xy"]: the route polyline the expert is given for each sample, the episode's route relabelled to
-    the lane the logged drive ends in (see model.route.hindsight_lane_route). The features a model reads from it
-    depend on that model's lookahead, so they are made per batch (SpanVLAPolicy.route_input)."""
-    from shapely.geometry import Point
+    the lane the logged drive ends in (see model.route.hindsight_lane_route); meta["stop_xy"]: the route's stop
+    lines. The features a model reads from them depend on that model's lookahead, so they are made per batch
+    (SpanVLAPolicy.route_input)."""
+    from shapely.geometry import LineString, Point
 
     from ..model.route import hindsight_lane_route
     from ..model.trajectory import to_world
@@ -94,3 +95,20 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
         goal = to_world(pose, s.future[-1:])[0, :2]
         lane = min(scene.lanes, key=lambda ln: ln.centre.distance(Point(*goal)), default=None)
         s.meta["route_xy"] = hindsight_lane_route(np.asarray(scene.route.coords), goal, lane.width if lane else 4.0)
+        # a stop line crosses every lane of the approach: its point on the relabelled lane
+        line = LineString(s.meta["route_xy"])
+        s.meta["stop_xy"] = np.array([line.interpolate(line.project(Point(*p))).coords[0]
+                                      for p in scene.stop_lines_xy()]).reshape(-1, 2)
+
+
+def light_label(sample: Sample) -> int:
+    """Index into LIGHT_STATES of the signal now, for a sample with a stop line ahead on its route; -100 (ignored
+    by cross-entropy) otherwise: once past the line its colour no longer matters to the ego."""
+    from ..model.config import LIGHT_STATES
+    from ..model.route import stop_line_distance
+
+    m = sample.meta
+    state = m["lights"].get(0.0)
+    if state not in LIGHT_STATES or stop_line_distance(m.get("route_xy"), m.get("stop_xy"), m["pose"]) is None:
+        return -100
+    return LIGHT_STATES.index(state)

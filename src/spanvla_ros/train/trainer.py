@@ -22,10 +22,10 @@ import torch
 
 from ..data.scene_text import light_token_weight
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
-from ..model.config import ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
+from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.policy import SpanVLAPolicy
 from ..model.trajectory import normalise
-from .dataset import Sample, attach_routes, load_samples, scene_maps, score_plan
+from .dataset import Sample, attach_routes, light_label, load_samples, scene_maps, score_plan
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -79,11 +79,15 @@ class CsvLog:
 
 # ------------------------------------------------------------------ batches
 def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample], route_dropout: float = 0.0, rng=None) -> torch.Tensor:
-    """Expert conditioning per sample; with ``route_dropout`` that share of samples is given no route."""
+    """Expert conditioning per sample; with ``route_dropout`` that share of samples is given no route, and
+    independently that share no stop lines (a map without them, a bag recorded before they were published)."""
+    def dropped():
+        return route_dropout > 0 and rng.random() < route_dropout
+
     def route(s):
-        if not policy.uses_route or (route_dropout > 0 and rng.random() < route_dropout):
+        if not policy.uses_route or dropped():
             return None
-        return policy.route_input(s.meta["route_xy"], s.meta["pose"])
+        return policy.route_input(s.meta["route_xy"], s.meta["pose"], None if dropped() else s.meta.get("stop_xy"))
     return torch.from_numpy(np.stack([policy.ego_vector(s.meta["speed"], s.meta["accel"], s.meta["yaw_rate"],
                                                         s.meta["command"], route(s)) for s in samples]))
 
@@ -169,14 +173,28 @@ def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> li
 
 
 def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
+    """Flow matching; a traffic-light model also trains its light head (cross-entropy on the samples with a stop
+    line ahead; the flow reads the head's output detached, so the head stays a plain classifier)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    labels = torch.tensor([light_label(s) for s in samples]) if policy.cfg.traffic_lights else None
+    if labels is not None:
+        at_light = [b for b, y in zip(bridges, labels.tolist()) if y >= 0] or bridges
+        policy.expert.fit_light_normaliser(torch.cat([b.front_features for b in at_light]).float())
+        if dist_info()[0] == 0:
+            counts = {name: int((labels == i).sum()) for i, name in enumerate(LIGHT_STATES)}
+            print(f"traffic-light head: {sum(counts.values())} samples with a stop line ahead {counts}")
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         a = torch.from_numpy(np.stack([s.future for s in bs]))
-        return policy.expert.flow_loss(collate_bridges([bridges[i] for i in ii]), a, his_tensor(policy, bs),
+        br = collate_bridges([bridges[i] for i in ii])
+        loss = policy.expert.flow_loss(br, a, his_tensor(policy, bs),
                                        ego_tensor(policy, bs, policy.cfg.route_dropout, rng), generator=gen)
+        if labels is not None and (labels[ii] >= 0).any():
+            loss = loss + torch.nn.functional.cross_entropy(policy.expert.light_logits(br), labels[ii],
+                                                            ignore_index=-100)
+        return loss
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
                       batch_loss, seed)
@@ -248,21 +266,24 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     expert.eval()
 
 
-def build_initial(samples, flow_init: str, seed: int, route: bool = True) -> SpanVLAPolicy:
+def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights: bool = False) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
 
-    cfg = SpanVLAConfig(flow_init=flow_init, **({} if route else dict(route_lookahead_m=())))
+    cfg = SpanVLAConfig(flow_init=flow_init, traffic_lights=route and lights,
+                        **({} if route else dict(route_lookahead_m=())))
     corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
     tok = train_tokenizer(corpus)
     return SpanVLAPolicy.build(cfg, tok, preset="tiny", seed=seed)
 
 
-def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True) -> SpanVLAPolicy:
+def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True,
+                 lights: bool = False) -> SpanVLAPolicy:
     """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
     policy.cfg.flow_init = flow_init
     policy.cfg.route_lookahead_m = ROUTE_LOOKAHEAD_M if route else ()
-    policy.cfg.ego_dim = ego_dim_for(policy.cfg.commands, policy.cfg.route_lookahead_m)
+    policy.cfg.traffic_lights = route and lights
+    policy.cfg.ego_dim = ego_dim_for(policy.cfg.commands, policy.cfg.route_lookahead_m, policy.cfg.traffic_lights)
     policy.cfg.expert_sees_accel = SpanVLAConfig.expert_sees_accel
     torch.manual_seed(seed + 1)
     policy.expert = SpanVLAPolicy.make_expert(policy.cfg, policy.reasoner).eval()
@@ -291,6 +312,9 @@ def main(argv=None) -> int:
                     help="reasoning the expert's training bridges are computed over (see precompute_bridges)")
     ap.add_argument("--no-route", action="store_true",
                     help="train the expert without the route input (cameras + command only, as before it existed)")
+    ap.add_argument("--traffic-lights", action="store_true",
+                    help="expert with the route's stop lines and a traffic-light head on the VLM's front-frame "
+                         "vision tokens (model.expert; needs the route input)")
     ap.add_argument("--more-sft-epochs", type=int, default=0,
                     help="with --vlm-from: continue SFT stage 1 on that VLM for this many epochs first")
     ap.add_argument("--light-weight", type=float, default=1.0,
@@ -304,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.traffic_lights and a.no_route:
+        raise SystemExit("--traffic-lights needs the route input (stop lines are measured along the route)")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -334,7 +360,7 @@ def main(argv=None) -> int:
         print("resume: loaded finished stage sft")
     elif a.vlm_from:
         policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
-                              route=not a.no_route)
+                              route=not a.no_route, lights=a.traffic_lights)
         if a.more_sft_epochs:
             t0 = time.time()
             sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight)
@@ -343,7 +369,7 @@ def main(argv=None) -> int:
         else:
             print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
     else:
-        policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route)
+        policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights)
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
