@@ -167,6 +167,11 @@ def odometry_msg(ts, stamp_t, x, y, yaw, speed, yaw_rate):
                                       twist=twist)
 
 
+def path_xy(msg) -> np.ndarray:
+    """(N, 2) positions of a nav_msgs/Path's poses; works on rosbags and rclpy messages alike."""
+    return np.array([(ps.pose.position.x, ps.pose.position.y) for ps in msg.poses], np.float64).reshape(-1, 2)
+
+
 @dataclass
 class EpisodeLog:
     """What a bag holds, as arrays. Times are bag stamps in seconds."""
@@ -233,9 +238,9 @@ def read_episode(path: Path, cameras) -> EpisodeLog:
                 elif conn.topic == LIGHT_TOPIC:
                     log.light.append((t, msg.data))
                 elif conn.topic == ROUTE_TOPIC:
-                    log.route = np.array([(p.pose.position.x, p.pose.position.y) for p in msg.poses])
+                    log.route = path_xy(msg)
                 elif conn.topic == STOP_LINES_TOPIC:
-                    log.stop_lines = np.array([(p.pose.position.x, p.pose.position.y) for p in msg.poses]).reshape(-1, 2)
+                    log.stop_lines = path_xy(msg)
                 elif conn.topic == COMMAND_TOPIC:
                     log.command = msg.data
     except BagError:

@@ -115,7 +115,7 @@ class PolicyDriver(PlanningDriver):
         super().reset(obs, backend)
         self.bridge, self._next_reason, self.texts = None, 0.0, []
         self.route_xy = backend.route_xy if self.use_route else None
-        self.stop_xy = getattr(backend, "stop_lines_xy", None) if self.use_route else None
+        self.stop_xy = backend.stop_lines_xy if self.use_route else None
 
     def plan(self, obs, past, speed, accel, yaw_rate):
         if obs.t >= self._next_reason:

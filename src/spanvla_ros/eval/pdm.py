@@ -38,6 +38,13 @@ class Lane:
         self.arc = np.r_[0.0, np.cumsum(np.hypot(*np.diff(xy, axis=0).T))]
 
 
+def stop_line_points(route: LineString, stop_s: float | None) -> np.ndarray:
+    """(K, 2) world points where the route crosses a stop line (what a route map gives the planner)."""
+    if stop_s is None:
+        return np.zeros((0, 2))
+    return np.asarray(route.interpolate(stop_s).coords, np.float64)
+
+
 @dataclass
 class SceneMap:
     drivable: Polygon
@@ -49,10 +56,7 @@ class SceneMap:
         self._drivable = prep(self.drivable)
 
     def stop_lines_xy(self) -> np.ndarray:
-        """(K, 2) world points where the route crosses a stop line (what a route map gives the planner)."""
-        if self.stop_s is None:
-            return np.zeros((0, 2))
-        return np.asarray(self.route.interpolate(self.stop_s).coords, np.float64)[:1]
+        return stop_line_points(self.route, self.stop_s)
 
     def lane_info(self, x: float, y: float, heading: float):
         """(aligned lane deviation or None, on an opposing lane only?)"""

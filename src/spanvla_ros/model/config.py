@@ -51,11 +51,11 @@ class SpanVLAConfig:
     # learns to continue whatever the ego is doing (the copycat problem of behaviour cloning) and in closed loop
     # a small deceleration compounds into a stop on an empty road. The input slot stays, held at zero.
     expert_sees_accel: bool = False
-    # Traffic lights (opt-in, `spanvla-train --traffic-lights`): the route's stop lines in the expert's
-    # conditioning, and a traffic-light head on the VLM's vision tokens of the newest front frame whose (detached)
-    # colour probabilities condition the expert when a stop line is ahead; the head is trained with an auxiliary
-    # cross-entropy in SFT stage 2. Needs the route input. Not in the shipped default: it did not improve the
-    # closed loop (results/training/results.md).
+    # Traffic lights (`spanvla-train --traffic-lights`; on in the shipped default's spanvla.json, off for
+    # configs saved before it existed): the route's stop lines in the expert's conditioning, and a traffic-light
+    # head on the VLM's vision tokens of the newest front frame whose (detached) colour probabilities condition
+    # the expert when a stop line is ahead; the head is trained with an auxiliary cross-entropy in SFT stage 2.
+    # Needs the route input.
     traffic_lights: bool = False
     ego_dim: int = 0                   # derived from commands + route lookahead + traffic lights (0 = derive)
     vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)

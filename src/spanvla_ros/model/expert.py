@@ -14,9 +14,9 @@ the bridge snapshot) classifies the light (green / yellow / red), supervised wit
 the light heads of TransFuser / InterFuser. It is attention-pooled: a per-token MLP gives a "this is the signal"
 score and class logits, and the softmax of the scores over tokens weights the logits, so the signal is found
 wherever it is in the image (held-out accuracy 0.88 vs 0.77 for a linear head on the flattened tokens, measured
-on the default VLM's features). Its probabilities, detached and gated by the
-stop-line validity (the last ego entry), join the ego conditioning: a stop/go decision the flow would otherwise
-have to find in ~1000 bridge tokens, which it did not (results/training/results.md).
+on the default VLM's features). Its probabilities, detached and gated by the stop-line validity (the last ego
+entry), join the ego conditioning: a stop/go decision the flow would otherwise have to find in ~1000 bridge
+tokens, which it did not (results/training/results.md).
 """
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ class FlowActionExpert(nn.Module):
         raise ValueError(f"flow_init must be 'history' or 'noise', got {self.cfg.flow_init!r}")
 
     def flow_loss(self, bridge: BridgeSnapshot, a: torch.Tensor, a_his: torch.Tensor, ego: torch.Tensor,
-                  t: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+                  t: torch.Tensor | None = None, generator=None,
+                  light_probs: torch.Tensor | None = None) -> torch.Tensor:
         """Conditional flow matching. a, a_his: (B, T, A) in physical units."""
         a_n, his_n = normalise(a, self.cfg.action_scale), normalise(a_his, self.cfg.action_scale)
         x0 = self.initial_state(his_n, generator)
@@ -186,7 +187,7 @@ class FlowActionExpert(nn.Module):
         if t is None:
             t = torch.rand(a.shape[0], generator=generator, device=a.device)
         x_t, target = flow_pair(a_n, x0, t)
-        return F.mse_loss(self(bridge, x_t, t, ego), target)
+        return F.mse_loss(self(bridge, x_t, t, ego, light_probs), target)
 
     def sample(self, bridge: BridgeSnapshot, a_his: torch.Tensor, ego: torch.Tensor, steps: int | None = None,
                generator=None, step_std: float = 0.0, return_log_prob: bool = False):

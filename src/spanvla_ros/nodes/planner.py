@@ -25,12 +25,12 @@ from transforms3d.euler import euler2quat, quat2euler
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.config import resolve_share_path
+from spanvla_ros.data.bag_io import path_xy
 from spanvla_ros.data.sensor_buffers import EgoHistory, FrameHistory
 from spanvla_ros.model.bridge import LatestBridge
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
-from spanvla_ros.ros.messages import path_xy
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"

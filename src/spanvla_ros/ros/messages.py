@@ -18,9 +18,3 @@ def xy_path_msg(xy, frame_id: str, stamp=None):
         path.poses.append(ps)
     return path
 
-
-def path_xy(msg) -> "np.ndarray":
-    """(N, 2) positions of a nav_msgs/Path's poses."""
-    import numpy as np
-
-    return np.array([(ps.pose.position.x, ps.pose.position.y) for ps in msg.poses], np.float64).reshape(-1, 2)

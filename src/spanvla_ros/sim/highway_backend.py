@@ -127,10 +127,11 @@ class HighwayEnvBackend:
             lane_index, lane, s = nxt, net.get_lane(nxt), 0.0
         from shapely.geometry import LineString
 
+        from ..eval.pdm import stop_line_points
+
         self.route_xy = np.array(pts)
         self.route = LineString(self.route_xy)
-        self.stop_lines_xy = (np.asarray(self.route.interpolate(self.stop_s).coords, np.float64)[:1]
-                              if self.stop_s is not None else np.zeros((0, 2)))
+        self.stop_lines_xy = stop_line_points(self.route, self.stop_s)
         self.route_length = min(sc.route_length_m, self.route.length - 5.0)
         heading = np.unwrap(np.arctan2(np.diff(self.route_xy[:, 1]), np.diff(self.route_xy[:, 0])))
         turn = heading[-1] - heading[0] if len(heading) else 0.0

@@ -189,11 +189,13 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
         bs = [samples[i] for i in ii]
         a = torch.from_numpy(np.stack([s.future for s in bs]))
         br = collate_bridges([bridges[i] for i in ii])
+        logits = policy.expert.light_logits(br)   # once: the flow reads them detached, the CE trains the head
+        probs = None if logits is None else torch.softmax(logits.detach().float(), -1)
         loss = policy.expert.flow_loss(br, a, his_tensor(policy, bs),
-                                       ego_tensor(policy, bs, policy.cfg.route_dropout, rng), generator=gen)
+                                       ego_tensor(policy, bs, policy.cfg.route_dropout, rng), generator=gen,
+                                       light_probs=probs)
         if labels is not None and (labels[ii] >= 0).any():
-            loss = loss + torch.nn.functional.cross_entropy(policy.expert.light_logits(br), labels[ii],
-                                                            ignore_index=-100)
+            loss = loss + torch.nn.functional.cross_entropy(logits, labels[ii], ignore_index=-100)
         return loss
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
