@@ -339,14 +339,17 @@ def test_traffic_light_head_conditions_the_expert_only_before_a_stop_line(tokeni
     r = policy.reason(frames(seed=5), "go straight", 6.0, 0.0, PAST, max_new_tokens=4)
     b = r.bridge
     rs = policy.reasoner
-    assert b.front_features.shape == (1, rs.front_tokens, rs.front_token_dim) and not b.front_features.requires_grad
+    assert b.front_features.shape == (1, policy.cfg.history_frames, rs.front_tokens, rs.front_token_dim)
+    assert not b.front_features.requires_grad
     other = dataclasses.replace(b, front_features=b.front_features.flip(-1))
     route = np.stack([np.arange(-50.0, 150.0, 2.0), np.zeros(100)], 1)
     at_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), np.array([[25.0, 0]])))
     no_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), None))
     with torch.no_grad():
-        c_at, c_other = (expert.conditioning(br, torch.from_numpy(at_light)[None]) for br in (b, other))
-        c_none, c_none_other = (expert.conditioning(br, torch.from_numpy(no_light)[None]) for br in (b, other))
+        c_at, c_other = (expert.conditioning(e, expert.percept(br, e)) for br in (b, other)
+                         for e in [torch.from_numpy(at_light)[None]])
+        c_none, c_none_other = (expert.conditioning(e, expert.percept(br, e)) for br in (b, other)
+                                for e in [torch.from_numpy(no_light)[None]])
     assert c_at.shape[1] == policy.cfg.ego_dim + 3
     assert float(c_at[0, -3:].sum()) == pytest.approx(1.0) and not torch.allclose(c_at, c_other)
     assert not c_none[0, -3:].any() and torch.equal(c_none, c_none_other)

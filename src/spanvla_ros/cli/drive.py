@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         if rl:
             print(f"[spanvla-drive] reasoner latency median {statistics.median(rl):.3f} s, max {max(rl):.3f} s; "
                   f"expert latency p50 {_pct(el, .5) * 1e3:.1f} ms, p99 {_pct(el, .99) * 1e3:.1f} ms")
-        if planner._last_reasoning:
-            print(f"[spanvla-drive] last reasoning: {planner._last_reasoning!r}")
+        if planner.core.last_reasoning:
+            print(f"[spanvla-drive] last reasoning: {planner.core.last_reasoning!r}")
         print(f"[spanvla-drive] counters {dict(c)}")
         if sim is not None:
             from spanvla_ros.eval.closed_loop import EpisodeResult

@@ -27,7 +27,7 @@ from ..model.config import CAMERAS
 from ..model.trajectory import to_ego, to_world
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
-from .scene_text import describe, facts_from_state
+from .scene_text import describe, facts_from_state, perception_facts
 
 HORIZON, DT, PAST, PAST_DT = 8, 0.5, 4, 0.5
 HISTORY_FRAMES = 4
@@ -158,6 +158,8 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
             frame_stamps=[BAG_EPOCH + now["t"] - k * DT for k in range(HISTORY_FRAMES - 1, -1, -1)],
             past=past.round(4).tolist(), speed=round(pose[3], 4), accel=round(accel, 4), yaw_rate=round(yaw_rate, 4),
             future=future.round(4).tolist(), reasoning=describe(facts, future, rng),
+            # simulator truth at the sample time: perception labels (model.perception) and evaluation only
+            facts=perception_facts(facts),
             expert_pdm=expert_score.as_dict(), negatives=negatives,
             # what PDM-style scoring of any other trajectory for this sample needs (GRPO rewards, eval)
             pose=[round(float(v), 4) for v in pose], ref_progress=round(float(ref_progress), 3), lights=lights,
@@ -186,13 +188,6 @@ def run_job(job: EpisodeJob) -> dict:
                 samples=samples)
 
 
-def parse_seeds(text: str) -> list[int]:
-    if ":" in text:
-        a, b = text.split(":")
-        return list(range(int(a), int(b)))
-    return [int(s) for s in text.split(",") if s]
-
-
 def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), workers: int = 1,
              sample_every_s: float = 1.0, progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -217,7 +212,7 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
 
 
 def main(argv=None) -> int:
-    from ..sim.scenarios import SCENARIOS
+    from ..sim.scenarios import SCENARIOS, parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)

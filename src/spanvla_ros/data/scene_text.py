@@ -49,6 +49,14 @@ def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, 
     return f
 
 
+def perception_facts(f: SceneFacts) -> dict:
+    """The facts a camera-only planner should perceive, as stored with each sample (JSON; None = absent)."""
+    def r(x):
+        return None if x is None else round(float(x), 3)
+    return dict(lead_gap=r(f.lead_gap), lead_closing=r(f.lead_closing if f.lead_gap is not None else None),
+                light=f.light, light_dist=r(f.light_dist))
+
+
 LIGHT_WORDS = frozenset({"red", "green", "yellow"})
 
 

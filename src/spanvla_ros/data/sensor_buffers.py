@@ -67,6 +67,17 @@ class FrameHistory:
                     images.append(f[1])
         return images, t0
 
+    def camera_history(self, camera: str) -> tuple[list[np.ndarray], list[float]] | None:
+        """One camera's history_frames images at history_dt spacing back from its newest frame (oldest first), and
+        their stamps: what the perception heads read at control rate, fresher than the last complete frame set."""
+        with self._lock:
+            buf = self._buf[camera]
+            if not buf:
+                return None
+            t0 = buf[-1][0]
+            picked = [self._nearest(camera, t0 - k * self.history_dt) for k in range(self.history_frames - 1, -1, -1)]
+        return [f[1] for f in picked], [f[0] for f in picked]
+
     def missing_cameras(self) -> list[str]:
         with self._lock:
             return [c for c, b in self._buf.items() if not b]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..model.trajectory import to_world
-from ..data.sensor_buffers import EgoHistory, FrameHistory
+from ..data.sensor_buffers import EgoHistory
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation
 from .pdm import score
@@ -34,6 +34,7 @@ class EpisodeResult:
     duration_s: float
     pdms: float = float("nan")
     epdms: float = float("nan")
+    plan_consistency_m: float = float("nan")   # mean displacement between consecutive plans where they overlap
     reasoning: list = field(default_factory=list)
 
     @property
@@ -64,21 +65,18 @@ class ExpertDriver:
 class PlanningDriver:
     """Any planner producing an ego-frame (H, 4) trajectory, tracked by pure pursuit + PI at the sim rate."""
 
-    def __init__(self, dt_plan: float = 0.5, history_frames: int = 4, cameras=("front", "front_left", "front_right")):
+    def __init__(self, dt_plan: float = 0.5):
         self.tracker, self.dt_plan = PathTracker(), dt_plan
-        self.history_frames, self.cameras = history_frames, tuple(cameras)
 
     def reset(self, obs: Observation, backend) -> None:
         self.tracker.reset()
-        self.frames = FrameHistory(self.cameras, self.history_frames, 0.5, 0.01)
         self.ego = EgoHistory(keep_s=4.0)
         self.last_plan = None
+        self._last_world_plan = None
+        self.consistency: list[float] = []
         self._ingest(obs)
 
     def _ingest(self, obs: Observation) -> None:
-        for c, img in obs.images.items():
-            if c in self.cameras:
-                self.frames.add(c, obs.t, img)
         e = obs.ego
         self.ego.add(obs.t, e.x, e.y, e.heading, e.speed)
 
@@ -90,7 +88,27 @@ class PlanningDriver:
         past, speed, accel, yaw_rate, _ = self.ego.state(4, 0.5)
         traj = self.plan(obs, past, speed, accel, yaw_rate)
         self.last_plan = traj
+        e = obs.ego
+        world = (obs.t, to_world((e.x, e.y, e.heading), traj))
+        if self._last_world_plan is not None:
+            d = plan_displacement(self._last_world_plan, world, self.dt_plan)
+            if d is not None:
+                self.consistency.append(d)
+        self._last_world_plan = world
         return self.tracker.control(traj, obs.ego.speed, backend.dt, self.dt_plan)
+
+
+def plan_displacement(prev, new, dt: float) -> float | None:
+    """Mean distance (m) between two world-frame plans ``(t0, (H, >=2) poses at t0 + dt, t0 + 2 dt, ...)`` at the
+    times both cover (the earlier one linearly interpolated), or None if they do not overlap."""
+    (t_prev, p_prev), (t_new, p_new) = prev, new
+    t_a = t_prev + dt * np.arange(1, len(p_prev) + 1)
+    times = t_new + dt * np.arange(1, len(p_new) + 1)
+    ok = (times <= t_a[-1] + 1e-9) & (times >= t_a[0] - 1e-9)
+    if not ok.any():
+        return None
+    xs, ys = np.interp(times[ok], t_a, p_prev[:, 0]), np.interp(times[ok], t_a, p_prev[:, 1])
+    return float(np.hypot(p_new[ok, 0] - xs, p_new[ok, 1] - ys).mean())
 
 
 class ConstantVelocityDriver(PlanningDriver):
@@ -103,33 +121,72 @@ class ConstantVelocityDriver(PlanningDriver):
 
 
 class PolicyDriver(PlanningDriver):
-    """SpanVLA: reasoner every ``reason_every_s`` of sim time (lockstep), action expert every control step."""
+    """SpanVLA through the planner core the node runs (planning.core.PlannerCore, params/spanvla.yaml's
+    spanvla_planner section): reasoner every ``reason_every_s`` of sim time (lockstep), action expert every control
+    step.
+
+    Latency is modelled as in real time: a reasoner run's bridge is used only ``reasoner_latency_s`` of sim time
+    after the frames it read (None: the run's own measured wall-clock latency); with fresh perception (the params'
+    default) the perception heads read the front camera's newest frames at every plan, as in the node."""
 
     def __init__(self, policy, reason_every_s: float = 1.0, flow_steps: int | None = None, name: str = "spanvla",
-                 use_route: bool = True):
-        super().__init__(policy.cfg.dt, policy.cfg.history_frames, policy.cfg.cameras)
-        self.policy, self.reason_every_s, self.flow_steps, self.name = policy, reason_every_s, flow_steps, name
-        self.use_route = use_route
+                 use_route: bool = True, reasoner_latency_s: float | None = None,
+                 fresh_perception: bool | None = None, params_file=None):
+        from ..config import node_params
+
+        super().__init__(policy.cfg.dt)
+        self.policy, self.reason_every_s, self.name = policy, reason_every_s, name
+        self.use_route, self.reasoner_latency_s = use_route, reasoner_latency_s
+        p = node_params("spanvla_planner", params_file)
+        if flow_steps is not None:
+            p["flow_steps"] = flow_steps
+        if fresh_perception is not None:
+            p["fresh_perception"] = fresh_perception
+        self.params = p
 
     def reset(self, obs, backend) -> None:
+        from ..planning.core import PlannerCore, PlannerParams
+
+        self.core = PlannerCore(self.policy, PlannerParams.from_mapping(self.params), self.policy.cfg.cameras)
+        self.fresh = self.core.fresh
+        self._pending, self._next_reason, self.texts = None, 0.0, []
+        if self.use_route:
+            self.core.set_route(backend.route_xy, "map")
+            self.core.set_stop_lines(backend.stop_lines_xy, "map")
+        self.core.set_command(obs.command)
         super().reset(obs, backend)
-        self.bridge, self._next_reason, self.texts = None, 0.0, []
-        self.route_xy = backend.route_xy if self.use_route else None
-        self.stop_xy = backend.stop_lines_xy if self.use_route else None
+
+    @property
+    def bridge(self):
+        return self.core.bridge.latest()
+
+    def _ingest(self, obs: Observation) -> None:
+        super()._ingest(obs)
+        for c, img in obs.images.items():
+            if c in self.core.cameras:
+                self.core.add_image(c, obs.t, img)
+        e = obs.ego
+        self.core.add_odometry(obs.t, e.x, e.y, e.heading, e.speed, "map", received=obs.t)
 
     def plan(self, obs, past, speed, accel, yaw_rate):
+        if self._pending is not None and obs.t >= self._pending[1] - 1e-9:
+            self.core.bridge.publish(self._pending[0])
+            self._pending = None
         if obs.t >= self._next_reason:
-            hist = self.frames.history()
-            if hist is not None:
-                r = self.policy.reason(hist[0], obs.command, speed, accel, past, stamp=hist[1])
-                self.bridge = r.bridge
+            r = self.core.reason()
+            if r is not None:
+                latency = r.latency_s if self.reasoner_latency_s is None else self.reasoner_latency_s
+                self._pending = (r.bridge, r.bridge.stamp + latency)
                 self.texts.append((obs.t, r.text))
             self._next_reason = obs.t + self.reason_every_s
-        if self.bridge is None:
-            return self.policy.history_init(past, speed)
-        e = obs.ego
-        return self.policy.plan(self.bridge, past, speed, accel, yaw_rate, obs.command, steps=self.flow_steps,
-                                route_xy=self.route_xy, pose=(e.x, e.y, e.heading), stop_xy=self.stop_xy)
+        return self.core.plan(obs.t).traj
+
+
+def seed_list(spec: str) -> list[int]:
+    """'N': the first N held-out seeds; 'a:b' or 'a,b,c': those seeds."""
+    from ..sim.scenarios import HELDOUT_SEEDS, parse_seeds
+
+    return list(HELDOUT_SEEDS)[:int(spec)] if spec.isdigit() else parse_seeds(spec)
 
 
 def _cv_agents(obs: Observation, horizon: int, dt: float):
@@ -142,8 +199,10 @@ def _cv_agents(obs: Observation, horizon: int, dt: float):
     return out, [(a.length, a.width) for a in obs.agents]
 
 
-def run_episode(backend, driver, scenario: str, seed: int, score_every_s: float = 1.0) -> EpisodeResult:
+def run_episode(backend, driver, scenario, seed: int, score_every_s: float = 1.0) -> EpisodeResult:
+    """One episode of ``scenario`` (a name or a sim.scenarios.Scenario) with ``seed``."""
     obs = backend.reset(scenario, seed)
+    scenario = backend.scenario.name
     driver.reset(obs, backend)
     scene = backend.scene_map()
     seen = dict(collision=False, off_road=False, red_light=False, wrong_way=False)
@@ -164,9 +223,10 @@ def run_episode(backend, driver, scenario: str, seed: int, score_every_s: float 
         for k in seen:
             seen[k] |= bool(getattr(obs.flags, k))
     s = np.array(scores).mean(0) if scores else (float("nan"), float("nan"))
+    cons = getattr(driver, "consistency", [])
     return EpisodeResult(scenario, seed, obs.route_completion, seen["collision"], seen["off_road"], seen["red_light"],
                          seen["wrong_way"], obs.t, float(s[0]), float(s[1]),
-                         getattr(driver, "texts", []))
+                         float(np.mean(cons)) if cons else float("nan"), getattr(driver, "texts", []))
 
 
 def summarise(results: list[EpisodeResult]) -> dict:
@@ -178,7 +238,8 @@ def summarise(results: list[EpisodeResult]) -> dict:
                 off_road_rate=float(np.mean([r.off_road for r in results])),
                 red_light_rate=float(np.mean([r.red_light for r in results])),
                 driving_score=float(np.mean([r.driving_score for r in results])),
-                pdms=_nanmean([r.pdms for r in results]), epdms=_nanmean([r.epdms for r in results]))
+                pdms=_nanmean([r.pdms for r in results]), epdms=_nanmean([r.epdms for r in results]),
+                plan_consistency_m=_nanmean([r.plan_consistency_m for r in results]))
 
 
 def _nanmean(xs) -> float:
@@ -194,31 +255,35 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from ..sim.highway_backend import HighwayEnvBackend
-    from ..sim.scenarios import HELDOUT_SEEDS, SCENARIOS
+    from ..sim.scenarios import resolve
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--driver", default="spanvla", choices=["spanvla", "constant_velocity", "expert"])
     ap.add_argument("--checkpoint", default="")
-    ap.add_argument("--scenarios", default="all")
-    ap.add_argument("--seeds", type=int, default=2, help="first N held-out seeds")
+    ap.add_argument("--scenarios", default="all",
+                    help="'all', a comma list of built-in scenarios, or a YAML file of base scenarios + overrides "
+                         "(sim.scenarios.load_scenarios)")
+    ap.add_argument("--seeds", default="2", help="N (the first N held-out seeds), a:b (range) or a,b,c")
     ap.add_argument("--reason-every", type=float, default=1.0)
+    ap.add_argument("--reasoner-latency", type=float, default=None,
+                    help="sim seconds from a reasoner run's frames to its bridge being used (default: the run's "
+                         "measured wall-clock latency)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.driver == "spanvla":
         from ..config import resolve_share_path
         from ..model.policy import SpanVLAPolicy
         driver = PolicyDriver(SpanVLAPolicy.from_pretrained(resolve_share_path(a.checkpoint or "checkpoints/spanvla_default")),
-                              a.reason_every)
+                              a.reason_every, reasoner_latency_s=a.reasoner_latency)
     else:
         driver = ExpertDriver() if a.driver == "expert" else ConstantVelocityDriver()
     backend = HighwayEnvBackend()
-    names = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
-    results = [run_episode(backend, driver, n, s) for n in names for s in list(HELDOUT_SEEDS)[:a.seeds]]
-    print("| scenario | seed | RC | collision | off-road | red light | DS | PDMS | EPDMS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    results = [run_episode(backend, driver, sc, s) for sc in resolve(a.scenarios) for s in seed_list(a.seeds)]
+    print("| scenario | seed | RC | collision | off-road | red light | DS | PDMS | EPDMS | plan consistency (m) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.scenario} | {r.seed} | {r.route_completion:.2f} | {r.collision} | {r.off_road} | {r.red_light} | "
-              f"{r.driving_score:.2f} | {r.pdms:.2f} | {r.epdms:.2f} |")
+              f"{r.driving_score:.2f} | {r.pdms:.2f} | {r.epdms:.2f} | {r.plan_consistency_m:.2f} |")
     summ = summarise(results)
     print(json.dumps(summ))
     if a.out:

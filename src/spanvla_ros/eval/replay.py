@@ -24,6 +24,7 @@ import numpy as np
 from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, ROUTE_TOPIC, STOP_LINES_TOPIC, BagError, read_episode,
                            typestore)
 from ..model.config import CAMERAS
+from .closed_loop import plan_displacement
 from .pdm import ade_fde, score
 
 REPLAY_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "nav_msgs/msg/Odometry",
@@ -263,12 +264,17 @@ def evaluate(bag: Path, records, out_dir: Path) -> dict:
                       agent_sizes=sizes)
             prev = plan_world
             row.update(r.as_dict())
+        world_xy = to_world(pose0, plan)[:, :2]
+        if plans_xy:   # how far this plan moved from the previous one where their horizons overlap
+            d = plan_displacement(plans_xy[-1], (t, world_xy), 0.5)
+            if d is not None:
+                row["plan_consistency_m"] = d
         rows.append(row)
-        plans_xy.append((t, to_world(pose0, plan)[:, :2]))
+        plans_xy.append((t, world_xy))
     report = dict(plans=len(rows), scenario=scenario, bag_read_error=partial)
     if rows:
-        keys = [k for k in rows[0] if k != "t"]
-        report["mean"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        keys = list(dict.fromkeys(k for r in rows for k in r if k != "t"))
+        report["mean"] = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
     _plot(log, plans_xy, rows, out_dir / "replay.png")
     report["plot"] = str(out_dir / "replay.png")
     return report

@@ -13,7 +13,6 @@ Closed loop, lockstep in the simulator on held-out seeds: route completion, coll
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..model.config import SpanVLAConfig
+from ..model.policy import vlm_digest
 
 ROWS = (  # (row name, checkpoint dir relative to --run / --ablation-run, which run)
     ("(a) constant velocity", None, None),
@@ -32,15 +32,6 @@ ROWS = (  # (row name, checkpoint dir relative to --run / --ablation-run, which 
     ("(e) + recovery", "grpo_rec", "run"),
     ("ablation: noise start (SFT)", "sft", "ablation"),
 )
-
-
-def vlm_digest(policy) -> str:
-    """Rows that share VLM weights share the reasoner's outputs, so its bridges are computed once."""
-    h = hashlib.sha256()
-    for k, v in sorted(policy.reasoner.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @torch.inference_mode()
@@ -89,7 +80,7 @@ def closed_loop(driver, scenarios, seeds) -> dict:
 
     backend = HighwayEnvBackend()
     torch.manual_seed(0)   # the noise-start expert samples: same draws for every row, reproducible
-    eps = [run_episode(backend, driver, n, s) for n in scenarios for s in seeds]
+    eps = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seeds]
     backend.close()
     return dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps])
 
@@ -113,8 +104,8 @@ def mark_completed(rows: list[dict], expert_row: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| model | ADE (m) | FDE (m) | PDMS | EPDMS | CL routes completed | CL route completion | CL collisions | "
-             "CL off-road | CL red light | CL driving score |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CL off-road | CL red light | CL driving score | CL plan consistency (m) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ol, cl = r.get("open_loop") or {}, (r.get("closed_loop") or {}).get("summary") or {}
         def f(d, k, fmt="{:.2f}"):
@@ -124,7 +115,25 @@ def format_table(rows: list[dict]) -> str:
         done = f"{cl['completed']}/{cl['episodes']}" if "completed" in cl else "-"
         lines.append(f"| {r['name']} | {f(ol, 'ade')} | {f(ol, 'fde')} | {f(ol, 'pdms', '{:.3f}')} | "
                      f"{f(ol, 'epdms', '{:.3f}')} | {done} | {f(cl, 'route_completion')} | {count('collision_rate')} | "
-                     f"{count('off_road_rate')} | {count('red_light_rate')} | {f(cl, 'driving_score')} |")
+                     f"{count('off_road_rate')} | {count('red_light_rate')} | {f(cl, 'driving_score')} | "
+                     f"{f(cl, 'plan_consistency_m')} |")
+    return "\n".join(lines)
+
+
+PERCEPTION_COLUMNS = (("light_acc", "light acc (heads)"), ("lead_f1", "lead F1"), ("gap_mae_m", "gap MAE (m)"),
+                      ("closing_mae_mps", "closing MAE (m/s)"), ("text_lead_acc", "text: lead"),
+                      ("text_gap_bucket_acc", "text: gap bucket"), ("text_light_acc", "text: light colour"))
+
+
+def format_perception_table(rows: list[dict]) -> str:
+    """Held-out perception: the expert's heads and the facts stated in the generated reasoning."""
+    lines = ["| model | " + " | ".join(h for _, h in PERCEPTION_COLUMNS) + " |",
+             "|---|" + "---|" * len(PERCEPTION_COLUMNS)]
+    for r in rows:
+        p = r.get("perception")
+        if p:
+            lines.append(f"| {r['name']} | " + " | ".join(f"{p[k]:.2f}" if k in p and np.isfinite(p[k]) else "-"
+                                                          for k, _ in PERCEPTION_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -132,16 +141,23 @@ def main(argv=None) -> int:
     from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PolicyDriver
     from ..model.policy import SpanVLAPolicy
     from ..model.trajectory import history_trajectory
-    from ..sim.scenarios import HELDOUT_SEEDS, SCENARIOS
+    from ..eval.closed_loop import seed_list
+    from ..sim.scenarios import HELDOUT_SEEDS, resolve
     from ..train.dataset import attach_routes, load_samples, scene_maps
+    from .perception_eval import head_metrics, reasoning_fact_accuracy
     from ..train.trainer import reason_all
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="spanvla-train output (sft/, grpo_*/)")
     ap.add_argument("--ablation-run", type=Path, default=None, help="spanvla-train --flow-init noise output")
     ap.add_argument("--heldout", type=Path, required=True, help="spanvla-generate-data output on held-out seeds")
-    ap.add_argument("--closed-loop-seeds", type=int, default=2, help="first N held-out seeds per scenario (0: skip)")
-    ap.add_argument("--scenarios", default="all")
+    ap.add_argument("--closed-loop-seeds", default="2",
+                    help="N (the first N held-out seeds; 0: skip), a:b (range) or a,b,c, per scenario")
+    ap.add_argument("--scenarios", default="all",
+                    help="'all', a comma list, or a YAML scenario file (sim.scenarios.load_scenarios)")
+    ap.add_argument("--reasoner-latency", type=float, default=None,
+                    help="closed loop: sim seconds from a reasoner run's frames to its bridge being used "
+                         "(default: each run's measured wall-clock latency)")
     ap.add_argument("--rows", default="", help="comma list of row letters to run (e.g. c,d,e); default all")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=CHECKPOINT",
                     help="one more row: a checkpoint directory evaluated the same way (repeatable)")
@@ -157,8 +173,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: generate it with --seeds 10000:...")
     scenes = scene_maps(samples)
     attach_routes(samples, scenes)
-    scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
-    cl_seeds = list(HELDOUT_SEEDS)[:a.closed_loop_seeds]
+    scen = resolve(a.scenarios)
+    cl_seeds = seed_list(a.closed_loop_seeds)
     print(f"{len(samples)} held-out samples from {len(scenes)} episodes; closed loop {len(scen)} scenarios x "
           f"seeds {cl_seeds}")
 
@@ -191,7 +207,9 @@ def main(argv=None) -> int:
                        open_loop=open_loop_metrics(samples, plan_all(policy, samples, bridges), scenes))
             row["open_loop"].update(action_token_rate=hit,
                                     reasoning_f1=reasoning_overlap(texts, [s.meta["reasoning"] for s in samples]))
-            driver = PolicyDriver(policy, 1.0, name=sub)
+            row["perception"] = {**head_metrics(policy, samples, bridges),
+                                 **reasoning_fact_accuracy(texts, [s.meta.get("facts") for s in samples])}
+            driver = PolicyDriver(policy, 1.0, name=sub, reasoner_latency_s=a.reasoner_latency)
         if cl_seeds:
             row["closed_loop"] = closed_loop(driver, scen, cl_seeds)
         row["seconds"] = round(time.time() - t0, 1)
@@ -200,7 +218,7 @@ def main(argv=None) -> int:
     if cl_seeds and not a.no_expert:
         rows.append(dict(name="reference: expert (IDM/MOBIL)", closed_loop=closed_loop(ExpertDriver(), scen, cl_seeds)))
         mark_completed(rows, rows[-1])
-    table = format_table(rows)
+    table = format_table(rows) + "\n\n" + format_perception_table(rows)
     print(table)
     (a.out / "results.json").write_text(json.dumps(dict(rows=rows, heldout=str(a.heldout), seconds=round(time.time() - t_start)), indent=1))
     (a.out / "results.md").write_text(table + "\n")

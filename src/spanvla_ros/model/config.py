@@ -57,6 +57,9 @@ class SpanVLAConfig:
     # the expert when a stop line is ahead; the head is trained with an auxiliary cross-entropy in SFT stage 2.
     # Needs the route input.
     traffic_lights: bool = False
+    # Lead vehicle perception (`spanvla-train --lead-perception`): a head on the front camera's history-frame vision
+    # tokens gives P(lead), gap and closing speed (model.perception), detached, to the expert's conditioning.
+    lead_perception: bool = False
     ego_dim: int = 0                   # derived from commands + route lookahead + traffic lights (0 = derive)
     vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)
     extra: dict = field(default_factory=dict)
@@ -88,6 +91,7 @@ class SpanVLAConfig:
         d.setdefault("route_lookahead_m", ())   # saved before the route input existed
         d.setdefault("expert_sees_accel", True)
         d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
+        d.setdefault("lead_perception", False)
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):
             if k in d:
                 d[k] = tuple(d[k])

@@ -17,6 +17,10 @@ wherever it is in the image (held-out accuracy 0.88 vs 0.77 for a linear head on
 on the default VLM's features). Its probabilities, detached and gated by the stop-line validity (the last ego
 entry), join the ego conditioning: a stop/go decision the flow would otherwise have to find in ~1000 bridge
 tokens, which it did not (results/training/results.md).
+
+Lead vehicle (``cfg.lead_perception``): a LeadHead (model.perception) on the front camera's history frames gives
+P(lead), gap and closing speed, detached, to the conditioning. Both heads can read tokens fresher than the bridge:
+``percept`` / ``front`` arguments take the newest frames' tokens computed at control rate.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch import nn
 
 from .bridge import BridgeSnapshot
 from .config import LIGHT_STATES, SpanVLAConfig
+from .perception import LEAD_FEATURES, LeadHead
 from .trajectory import denormalise, normalise
 
 
@@ -82,7 +87,7 @@ class ExpertLayer(nn.Module):
 
 class FlowActionExpert(nn.Module):
     def __init__(self, cfg: SpanVLAConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, front_token_dim: int = 0):
+                 rope_theta: float, front_token_dim: int = 0, front_tokens: int = 0):
         super().__init__()
         self.cfg = cfg
         self.num_layers, self.head_dim, self.rope_theta = num_layers, head_dim, rope_theta
@@ -98,7 +103,12 @@ class FlowActionExpert(nn.Module):
             self.register_buffer("light_std", torch.ones(front_token_dim))
             self.light_head = nn.Sequential(nn.Linear(front_token_dim, D), nn.GELU(approximate="tanh"),
                                             nn.Linear(D, 1 + n_light))
-        self.ego_mlp = nn.Sequential(nn.Linear(cfg.ego_dim + n_light, D), nn.SiLU(), nn.Linear(D, D))
+        n_lead = LEAD_FEATURES if cfg.lead_perception else 0
+        if cfg.lead_perception:
+            if front_token_dim <= 0 or front_tokens <= 0:
+                raise ValueError("lead_perception needs the reasoner's vision token size and count")
+            self.lead_head = LeadHead(front_token_dim, front_tokens, cfg.history_frames)
+        self.ego_mlp = nn.Sequential(nn.Linear(cfg.ego_dim + n_light + n_lead, D), nn.SiLU(), nn.Linear(D, D))
         self.layers = nn.ModuleList(ExpertLayer(D, cfg.expert_mlp, num_heads, num_kv_heads, head_dim)
                                     for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -116,13 +126,20 @@ class FlowActionExpert(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def light_logits(self, bridge: BridgeSnapshot) -> torch.Tensor | None:
-        """(B, 3) green / yellow / red logits from the bridge's front tokens; None without a light head."""
+    @staticmethod
+    def _front(source: BridgeSnapshot | torch.Tensor) -> torch.Tensor:
+        """(B, F, N, D) front tokens from a bridge (the reasoner's frames) or given directly (fresher frames)."""
+        front = source.front_features if isinstance(source, BridgeSnapshot) else source
+        if front is None:
+            raise ValueError("this expert reads the front camera: the bridge needs front_features "
+                             "(VLMReasoner sets them)")
+        return front if front.dim() == 4 else front[:, None]    # (B, N, D): the newest frame only
+
+    def light_logits(self, source: BridgeSnapshot | torch.Tensor) -> torch.Tensor | None:
+        """(B, 3) green / yellow / red logits from the newest front frame's tokens; None without a light head."""
         if not self.cfg.traffic_lights:
             return None
-        if bridge.front_features is None:
-            raise ValueError("this expert reads traffic lights: the bridge needs front_features (VLMReasoner sets them)")
-        f = (bridge.front_features.to(self.light_mean.dtype) - self.light_mean) / self.light_std
+        f = (self._front(source)[:, -1].to(self.light_mean.dtype) - self.light_mean) / self.light_std
         if f.is_inference() and torch.is_grad_enabled():
             f = f.clone()   # bridges made under inference_mode, read while training the head
         out = self.light_head(f)                                  # (B, N, 1 + classes)
@@ -136,22 +153,39 @@ class FlowActionExpert(nn.Module):
         self.light_mean.copy_(flat.mean(0))
         self.light_std.copy_(flat.std(0).clamp(min=1e-3))
 
-    def light_probs(self, bridge: BridgeSnapshot) -> torch.Tensor | None:
-        """(B, 3) detached light probabilities (the flow reads them; only the auxiliary loss trains the head)."""
-        logits = self.light_logits(bridge)
-        return None if logits is None else torch.softmax(logits.detach().float(), -1)
+    def lead_raw(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3) the lead head's raw outputs (model.perception.LeadHead); None without one."""
+        if not self.cfg.lead_perception:
+            return None
+        front = self._front(source)
+        return self.lead_head(front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0] * 10.0)   # ego[:, 0]: speed/10
 
-    def conditioning(self, bridge: BridgeSnapshot, ego: torch.Tensor,
-                     light_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """The ego vector, plus the light probabilities (zero unless a stop line is ahead) for a light model;
-        ``light_probs`` computed once per bridge saves running the head at every Euler step."""
-        if not self.cfg.traffic_lights:
-            return ego
-        probs = (self.light_probs(bridge) if light_probs is None else light_probs).to(ego.dtype)
-        return torch.cat([ego, probs.expand(ego.shape[0], -1) * ego[:, -1:]], dim=-1)   # ego[:, -1]: stop line ahead
+    @staticmethod
+    def percept_from(light_logits: torch.Tensor | None, lead_raw: torch.Tensor | None) -> torch.Tensor | None:
+        """Detached conditioning from the heads' outputs: light probabilities, then the lead features."""
+        parts = ([torch.softmax(light_logits.detach().float(), -1)] if light_logits is not None else []) + \
+                ([LeadHead.features(lead_raw)] if lead_raw is not None else [])
+        return torch.cat(parts, -1) if parts else None
+
+    def percept(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:
+        """(B, P) what the heads perceive in the front frames (the bridge's, or fresher ones), detached: the flow
+        reads it; only the auxiliary losses train the heads. Computed once per plan, not per Euler step."""
+        return self.percept_from(self.light_logits(source), self.lead_raw(source, ego))
+
+    def conditioning(self, ego: torch.Tensor, percept: torch.Tensor | None) -> torch.Tensor:
+        """The ego vector, plus the light probabilities (zero unless a stop line is ahead) for a light model, plus
+        the lead features for a lead-perception model."""
+        parts, k = [ego], 0
+        if self.cfg.traffic_lights:
+            n = len(LIGHT_STATES)
+            parts.append(percept[:, :n].to(ego.dtype).expand(ego.shape[0], -1) * ego[:, -1:])   # ego[:, -1]: stop line ahead
+            k = n
+        if self.cfg.lead_perception:
+            parts.append(percept[:, k:k + LEAD_FEATURES].to(ego.dtype).expand(ego.shape[0], -1))
+        return torch.cat(parts, -1) if len(parts) > 1 else ego
 
     def forward(self, bridge: BridgeSnapshot, x_t: torch.Tensor, t: torch.Tensor, ego: torch.Tensor,
-                light_probs: torch.Tensor | None = None) -> torch.Tensor:
+                percept: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity field v(x_t, t | bridge, ego) in normalised action units. x_t: (B, T, A), t: (B,)."""
         if bridge.num_layers != self.num_layers:
             raise ValueError(f"bridge has {bridge.num_layers} layers, expert expects {self.num_layers}")
@@ -159,7 +193,7 @@ class FlowActionExpert(nn.Module):
         pos_idx = torch.arange(T, device=x_t.device)
         x = self.in_proj(x_t) + sinusoidal(pos_idx, self.cfg.expert_hidden).to(x_t.dtype)[None]
         cond = (self.time_mlp(sinusoidal(t * 1000.0, self.cfg.expert_hidden).to(x_t.dtype))
-                + self.ego_mlp(self.conditioning(bridge, ego, light_probs)))
+                + self.ego_mlp(self.conditioning(ego, self.percept(bridge, ego) if percept is None else percept)))
         cos, sin = self._rope(bridge.next_position.expand(B), T, x.dtype)
         key_mask = bridge.key_mask.expand(B, -1)
         attn_mask = torch.cat([key_mask, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)[:, None, None]
@@ -178,7 +212,7 @@ class FlowActionExpert(nn.Module):
 
     def flow_loss(self, bridge: BridgeSnapshot, a: torch.Tensor, a_his: torch.Tensor, ego: torch.Tensor,
                   t: torch.Tensor | None = None, generator=None,
-                  light_probs: torch.Tensor | None = None) -> torch.Tensor:
+                  percept: torch.Tensor | None = None) -> torch.Tensor:
         """Conditional flow matching. a, a_his: (B, T, A) in physical units."""
         a_n, his_n = normalise(a, self.cfg.action_scale), normalise(a_his, self.cfg.action_scale)
         x0 = self.initial_state(his_n, generator)
@@ -187,20 +221,22 @@ class FlowActionExpert(nn.Module):
         if t is None:
             t = torch.rand(a.shape[0], generator=generator, device=a.device)
         x_t, target = flow_pair(a_n, x0, t)
-        return F.mse_loss(self(bridge, x_t, t, ego, light_probs), target)
+        return F.mse_loss(self(bridge, x_t, t, ego, percept), target)
 
     def sample(self, bridge: BridgeSnapshot, a_his: torch.Tensor, ego: torch.Tensor, steps: int | None = None,
-               generator=None, step_std: float = 0.0, return_log_prob: bool = False):
+               generator=None, step_std: float = 0.0, return_log_prob: bool = False,
+               front: torch.Tensor | None = None):
         """Euler integration from t=0 to 1. ``step_std > 0`` makes each step Gaussian (x' ~ N(x + v dt, s^2 dt)),
-        the stochastic policy GRPO needs; with ``return_log_prob`` the summed log-density of the path is returned."""
+        the stochastic policy GRPO needs; with ``return_log_prob`` the summed log-density of the path is returned.
+        ``front``: front-camera tokens fresher than the bridge's, for the perception heads."""
         steps = steps or self.cfg.flow_steps
-        light = self.light_probs(bridge)
+        percept = self.percept(bridge if front is None else front, ego)
         x = self.initial_state(normalise(a_his, self.cfg.action_scale), generator)
         dt = 1.0 / steps
         log_prob = torch.zeros(x.shape[0], device=x.device)
         for i in range(steps):
             t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
-            mean = x + self(bridge, x, t, ego, light) * dt
+            mean = x + self(bridge, x, t, ego, percept) * dt
             if step_std > 0:
                 std = step_std * math.sqrt(dt)
                 x = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -37,6 +37,9 @@ VLM_PRESETS = {
 }
 
 
+PLAN_NOISE_SEED = 0
+
+
 def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -71,7 +74,7 @@ class SpanVLAPolicy:
     @staticmethod
     def make_expert(cfg: SpanVLAConfig, reasoner: VLMReasoner) -> FlowActionExpert:
         return FlowActionExpert(cfg, len(reasoner.layer_ids), reasoner.num_heads, reasoner.num_kv_heads,
-                                reasoner.head_dim, reasoner.rope_theta, reasoner.front_token_dim)
+                                reasoner.head_dim, reasoner.rope_theta, reasoner.front_token_dim, reasoner.front_tokens)
 
     @classmethod
     def build(cls, cfg: SpanVLAConfig, tokenizer, preset: str = "tiny", seed: int = 0) -> "SpanVLAPolicy":
@@ -149,17 +152,60 @@ class SpanVLAPolicy:
         return ego_state_vector(speed, accel if self.cfg.expert_sees_accel else 0.0, yaw_rate, command,
                                 self.cfg.commands, route)
 
+    @property
+    def reads_front_camera(self) -> bool:
+        """Whether the expert has perception heads on the front camera's tokens (traffic light, lead vehicle)."""
+        return bool(self.cfg.traffic_lights or self.cfg.lead_perception)
+
     @torch.inference_mode()
     def plan(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float, command: str,
              steps: int | None = None, horizon: int | None = None, route_xy: np.ndarray | None = None,
-             pose=None, stop_xy: np.ndarray | None = None) -> np.ndarray:
+             pose=None, stop_xy: np.ndarray | None = None, front: torch.Tensor | None = None) -> np.ndarray:
         """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge.
 
         ``route_xy`` (world polyline) and the ego's world ``pose`` (x, y, yaw) in the same frame give the route
         input; without them a route-conditioned model plans from the cameras alone. ``stop_xy``: the route's
-        stop lines (world points), for a traffic-light model."""
+        stop lines (world points), for a traffic-light model. ``front``: the newest front-camera tokens
+        (FreshPerception), else the perception heads read the bridge's frames.
+
+        The noise start draws the same noise for every plan: consecutive plans then differ only where the inputs
+        do, instead of by a fresh sample of the flow's spread each time."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
         ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command,
                                                self.route_input(route_xy, pose, stop_xy)))[None].to(dev)
-        return self.expert.sample(bridge, a_his, ego, steps=steps)[0].cpu().numpy()
+        gen = torch.Generator(device=dev).manual_seed(PLAN_NOISE_SEED)
+        return self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen, front=front)[0].cpu().numpy()
+
+
+def vlm_digest(policy: SpanVLAPolicy) -> str:
+    """Digest of the VLM's weights: policies that share it share the reasoner's outputs (bridges computed once)."""
+    h = hashlib.sha256()
+    for k, v in sorted(policy.reasoner.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FreshPerception:
+    """Front-camera tokens of the newest frames for the perception heads, at control rate.
+
+    The reasoner refreshes the bridge at ~1 Hz from frames ~1 s old by the time the expert uses them; the heads
+    need only the front camera's vision tokens, which the vision encoder computes per image in a few ms. Each
+    frame is encoded once (cached by stamp) and the newest history_frames of them are handed to the planner."""
+
+    def __init__(self, policy: SpanVLAPolicy):
+        self.policy = policy
+        self._cache: dict[float, torch.Tensor] = {}
+
+    def tokens(self, images: Sequence[np.ndarray], stamps: Sequence[float]) -> torch.Tensor:
+        """(1, F, N, D) tokens of ``images`` (the front camera's history, oldest first, stamped)."""
+        missing = [i for i, st in enumerate(stamps) if st not in self._cache]
+        if missing:
+            new = self.policy.reasoner.vision_tokens([images[i] for i in missing])
+            for i, tok in zip(missing, new):
+                self._cache[stamps[i]] = tok
+        keep = set(stamps)
+        for st in [st for st in self._cache if st not in keep]:
+            del self._cache[st]
+        return torch.stack([self._cache[st] for st in stamps])[None]

@@ -42,6 +42,28 @@ class ReasoningResult:
         return self.prefill_s + self.decode_s
 
 
+def vision_token_rows_cols(visual, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(N, 2) patch row and column, normalised to [0, 1], of each of one image's vision-encoder tokens in the order
+    the encoder's last hidden states come out: the image processor lays patches out in 2x2 merge blocks, and the
+    encoder permutes the blocks into attention windows (un-permuted only after the merger)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    t, h, w = (int(v) for v in grid_thw[0])
+    m = visual.spatial_merge_size
+    rows, cols = [], []
+    for hb in range(h // m):
+        for wb in range(w // m):
+            for i in range(m):
+                for j in range(m):
+                    rows.append(hb * m + i)
+                    cols.append(wb * m + j)
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=m, window_size=visual.window_size,
+                                              patch_size=visual.patch_size)
+    rc = torch.tensor([rows, cols], dtype=torch.float32).T.reshape(-1, m * m, 2)[window_index.long()].reshape(-1, 2)
+    rc = rc.repeat(t, 1) if t > 1 else rc
+    return rc / torch.tensor([max(h - 1, 1), max(w - 1, 1)], dtype=torch.float32)
+
+
 class VLMReasoner:
     def __init__(self, model, tokenizer, image_processor, cfg: SpanVLAConfig):
         self.model = model
@@ -68,8 +90,10 @@ class VLMReasoner:
                                return_tensors="pt")["image_grid_thw"]
         self.front_tokens = int(grid.prod(-1)[0])
         self.front_token_dim = model.config.vision_config.hidden_size
-        front = cfg.cameras.index("front") if "front" in cfg.cameras else 0
-        self.front_image_index = (cfg.history_frames - 1) * len(cfg.cameras) + front
+        self.front_camera = cfg.cameras.index("front") if "front" in cfg.cameras else 0
+        # the front camera's image at each history frame, oldest first (the perception heads read all of them)
+        self.front_image_indices = [k * len(cfg.cameras) + self.front_camera for k in range(cfg.history_frames)]
+        self.front_token_rc = vision_token_rows_cols(model.model.visual, grid)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -145,9 +169,10 @@ class VLMReasoner:
                 "position_ids": position_ids.to(dev), "num_vision_tokens": int(mm[0].sum())}
 
     def _forward(self, inputs: dict, cache=None):
-        """Model forward with a fresh KV cache; also returns the front features (B, N, D), the vision encoder's
-        last hidden states of the newest front frame, taken with a forward hook so the encoder runs once. (Within an
-        image they are in the encoder's window order: the light head pools over tokens, so order does not matter.)"""
+        """Model forward with a fresh KV cache; also returns the front features (B, F, N, D), the vision encoder's
+        last hidden states of the front camera's F history frames (oldest first), taken with a forward hook so the
+        encoder runs once. Within an image they are in the encoder's window order; ``front_token_rc`` says where
+        each token sits in the image."""
         from transformers import DynamicCache
 
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
@@ -160,7 +185,17 @@ class VLMReasoner:
             hook.remove()
         B = inputs["input_ids"].shape[0]
         vis = seen[0].reshape(B, self.cfg.num_images, self.front_tokens, -1)
-        return out, vis[:, self.front_image_index].detach().float()
+        return out, vis[:, self.front_image_indices].detach().float()
+
+    @torch.inference_mode()
+    def vision_tokens(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(n, N, D) the vision encoder's last hidden states of these images alone: the same tokens the reasoner's
+        forward gives them (Qwen2.5-VL encodes each image on its own), at a fraction of its cost, so perception can
+        run on the newest frames at control rate while the reasoner runs at a low rate."""
+        vis = self.image_processor(images=[self._resize(im) for im in images], return_tensors="pt")
+        out = self.model.model.visual(vis["pixel_values"].to(self.device, self.model.dtype),
+                                      grid_thw=vis["image_grid_thw"].to(self.device))
+        return out.last_hidden_state.reshape(len(images), self.front_tokens, -1).float()
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()

@@ -15,7 +15,7 @@ import numpy as np
 
 from .camera import DEFAULT_CAMERAS, CameraRig, vehicle_color
 from .scenarios import Scenario, get
-from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight
+from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight, must_stop
 
 MAX_BRAKE = 8.0
 STOP_DT = 0.05   # the backend's sub-step
@@ -158,21 +158,21 @@ class HighwayEnvBackend:
             if v is not ego and abs(lane.local_coordinates(v.position)[0] - s_ego) < 60:
                 self.road.vehicles.remove(v)
         if sc.event == "lead_brake":
-            gap = self.rng.uniform(25, 40)
+            gap = self.rng.uniform(*(sc.event_gap_m or (25, 40)))
             v = IDMVehicle(self.road, lane.position(s_ego + gap, 0.0), heading=lane.heading_at(s_ego + gap),
                            speed=ego.speed * self.rng.uniform(0.85, 1.0), target_lane_index=ego.lane_index)
             v.enable_lane_change = False
             v.target_speed = v.speed
-            self.event_time = self.rng.uniform(2.5, 5.0)
+            self.event_time = self.rng.uniform(*(sc.event_time_s or (2.5, 5.0)))
         else:
             side = ego.lane_index[:2] + (ego.lane_index[2] + (1 if ego.lane_index[2] == 0 else -1),)
             side_lane = net.get_lane(side)
-            gap = self.rng.uniform(8, 16)
+            gap = self.rng.uniform(*(sc.event_gap_m or (8, 16)))
             v = IDMVehicle(self.road, side_lane.position(s_ego + gap, 0.0), heading=side_lane.heading_at(s_ego + gap),
                            speed=ego.speed * self.rng.uniform(0.8, 0.95), target_lane_index=side)
             v.enable_lane_change = False
             v.target_speed = v.speed
-            self.event_time = self.rng.uniform(1.5, 4.0)
+            self.event_time = self.rng.uniform(*(sc.event_time_s or (1.5, 4.0)))
         self.road.vehicles.append(v)
         self.event_vehicle = v
 
@@ -181,7 +181,7 @@ class HighwayEnvBackend:
         if v is None or self.event_time is None or self.t < self.event_time:
             return
         if sc.event == "lead_brake":
-            v.target_speed = float(self.rng.uniform(0.0, 4.0))
+            v.target_speed = float(self.rng.uniform(*(sc.lead_brake_to_mps or (0.0, 4.0))))
             v.COMFORT_ACC_MIN = -6.0
         else:
             v.target_lane_index = self.ego.lane_index
@@ -205,13 +205,8 @@ class HighwayEnvBackend:
     def _stop_distance(self):
         if self.stop_s is None:
             return None
-        state = self.light_state()
         gap = self.stop_s - self.progress() - self.ego.LENGTH / 2
-        if state == "green" or gap < -0.5:
-            return None
-        if state == "yellow" and gap < self.ego.speed ** 2 / (2 * 3.0):
-            return None   # too close to stop comfortably on yellow: go
-        return max(gap, 0.1)
+        return max(gap, 0.1) if must_stop(self.light_state(), gap, self.ego.speed) else None
 
     def step(self, control: Control | None = None) -> Observation:
         ego = self.ego

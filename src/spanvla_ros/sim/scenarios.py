@@ -5,7 +5,9 @@ Directions are in the math frame (x forward, y left, CCW yaw) that the cameras a
 Held-out evaluation uses seeds the data generator never uses (see TRAIN_SEEDS / HELDOUT_SEEDS)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,10 @@ class Scenario:
     event: str = ""                  # "cut_in" | "lead_brake" | ""
     traffic_light: bool = False
     destination: str = ""            # intersection / roundabout exit node (sets the command)
+    # event ranges (uniform draws per seed); empty = the defaults of sim.highway_backend
+    event_time_s: tuple = ()         # when the lead brakes / the cut-in starts
+    event_gap_m: tuple = ()          # initial gap to the event vehicle
+    lead_brake_to_mps: tuple = ()    # speed the braking lead slows to
 
 
 _HIGHWAY = dict(lanes_count=3, vehicles_count=12, vehicles_density=1.2, initial_lane_id=1, ego_spacing=1.5)
@@ -46,3 +52,52 @@ def get(name: str) -> Scenario:
         return SCENARIOS[name]
     except KeyError:
         raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'a:b' (range, b excluded) or 'a,b,c'."""
+    if ":" in text:
+        a, b = text.split(":")
+        return list(range(int(a), int(b)))
+    return [int(s) for s in text.split(",") if s]
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Scenarios from a YAML file: a list (or ``scenarios:`` list) of entries, each ``base`` (a built-in scenario)
+    plus overrides of its fields; ``env_config`` entries are merged into the base's highway-env config.
+
+        - name: lead_brake_hard
+          base: lead_brake
+          ego_target_speed: 25
+          env_config: {lanes_count: 2}
+          event_time_s: [1.5, 2.5]
+          lead_brake_to_mps: [0, 1]
+    """
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    entries = doc.get("scenarios", doc) if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a list of scenarios (base + overrides)")
+    names = {f.name for f in dataclasses.fields(Scenario)}
+    out = []
+    for e in entries:
+        e = dict(e)
+        base = get(e.pop("base", e.get("name", "")))
+        unknown = set(e) - names
+        if unknown:
+            raise ValueError(f"{path}: unknown scenario fields {sorted(unknown)} (known: {sorted(names)})")
+        if "env_config" in e:
+            e["env_config"] = {**base.env_config, **e["env_config"]}
+        for k in ("event_time_s", "event_gap_m", "lead_brake_to_mps"):
+            if k in e:
+                e[k] = tuple(float(v) for v in e[k])
+        out.append(dataclasses.replace(base, **e))
+    return out
+
+
+def resolve(spec: str) -> list[Scenario]:
+    """'all', a comma list of built-in names, or a YAML scenario file."""
+    if spec.endswith((".yaml", ".yml")):
+        return load_scenarios(spec)
+    return list(SCENARIOS.values()) if spec == "all" else [get(n) for n in spec.split(",")]

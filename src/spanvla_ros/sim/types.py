@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+VEHICLE_LENGTH_M = 5.0   # highway-env's vehicle length, also the default for agents of unknown size
+VEHICLE_WIDTH_M = 2.0
+
+
 @dataclass
 class Control:
     """Vehicle command: longitudinal acceleration (m/s^2, negative brakes) and front-wheel angle (rad, left > 0)."""
@@ -20,8 +24,8 @@ class AgentState:
     y: float
     heading: float
     speed: float
-    length: float = 5.0
-    width: float = 2.0
+    length: float = VEHICLE_LENGTH_M
+    width: float = VEHICLE_WIDTH_M
 
 
 @dataclass
@@ -32,8 +36,8 @@ class EgoState:
     speed: float
     accel: float = 0.0
     yaw_rate: float = 0.0
-    length: float = 5.0
-    width: float = 2.0
+    length: float = VEHICLE_LENGTH_M
+    width: float = VEHICLE_WIDTH_M
 
 
 @dataclass
@@ -55,6 +59,17 @@ class TrafficLight:
     heading: float          # direction of travel it controls
     state: str
     stop_s: float = 0.0     # route arc length of the stop line
+
+
+COMFORT_STOP_DECEL = 3.0   # m/s^2: on yellow, stop if the line can be reached braking no harder than this
+
+
+def must_stop(state: str | None, gap: float, speed: float) -> bool:
+    """The expert's rule at a signal ``gap`` metres (front bumper to stop line) ahead: stop on red; on yellow
+    unless too close to stop comfortably; never once past the line."""
+    if state not in ("red", "yellow") or gap < -0.5:
+        return False
+    return state == "red" or gap >= speed ** 2 / (2 * COMFORT_STOP_DECEL)
 
 
 @dataclass

@@ -23,9 +23,10 @@ import torch
 from ..data.scene_text import light_token_weight
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
-from ..model.policy import SpanVLAPolicy
+from ..model.policy import SpanVLAPolicy, vlm_digest
 from ..model.trajectory import normalise
-from .dataset import Sample, attach_routes, light_label, load_samples, scene_maps, score_plan
+from ..model.perception import lead_targets_tensor
+from .dataset import Sample, attach_routes, light_label, load_samples, relabel_signal_stops, scene_maps, score_plan
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -172,31 +173,73 @@ def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> li
     return out
 
 
+def fit_perception_inputs(policy, samples, bridges) -> None:
+    """Input standardisation of the perception heads from the training frames (and the tokens' image positions)."""
+    expert = policy.expert
+    if policy.cfg.traffic_lights:
+        labels = [light_label(s) for s in samples]
+        at_light = [b for b, y in zip(bridges, labels) if y >= 0] or bridges
+        expert.fit_light_normaliser(torch.cat([b.front_features[:, -1] for b in at_light]).float())
+        if dist_info()[0] == 0:
+            counts = {name: labels.count(i) for i, name in enumerate(LIGHT_STATES)}
+            print(f"traffic-light head: {sum(counts.values())} samples with a stop line ahead {counts}")
+    if policy.cfg.lead_perception:
+        expert.lead_head.fit(torch.cat([b.front_features for b in bridges[::4]]), policy.reasoner.front_token_rc)
+        if dist_info()[0] == 0:
+            t = lead_targets_tensor([s.meta.get("facts") for s in samples])
+            print(f"lead head: {int((t[:, 0] > 0.5).sum())} of {int(torch.isfinite(t[:, 0]).sum())} labelled "
+                  f"samples with a lead vehicle")
+
+
+def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
+    """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead head losses."""
+    loss = torch.zeros(())
+    if light_logits is not None:
+        labels = torch.tensor([light_label(s) for s in bs])
+        if (labels >= 0).any():
+            loss = loss + torch.nn.functional.cross_entropy(light_logits, labels, ignore_index=-100)
+    if lead_raw is not None:
+        loss = loss + policy.expert.lead_head.loss(lead_raw, lead_targets_tensor([s.meta.get("facts") for s in bs]))
+    return loss
+
+
+def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[BridgeSnapshot]:
+    """precompute_bridges, saved to / loaded from ``cache`` (a file) when given: experts trained on one frozen VLM
+    (history vs noise start, with or without perception heads) share the same bridges. The cache is keyed by the
+    VLM's weights, the bridge text and the samples, and recomputed when any differ."""
+    if cache is None:
+        return precompute_bridges(policy, samples, text=text)
+    key = dict(vlm=vlm_digest(policy), text=text, samples=[(s.meta["bag"], s.meta["stamp"]) for s in samples])
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        if saved.get("key") == key:
+            print(f"bridges: {len(saved['bridges'])} from {cache}")
+            return saved["bridges"]
+        print(f"bridges: {cache} is for other samples or another VLM: recomputing")
+    bridges = precompute_bridges(policy, samples, text=text)
+    if dist_info()[0] == 0:
+        torch.save(dict(key=key, bridges=bridges), cache)
+    return bridges
+
+
 def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
-    """Flow matching; a traffic-light model also trains its light head (cross-entropy on the samples with a stop
-    line ahead; the flow reads the head's output detached, so the head stays a plain classifier)."""
+    """Flow matching; a model with perception heads also trains them (light CE on the samples with a stop line
+    ahead, lead vehicle presence / gap / closing speed; the flow reads their outputs detached, so the heads stay
+    plain perception models supervised by the simulator's truth)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    labels = torch.tensor([light_label(s) for s in samples]) if policy.cfg.traffic_lights else None
-    if labels is not None:
-        at_light = [b for b, y in zip(bridges, labels.tolist()) if y >= 0] or bridges
-        policy.expert.fit_light_normaliser(torch.cat([b.front_features for b in at_light]).float())
-        if dist_info()[0] == 0:
-            counts = {name: int((labels == i).sum()) for i, name in enumerate(LIGHT_STATES)}
-            print(f"traffic-light head: {sum(counts.values())} samples with a stop line ahead {counts}")
+    fit_perception_inputs(policy, samples, bridges)
+    expert = policy.expert
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         a = torch.from_numpy(np.stack([s.future for s in bs]))
         br = collate_bridges([bridges[i] for i in ii])
-        logits = policy.expert.light_logits(br)   # once: the flow reads them detached, the CE trains the head
-        probs = None if logits is None else torch.softmax(logits.detach().float(), -1)
-        loss = policy.expert.flow_loss(br, a, his_tensor(policy, bs),
-                                       ego_tensor(policy, bs, policy.cfg.route_dropout, rng), generator=gen,
-                                       light_probs=probs)
-        if labels is not None and (labels[ii] >= 0).any():
-            loss = loss + torch.nn.functional.cross_entropy(logits, labels[ii], ignore_index=-100)
-        return loss
+        ego = ego_tensor(policy, bs, policy.cfg.route_dropout, rng)
+        light, lead = expert.light_logits(br), expert.lead_raw(br, ego)   # once per batch, not per flow step
+        loss = expert.flow_loss(br, a, his_tensor(policy, bs), ego, generator=gen,
+                                percept=expert.percept_from(light, lead))
+        return loss + perception_loss(policy, bs, light, lead)
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
                       batch_loss, seed)
@@ -268,11 +311,12 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     expert.eval()
 
 
-def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights: bool = False) -> SpanVLAPolicy:
+def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights: bool = False,
+                  lead: bool = False) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
 
-    cfg = SpanVLAConfig(flow_init=flow_init, traffic_lights=route and lights,
+    cfg = SpanVLAConfig(flow_init=flow_init, traffic_lights=route and lights, lead_perception=lead,
                         **({} if route else dict(route_lookahead_m=())))
     corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
     tok = train_tokenizer(corpus)
@@ -280,9 +324,10 @@ def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights
 
 
 def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True,
-                 lights: bool = False) -> SpanVLAPolicy:
+                 lights: bool = False, lead: bool = False) -> SpanVLAPolicy:
     """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
     policy.cfg.flow_init = flow_init
+    policy.cfg.lead_perception = lead
     policy.cfg.route_lookahead_m = ROUTE_LOOKAHEAD_M if route else ()
     policy.cfg.traffic_lights = route and lights
     policy.cfg.ego_dim = ego_dim_for(policy.cfg.commands, policy.cfg.route_lookahead_m, policy.cfg.traffic_lights)
@@ -317,6 +362,12 @@ def main(argv=None) -> int:
     ap.add_argument("--traffic-lights", action="store_true",
                     help="expert with the route's stop lines and a traffic-light head on the VLM's front-frame "
                          "vision tokens (model.expert; needs the route input)")
+    ap.add_argument("--lead-perception", action="store_true",
+                    help="expert with a lead-vehicle head (presence, gap, closing speed) on the front camera's "
+                         "history-frame vision tokens, supervised by the simulator (model.perception)")
+    ap.add_argument("--signal-labels", default="stop", choices=["stop", "logged"],
+                    help="at a light the ego must stop for: teach stopping before the line (a camera-only planner "
+                         "cannot know the phase timing) or keep the expert's logged future (train.dataset)")
     ap.add_argument("--more-sft-epochs", type=int, default=0,
                     help="with --vlm-from: continue SFT stage 1 on that VLM for this many epochs first")
     ap.add_argument("--light-weight", type=float, default=1.0,
@@ -325,6 +376,8 @@ def main(argv=None) -> int:
                     help="SFT stage 1 peak LR (default 2e-3 from scratch, 1e-3 with --more-sft-epochs)")
     ap.add_argument("--sft-scenarios", default="",
                     help="SFT stage 1 only on these scenarios' positives (comma list; default all)")
+    ap.add_argument("--bridge-cache", type=Path, default=None,
+                    help="file to keep the frozen VLM's training bridges in (reused by runs on the same VLM and data)")
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -362,7 +415,7 @@ def main(argv=None) -> int:
         print("resume: loaded finished stage sft")
     elif a.vlm_from:
         policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
-                              route=not a.no_route, lights=a.traffic_lights)
+                              route=not a.no_route, lights=a.traffic_lights, lead=a.lead_perception)
         if a.more_sft_epochs:
             t0 = time.time()
             sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight)
@@ -371,14 +424,17 @@ def main(argv=None) -> int:
         else:
             print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
     else:
-        policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights)
+        policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights,
+                               lead=a.lead_perception)
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
-    bridges = precompute_bridges(policy, samples, text=a.bridge_text)
+    bridges = cached_bridges(policy, samples, a.bridge_text, a.bridge_cache)
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
         attach_routes(samples, scenes)
+    if a.signal_labels == "stop":
+        print(f"signal stops: {relabel_signal_stops(samples)} futures relabelled to stop before the line")
     if not done("sft"):
         t0 = time.time()
         # stage 2 trains on positives and recovery alike: both are the expert's behaviour

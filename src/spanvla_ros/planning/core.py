@@ -1,0 +1,220 @@
+"""The planner core, free of ROS: what spanvla_planner does between its subscriptions and its publishers.
+
+Like the planner cores of Autoware's planning nodes, the node only converts messages and publishes; the logic
+lives here so that the lockstep closed loop (eval.closed_loop) and rosbag replay (which drives the node) run the
+logic that ships:
+
+* sensor buffers: camera frame sets (all cameras within a skew) at the history rate, odometry history;
+* the reasoner's inputs and its bridge (LatestBridge: swapped whole, read without a lock);
+* fresh perception: the perception heads read the front camera's newest frames at every plan;
+* the route and its stop lines (used only in the odometry's frame), the driving command;
+* staleness: no plan from stale odometry, a plan from a stale bridge or stale front frames marked degraded;
+* counters of everything dropped, withheld or degraded.
+
+Every parameter comes from the caller (params/spanvla.yaml through the node, or the closed-loop tool): no
+defaults here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..data.sensor_buffers import EgoHistory, FrameHistory
+from ..model.bridge import BridgeSnapshot, LatestBridge
+from ..model.policy import FreshPerception, SpanVLAPolicy
+from ..model.reasoner import ReasoningResult
+
+
+@dataclass(frozen=True)
+class PlannerParams:
+    history_frames: int
+    history_rate_hz: float
+    max_camera_skew_s: float
+    odom_timeout_s: float          # odometry older than this (by the caller's clock): no plan
+    bridge_stale_s: float          # a bridge (or newest front frame) older than this: plan marked degraded
+    flow_steps: int
+    max_new_tokens: int
+    fresh_perception: bool
+
+    @classmethod
+    def from_mapping(cls, params: Mapping) -> "PlannerParams":
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in params]
+        if missing:
+            raise KeyError(f"planner parameters missing: {missing}")
+        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Plan:
+    traj: np.ndarray               # (horizon, 4) x, y, heading, speed in the ego frame at ``stamp``
+    stamp: float                   # odometry time the plan starts from
+    degraded: bool
+    reason: str                    # why degraded ("" if not)
+    bridge: BridgeSnapshot | None
+    bridge_age: float              # stamp - the bridge's frame time (inf without a bridge)
+    perception_age: float          # stamp - the newest front frame the heads read (-1: no fresh perception)
+    route_used: bool
+    expert_latency_s: float
+
+
+Warn = Callable[[str, str], None]   # (key for throttling, message)
+
+
+class PlannerCore:
+    def __init__(self, policy: SpanVLAPolicy, params: PlannerParams, cameras: Sequence[str],
+                 warn: Warn | None = None):
+        cfg = policy.cfg
+        if len(cameras) != len(cfg.cameras):
+            raise ValueError(f"the model reads {len(cfg.cameras)} cameras {cfg.cameras}, got {list(cameras)}")
+        if params.history_frames != cfg.history_frames or not math.isclose(1.0 / params.history_rate_hz,
+                                                                            cfg.history_dt):
+            raise ValueError(f"the model was trained on {cfg.history_frames} frames at {1 / cfg.history_dt:g} Hz; "
+                             f"params say {params.history_frames} at {params.history_rate_hz:g} Hz")
+        self.policy, self.params, self.cameras = policy, params, tuple(cameras)
+        self.frames = FrameHistory(self.cameras, params.history_frames, 1.0 / params.history_rate_hz,
+                                   params.max_camera_skew_s)
+        self.ego = EgoHistory(keep_s=cfg.history_dt * cfg.past_poses + 1.0)
+        self.bridge = LatestBridge()
+        self.fresh = FreshPerception(policy) if policy.reads_front_camera and params.fresh_perception else None
+        self.front_camera = self.cameras[policy.reasoner.front_camera]
+        self.command = cfg.commands[0]
+        self.route_xy: np.ndarray | None = None
+        self.route_frame = ""
+        self.stop_xy: np.ndarray | None = None
+        self.stop_frame = ""
+        self.odom_frame = ""
+        self._odom_received: float | None = None
+        self.counters: Counter = Counter()
+        self.last_reasoning = ""
+        self._warn = warn or (lambda key, msg: None)
+
+    # ------------------------------------------------------------------ inputs
+    def add_image(self, camera: str, stamp: float, image: np.ndarray) -> None:
+        self.frames.add(camera, stamp, image)
+
+    def add_odometry(self, stamp: float, x: float, y: float, yaw: float, speed: float, frame: str,
+                     received: float) -> bool:
+        """False (and counted) for a non-finite pose or speed; ``received`` is the caller's clock."""
+        if not all(map(math.isfinite, (x, y, yaw, speed))):
+            self.counters["bad_odometry"] += 1
+            return False
+        self.ego.add(stamp, x, y, yaw, speed)
+        self.odom_frame, self._odom_received = frame, received
+        return True
+
+    def set_route(self, xy: np.ndarray, frame: str) -> str | None:
+        """Use this route polyline; returns why not (and counts it) if it is unusable."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        if len(xy) < 2 or not np.isfinite(xy).all():
+            self.counters["bad_route"] += 1
+            return f"route needs >= 2 finite poses, got {len(xy)}"
+        keep = np.concatenate([[True], np.linalg.norm(np.diff(xy, axis=0), axis=1) > 1e-3])   # drop repeats
+        self.route_xy, self.route_frame = xy[keep], frame
+        self.counters["routes_received"] += 1
+        return None
+
+    def set_stop_lines(self, xy: np.ndarray, frame: str) -> str | None:
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        if not np.isfinite(xy).all():
+            self.counters["bad_stop_lines"] += 1
+            return "non-finite stop line position"
+        self.stop_xy, self.stop_frame = xy, frame
+        self.counters["stop_lines_received"] += 1
+        return None
+
+    def set_command(self, command: str) -> str | None:
+        if command not in self.policy.cfg.commands:
+            self.counters["bad_command"] += 1
+            return f"unknown command {command!r} (known: {self.policy.cfg.commands})"
+        self.command = command
+        return None
+
+    # ------------------------------------------------------------------ reasoner (low rate)
+    def reason(self) -> ReasoningResult | None:
+        """One reasoner run on the newest complete frame set; None (counted) while inputs are missing. The caller
+        publishes ``result.bridge`` to ``self.bridge`` when it becomes available (at once in real time; after the
+        modelled latency in lockstep)."""
+        hist = self.frames.history()
+        ego = self.ego.state(self.policy.cfg.past_poses, self.policy.cfg.history_dt)
+        if hist is None or ego is None:
+            self.counters["reasoner_waiting"] += 1
+            missing = self.frames.missing_cameras()
+            self._warn("reasoner_waiting", "reasoner waiting: " + (f"no frames from {missing}" if missing else
+                                                                   "no complete frame set" if hist is None else
+                                                                   "no odometry"))
+            return None
+        images, stamp = hist
+        past, speed, accel, _, _ = ego
+        r = self.policy.reason(images, self.command, speed, accel, past, stamp=stamp,
+                               max_new_tokens=self.params.max_new_tokens)
+        self.counters["reasoner_runs"] += 1
+        self.last_reasoning = r.text
+        return r
+
+    # ------------------------------------------------------------------ action expert (control rate)
+    def odometry_fresh(self, now: float) -> bool:
+        return self._odom_received is not None and now - self._odom_received <= self.params.odom_timeout_s
+
+    def _route(self) -> np.ndarray | None:
+        if not self.policy.uses_route:
+            return None
+        if self.route_xy is None:
+            self.counters["plans_without_route"] += 1
+            self._warn("no_route", "no route: planning from cameras only")
+            return None
+        if self.route_frame and self.odom_frame and self.route_frame != self.odom_frame:
+            # no tf2 here: frames are not chained, so a route in another frame cannot be used
+            self.counters["plans_without_route"] += 1
+            self._warn("route_frame", f"route frame {self.route_frame!r} != odometry frame {self.odom_frame!r}: "
+                                      "route ignored")
+            return None
+        return self.route_xy
+
+    def _stop_lines(self) -> np.ndarray | None:
+        if not self.policy.cfg.traffic_lights:
+            return None
+        if self.stop_xy is None or (self.stop_frame and self.route_frame and self.stop_frame != self.route_frame):
+            self.counters["plans_without_stop_lines"] += 1
+            self._warn("no_stop_lines", "no stop lines in the route's frame: planning without them")
+            return None
+        return self.stop_xy
+
+    def plan(self, now: float) -> Plan | None:
+        """A plan from the newest odometry, or None (counted) when the odometry is stale or missing."""
+        if not self.odometry_fresh(now):
+            self.counters["plans_withheld_stale_odometry"] += 1
+            self._warn("stale_odometry", "not planning: odometry is stale or missing")
+            return None
+        past, speed, accel, yaw_rate, stamp = self.ego.state(self.policy.cfg.past_poses, self.policy.cfg.history_dt)
+        route = self._route()
+        bridge = self.bridge.latest()
+        t0 = time.perf_counter()
+        perception_age = -1.0
+        if bridge is None:
+            traj = self.policy.history_init(past, speed)
+            degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", math.inf
+        else:
+            front = None
+            if self.fresh is not None:
+                hist = self.frames.camera_history(self.front_camera)
+                if hist is not None:
+                    front = self.fresh.tokens(*hist)
+                    perception_age = stamp - hist[1][-1]
+            traj = self.policy.plan(bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps,
+                                    route_xy=route, pose=self.ego.latest_pose(),
+                                    stop_xy=self._stop_lines() if route is not None else None, front=front)
+            age = stamp - bridge.stamp
+            stale = self.params.bridge_stale_s
+            reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
+                      f"front camera stale: {perception_age:.2f} s > {stale:.2f} s" if perception_age > stale else "")
+            degraded = bool(reason)
+        self.counters["plans_published"] += 1
+        self.counters["plans_degraded"] += int(degraded)
+        return Plan(traj, stamp, degraded, reason, bridge, age, perception_age,
+                    route is not None and bridge is not None, time.perf_counter() - t0)

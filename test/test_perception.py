@@ -1,0 +1,220 @@
+"""Grounded perception: the front-camera tokens the heads read (fresh at control rate = the reasoner's own), the
+lead head, the facts stated in reasoning text, the signal-stop labels, plan consistency, latency-modelled closed
+loop and scenario files."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spanvla_ros.model import SpanVLAConfig
+from spanvla_ros.model.corpus import tokenizer_corpus
+from spanvla_ros.model.policy import FreshPerception, SpanVLAPolicy
+from spanvla_ros.model.tokenizer import train_tokenizer
+
+PAST = np.array([[-12.0, 0.6, 0.06], [-8.0, 0.3, 0.04], [-4.0, 0.1, 0.02], [0.0, 0.0, 0.0]])
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=120))
+    return SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, lead_perception=True), tok, seed=0)
+
+
+def frames(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (112, 196, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_fresh_tokens_are_the_reasoners_front_tokens_and_positions_are_right(policy):
+    imgs = frames(seed=1)
+    r = policy.reason(imgs, "follow lane", 10.0, 0.0, PAST, max_new_tokens=3)
+    rs = policy.reasoner
+    assert r.bridge.front_features.shape == (1, 4, rs.front_tokens, rs.front_token_dim)
+    fresh = FreshPerception(policy)
+    front = [imgs[i] for i in rs.front_image_indices]
+    tok = fresh.tokens(front, [0.0, 0.5, 1.0, 1.5])
+    assert torch.allclose(tok, r.bridge.front_features, atol=1e-5)
+    # a new frame: only it is encoded; older ones come from the cache and the oldest is evicted
+    tok2 = fresh.tokens(front[1:] + [imgs[0]], [0.5, 1.0, 1.5, 2.0])
+    assert torch.equal(tok2[0, :3], tok[0, 1:]) and sorted(fresh._cache) == [0.5, 1.0, 1.5, 2.0]
+    # token positions: a bright patch at patch row 5, column 3 changes that token the most
+    img = np.zeros((112, 196, 3), np.uint8)
+    img[5 * 14:6 * 14, 3 * 14:4 * 14] = 255
+    delta = (rs.vision_tokens([img]) - rs.vision_tokens([np.zeros_like(img)]))[0].norm(dim=-1)
+    rows, cols = 112 // 14 - 1, 196 // 14 - 1
+    assert torch.allclose(rs.front_token_rc[int(delta.argmax())] * torch.tensor([rows, cols]), torch.tensor([5.0, 3.0]))
+
+
+def test_lead_features_condition_the_plan_and_fresh_frames_override_the_bridge(policy):
+    r = policy.reason(frames(seed=2), "follow lane", 10.0, 0.0, PAST, max_new_tokens=3)
+    expert = policy.expert
+    with torch.no_grad():   # an untrained head says little: give it a strong opinion so its effect is visible
+        expert.lead_head.out[-1].bias.copy_(torch.tensor([4.0, 0.3, 0.5]))
+    ego = torch.from_numpy(policy.ego_vector(10.0, 0.0, 0.0, "follow lane"))[None]
+    percept = expert.percept(r.bridge, ego)
+    assert percept.shape == (1, 6) and not percept.requires_grad
+    cond = expert.conditioning(ego, percept)
+    assert cond.shape[1] == policy.cfg.ego_dim + 3 + 3
+    assert not cond[0, -6:-3].any()            # no stop line ahead: the light probabilities are gated off
+    assert cond[0, -3] > 0.9                    # P(lead)
+    other = torch.from_numpy(np.stack(frames(n=4, seed=9)))
+    fresh = policy.reasoner.vision_tokens(list(other.numpy()))[None]
+    assert not torch.allclose(expert.percept(fresh, ego), percept)
+    a = policy.plan(r.bridge, PAST, 10.0, 0.0, 0.0, "follow lane")
+    b = policy.plan(r.bridge, PAST, 10.0, 0.0, 0.0, "follow lane")
+    assert np.array_equal(a, b)                 # fixed noise: same inputs, same plan
+
+
+def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
+    from spanvla_ros.model.perception import GAP_SCALE_M, LeadHead, lead_metrics, lead_targets
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    N, D, F = 24, 16, 4
+    rc = torch.stack(torch.meshgrid(torch.linspace(0, 1, 4), torch.linspace(0, 1, 6), indexing="ij"), -1).reshape(-1, 2)
+
+    def scene(gap, closing):
+        """Background tokens; a lead is a marker token whose row tells its distance in each frame."""
+        x = torch.randn(F, N, D) * 0.3
+        if gap is not None:
+            for k in range(F):
+                g = gap + closing * 0.5 * (F - 1 - k)
+                row = int(np.clip(3 - g / 15, 0, 3))
+                x[k, row * 6 + 2, 0] += 4.0
+                x[k, row * 6 + 2, 1] += (g % 15) / 5
+        return x
+
+    facts = [dict(lead_gap=None, lead_closing=None) if i % 3 == 0 else
+             dict(lead_gap=float(rng.uniform(5, 55)), lead_closing=float(rng.uniform(-3, 8))) for i in range(600)]
+    X = torch.stack([scene(f["lead_gap"], f["lead_closing"] or 0.0) for f in facts])
+    T = torch.tensor([lead_targets(f) for f in facts], dtype=torch.float32)
+    speed = torch.full((len(facts),), 15.0)
+    head = LeadHead(D, N, F, hidden=32)
+    head.fit(X[:500], rc)
+    opt = torch.optim.Adam(head.parameters(), 3e-3)
+    for _ in range(300):
+        ii = torch.randint(0, 500, (64,))
+        loss = LeadHead.loss(head(X[ii], speed[ii]), T[ii])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m = lead_metrics(head(X[500:], speed[500:]), T[500:])
+    assert m["lead_f1"] > 0.95 and m["gap_mae_m"] < 0.25 * GAP_SCALE_M
+    assert all(math.isnan(v) for v in lead_targets(None))          # unlabelled (older data): no loss
+    assert lead_targets(dict(lead_gap=None))[0] == 0.0 and math.isnan(lead_targets(dict(lead_gap=None))[1])
+
+
+def test_reasoning_facts_are_parsed_as_the_writer_states_them():
+    from spanvla_ros.data.scene_text import describe, facts_from_state, perception_facts
+    from spanvla_ros.eval.perception_eval import reasoning_fact_accuracy, stated_facts
+
+    rng = np.random.default_rng(0)
+    future = np.stack([np.arange(1, 9) * 5.0, np.zeros(8), np.zeros(8), np.full(8, 10.0)], 1)
+    texts, facts = [], []
+    for gap in (None, 6.0, 14.0, 33.0, 50.0):
+        for light in (None, "red", "green", "yellow"):
+            agents = [] if gap is None else [(1, gap + 5.0, 0.3, 0.0, 8.0)]
+            f = facts_from_state((0.0, 0.0, 0.0, 10.0), agents, "intersection_straight", "go straight", light,
+                                 20.0 if light else None)
+            texts.append(describe(f, future, rng))
+            facts.append(perception_facts(f))
+    acc = reasoning_fact_accuracy(texts, facts)
+    assert acc["text_lead_acc"] == 1.0 and acc["text_gap_bucket_acc"] == 1.0 and acc["text_light_acc"] == 1.0
+    # a text that contradicts the scene is counted wrong
+    wrong = reasoning_fact_accuracy(["the lane ahead is free, so keep speed and stay in lane."],
+                                    [dict(lead_gap=12.0, lead_closing=5.0, light=None, light_dist=None)])
+    assert wrong["text_lead_acc"] == 0.0 and wrong["text_gap_bucket_acc"] == 0.0
+    assert stated_facts("the car in front is 27 meters away, so keep speed")["gap"] == 27.0
+
+
+def test_signal_stop_labels_stop_before_the_line_only_when_the_expert_rule_says_stop():
+    from spanvla_ros.train.dataset import STOP_MARGIN_M, stop_at_signal_future
+
+    v = 8.0
+    go = np.stack([v * 0.5 * np.arange(1, 9), np.zeros(8), np.zeros(8), np.full(8, v)], 1)   # drives through
+    meta = dict(future=go.tolist(), speed=v, lights={0.0: "red"}, facts=dict(light_dist=15.0))
+    stop = stop_at_signal_future(meta)
+    assert stop is not None
+    assert stop[-1, 0] == pytest.approx(15.0 - STOP_MARGIN_M, abs=0.05) and stop[-1, 3] == 0.0
+    assert (np.diff(stop[:, 0]) >= -1e-6).all() and (np.diff(stop[:, 3]) <= 1e-6).all()
+    assert stop[:, 0].max() <= 15.0 - STOP_MARGIN_M + 1e-3
+    for lights, dist in (({0.0: "green"}, 15.0), ({0.0: "yellow"}, 5.0), ({0.0: "red"}, -3.0)):
+        assert stop_at_signal_future(dict(meta, lights=lights, facts=dict(light_dist=dist))) is None
+    assert stop_at_signal_future(dict(meta, lights={0.0: "yellow"})) is not None   # 15 m at 8 m/s: can stop
+    already = go.copy()
+    already[:, 0] = np.minimum(already[:, 0], 10.0)
+    assert stop_at_signal_future(dict(meta, future=already.tolist())) is None      # logged future stops in time
+
+
+def test_plan_displacement_measures_disagreement_over_the_overlap():
+    from spanvla_ros.eval.closed_loop import plan_displacement
+
+    t = 0.5 * np.arange(1, 9)
+    prev = np.stack([10.0 * t, np.zeros(8)], 1)
+    same_motion = np.stack([10.0 * (t + 0.1) , np.zeros(8)], 1) - [1.0, 0.0]   # 0.1 s later, ego 1 m further
+    assert plan_displacement((0.0, prev), (0.1, same_motion + [1.0, 0.0]), 0.5) == pytest.approx(0.0, abs=1e-9)
+    shifted = same_motion + [1.0, 2.0]
+    assert plan_displacement((0.0, prev), (0.1, shifted), 0.5) == pytest.approx(2.0)
+    assert plan_displacement((0.0, prev), (10.0, prev), 0.5) is None
+
+
+def test_scenario_file_overrides_and_seed_ranges(tmp_path):
+    from spanvla_ros.eval.closed_loop import seed_list
+    from spanvla_ros.sim.scenarios import SCENARIOS, load_scenarios, resolve
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("scenarios:\n"
+                 "  - {name: lead_brake_early, base: lead_brake, ego_target_speed: 25, event_time_s: [1.0, 1.5],\n"
+                 "     env_config: {lanes_count: 2}}\n"
+                 "  - {base: highway, duration_s: 8}\n")
+    a, b = load_scenarios(f)
+    assert a.name == "lead_brake_early" and a.event == "lead_brake" and a.ego_target_speed == 25
+    assert a.event_time_s == (1.0, 1.5) and a.env_config["lanes_count"] == 2
+    assert a.env_config["vehicles_count"] == SCENARIOS["lead_brake"].env_config["vehicles_count"]
+    assert b.name == "highway" and b.duration_s == 8
+    assert resolve(str(f)) == [a, b] and [s.name for s in resolve("cut_in,merge")] == ["cut_in", "merge"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {base: highway, lanes: 2}\n")
+    with pytest.raises(ValueError, match="unknown scenario fields"):
+        load_scenarios(bad)
+    assert seed_list("20000:20003") == [20000, 20001, 20002] and seed_list("2") == [10000, 10001]
+    assert seed_list("5,7") == [5, 7]
+
+
+def test_scenario_overrides_reach_the_simulator(tmp_path):
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    import dataclasses
+
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+    from spanvla_ros.sim.scenarios import get
+
+    backend = HighwayEnvBackend(render=False)
+    sc = dataclasses.replace(get("lead_brake"), name="early", event_time_s=(1.0, 1.0), lead_brake_to_mps=(0.0, 0.0))
+    backend.reset(sc, 10_000)
+    assert backend.event_time == 1.0
+    while backend.t < 1.05:
+        backend.step(None)
+    assert backend.event_vehicle.target_speed == 0.0 and backend.scenario.name == "early"
+    backend.close()
+
+
+def test_policy_driver_uses_a_bridge_only_after_the_reasoner_latency(policy):
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    from spanvla_ros.eval.closed_loop import PolicyDriver
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+
+    backend = HighwayEnvBackend()
+    driver = PolicyDriver(policy, reason_every_s=1.0, reasoner_latency_s=0.35)
+    obs = backend.reset("highway", 10_000)
+    driver.reset(obs, backend)
+    seen = []
+    while obs.t < 0.55:
+        driver.act(obs, backend)
+        seen.append((obs.t, driver.bridge is not None))
+        obs = backend.step(None)
+    assert [t for t, has in seen if has][0] == pytest.approx(0.4)   # reasoned at 0.0, usable from 0.35 on
+    assert driver.fresh is not None and len(driver.consistency) == len(seen) - 1
+    backend.close()
