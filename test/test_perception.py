@@ -218,3 +218,28 @@ def test_policy_driver_uses_a_bridge_only_after_the_reasoner_latency(policy):
     assert [t for t, has in seen if has][0] == pytest.approx(0.4)   # reasoned at 0.0, usable from 0.35 on
     assert driver.fresh is not None and len(driver.consistency) == len(seen) - 1
     backend.close()
+
+
+def test_grounded_reasoning_states_what_the_heads_see(policy):
+    """A grounded-reasoning model starts its text with the heads' facts in the text's own phrasing: the parser of
+    the stated facts reads back exactly what the heads output, and the light only with a stop line ahead."""
+    import dataclasses
+
+    from spanvla_ros.eval.perception_eval import stated_facts
+
+    pol = SpanVLAPolicy(dataclasses.replace(policy.cfg, grounded_reasoning=True), policy.reasoner, policy.expert)
+    with torch.no_grad():
+        pol.expert.lead_head.out[-1].weight.zero_()
+        pol.expert.lead_head.out[-1].bias.copy_(torch.tensor([5.0, 24.0 / 30.0, 0.5]))   # 24 m, closing 5 m/s
+    imgs = frames(seed=4)
+    front = pol.reasoner.vision_tokens([imgs[i] for i in pol.reasoner.front_image_indices])[None]
+    route = np.stack([np.arange(-50.0, 150.0, 2.0), np.zeros(100)], 1)
+    with_light = pol.perceived_text(front, 10.0, pol.route_input(route, (0, 0, 0), np.array([[22.5, 0.0]])))
+    no_light = pol.perceived_text(front, 10.0, pol.route_input(route, (0, 0, 0), None))
+    said = stated_facts(with_light)
+    assert said["lead"] and said["gap"] == 24.0 and said["light"] in ("red", "green", "yellow")
+    assert "20 meters" in with_light                       # 22.5 m to the line from the centre, 20 m from the bumper
+    assert stated_facts(no_light)["light"] is None and stated_facts(no_light)["gap"] == 24.0
+    r = pol.reason(imgs, "go straight", 10.0, 0.0, PAST, max_new_tokens=4, route_xy=route, pose=(0, 0, 0),
+                   stop_xy=np.array([[22.5, 0.0]]))
+    assert r.text.startswith(with_light)

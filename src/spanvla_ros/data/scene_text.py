@@ -73,6 +73,24 @@ def _pick(rng, *options):
     return options[int(rng.integers(len(options)))]
 
 
+def light_clause(state: str, dist: float, rng: np.random.Generator | None = None) -> str:
+    """What the text says of a signal ``dist`` m ahead (front bumper to stop line); the first phrasing without rng."""
+    options = (f"the traffic light is {state} {max(dist, 0):.0f} meters ahead",
+               f"{state} light at the stop line in {max(dist, 0):.0f} meters")
+    return options[0] if rng is None else _pick(rng, *options)
+
+
+def lead_clause(gap: float, closing: float, rng: np.random.Generator | None = None) -> str:
+    """What the text says of the lead vehicle ``gap`` m ahead closing at ``closing`` m/s."""
+    ttc = gap / closing if closing > 0.3 else math.inf
+    if ttc < 6:
+        options = (f"the lead vehicle is {gap:.0f} meters ahead and closing, time to collision {ttc:.1f} seconds",
+                   f"we close on the car ahead at {closing:.1f} m/s, gap {gap:.0f} meters")
+    else:
+        options = (f"lead vehicle {gap:.0f} meters ahead, gap is safe", f"the car in front is {gap:.0f} meters away")
+    return options[0] if rng is None else _pick(rng, *options)
+
+
 def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str:
     """future: (N, 4) expert trajectory x, y, heading, speed in the ego frame (0.5 s spacing)."""
     parts = []
@@ -81,19 +99,12 @@ def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str
         parts.append(_pick(rng, f"we drifted {abs(f.lateral_offset):.1f} meters {side} of the lane center",
                            f"ego is off the lane center by {abs(f.lateral_offset):.1f} meters to the {side}"))
     if f.light is not None and f.light_dist is not None and f.light_dist > -2:
-        parts.append(_pick(rng, f"the traffic light is {f.light} {max(f.light_dist, 0):.0f} meters ahead",
-                           f"{f.light} light at the stop line in {max(f.light_dist, 0):.0f} meters"))
+        parts.append(light_clause(f.light, f.light_dist, rng))
     if f.cut_in_side is not None:
         parts.append(_pick(rng, f"a car cuts in from the {f.cut_in_side} {f.cut_in_gap:.0f} meters ahead",
                            f"the vehicle on the {f.cut_in_side} is merging into our lane"))
     if f.lead_gap is not None:
-        ttc = f.lead_gap / f.lead_closing if f.lead_closing > 0.3 else math.inf
-        if ttc < 6:
-            parts.append(_pick(rng, f"the lead vehicle is {f.lead_gap:.0f} meters ahead and closing, time to collision {ttc:.1f} seconds",
-                               f"we close on the car ahead at {f.lead_closing:.1f} m/s, gap {f.lead_gap:.0f} meters"))
-        else:
-            parts.append(_pick(rng, f"lead vehicle {f.lead_gap:.0f} meters ahead, gap is safe",
-                               f"the car in front is {f.lead_gap:.0f} meters away"))
+        parts.append(lead_clause(f.lead_gap, f.lead_closing, rng))
     if f.merging_side:
         parts.append(_pick(rng, "traffic is merging from the ramp on the right", "a vehicle merges onto the highway from the right"))
     if f.roundabout:

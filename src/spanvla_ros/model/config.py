@@ -60,11 +60,17 @@ class SpanVLAConfig:
     # Lead vehicle perception (`spanvla-train --lead-perception`): a head on the front camera's history-frame vision
     # tokens gives P(lead), gap and closing speed (model.perception), detached, to the expert's conditioning.
     lead_perception: bool = False
+    # Grounded reasoning: the reasoning text starts with what the perception heads read from the frames (the light
+    # before a stop line, the lead vehicle), in the text's own phrasing, and the VLM writes the rest from there, so
+    # text, bridge and plan agree with what was perceived. The expert is trained on bridges made the same way.
+    grounded_reasoning: bool = False
     ego_dim: int = 0                   # derived from commands + route lookahead + traffic lights (0 = derive)
     vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.grounded_reasoning and not self.lead_perception:
+            raise ValueError("grounded_reasoning needs the perception heads (lead_perception)")
         if self.traffic_lights and not self.route_lookahead_m:
             raise ValueError("traffic_lights needs the route input (stop lines are measured along the route)")
         expected = ego_dim_for(self.commands, self.route_lookahead_m, self.traffic_lights)
@@ -92,6 +98,7 @@ class SpanVLAConfig:
         d.setdefault("expert_sees_accel", True)
         d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
         d.setdefault("lead_perception", False)
+        d.setdefault("grounded_reasoning", False)
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):
             if k in d:
                 d[k] = tuple(d[k])

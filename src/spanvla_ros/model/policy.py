@@ -124,9 +124,37 @@ class SpanVLAPolicy:
 
     # ------------------------------------------------------------------ inference
     def reason(self, images: Sequence[np.ndarray], command: str, speed: float, accel: float, past_xyh: np.ndarray,
-               stamp: float = 0.0, **kw) -> ReasoningResult:
+               stamp: float = 0.0, route_xy: np.ndarray | None = None, pose=None, stop_xy: np.ndarray | None = None,
+               **kw) -> ReasoningResult:
+        """Reasoning over the frames; a grounded-reasoning model (cfg.grounded_reasoning) starts its text with what
+        its perception heads see in these frames (route, pose and stop lines as for ``plan``: where the light is)."""
         prompt = self.reasoner.prompt(command, speed, accel, past_xyh[:, :2])
+        if self.cfg.grounded_reasoning:
+            kw["prefix"] = self.perceived_text(
+                self.reasoner.vision_tokens([images[i] for i in self.reasoner.front_image_indices])[None],
+                speed, self.route_input(route_xy, pose, stop_xy))
         return self.reasoner.reason(images, prompt, stamp=stamp, **kw)
+
+    @torch.inference_mode()
+    def perceived_text(self, front: torch.Tensor, speed: float, route: np.ndarray | None) -> str:
+        """The facts the perception heads read from the front frames, in the reasoning text's own phrasing
+        (data.scene_text): the light when a stop line is ahead, the lead vehicle when one is seen."""
+        from ..data.scene_text import lead_clause, light_clause
+        from .config import LIGHT_STATES
+        from .perception import CLOSING_SCALE_MPS, GAP_SCALE_M
+        from ..sim.types import VEHICLE_LENGTH_M
+        from .route import STOP_SCALE_M
+
+        ego = torch.from_numpy(self.ego_vector(speed, 0.0, 0.0, self.cfg.commands[0], route))[None]
+        parts = []
+        light = self.expert.light_logits(front)
+        if light is not None and route is not None and route[-1] > 0.5:     # a stop line ahead on the route
+            gap = float(route[-2]) * STOP_SCALE_M - VEHICLE_LENGTH_M / 2     # the text measures from the bumper
+            parts.append(light_clause(LIGHT_STATES[int(light.argmax())], gap))
+        lead = self.expert.lead_raw(front, ego)
+        if lead is not None and float(torch.sigmoid(lead[0, 0])) > 0.5:
+            parts.append(lead_clause(float(lead[0, 1]) * GAP_SCALE_M, float(lead[0, 2]) * CLOSING_SCALE_MPS))
+        return "; ".join(parts)
 
     def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:
         return history_trajectory(past_xyh, speed, self.cfg.history_dt, horizon or self.cfg.horizon, self.cfg.dt)

@@ -201,12 +201,14 @@ class VLMReasoner:
     @torch.inference_mode()
     def reason(self, images: Sequence[np.ndarray], prompt: str, max_new_tokens: int | None = None,
                stamp: float = 0.0, temperature: float = 0.0, generator: torch.Generator | None = None,
-               keep_cache: bool = False) -> ReasoningResult:
+               keep_cache: bool = False, prefix: str = "") -> ReasoningResult:
         """Prefill, then decode token by token with the KV cache until the action token (fed too, so the
-        bridge contains it); if the budget runs out the action token is forced, and ``hit_action_token`` says so."""
+        bridge contains it); if the budget runs out the action token is forced, and ``hit_action_token`` says so.
+        ``prefix``: the start of the reasoning, given rather than generated (what the perception heads saw: the
+        text then states it and the model writes the rest from there); the returned text includes it."""
         max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         t0 = time.perf_counter()
-        inputs = self.encode([images], [prompt])
+        inputs = self.encode([images], [prompt + prefix])
         out, front = self._forward(inputs)
         cache = out.past_key_values
         next_pos = int(inputs["position_ids"].max()) + 1
@@ -231,7 +233,7 @@ class VLMReasoner:
                 break
         t2 = time.perf_counter()
         hit = len(generated) <= max_new_tokens  # else the action token was forced after the budget
-        text = self.tokenizer.decode(generated[:-1], skip_special_tokens=True).strip()
+        text = (prefix + self.tokenizer.decode(generated[:-1], skip_special_tokens=True)).strip()
         seq_len = cache.get_seq_length()
         bridge = BridgeSnapshot.from_cache(
             cache, self.layer_ids, torch.ones(1, seq_len, dtype=torch.bool, device=self.device),

@@ -151,8 +151,10 @@ class PlannerCore:
             return None
         images, stamp = hist
         past, speed, accel, _, _ = ego
+        route = self._route()
         r = self.policy.reason(images, self.command, speed, accel, past, stamp=stamp,
-                               max_new_tokens=self.params.max_new_tokens)
+                               max_new_tokens=self.params.max_new_tokens, route_xy=route,
+                               pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None)
         self.counters["reasoner_runs"] += 1
         self.last_reasoning = r.text
         return r

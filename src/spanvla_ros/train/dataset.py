@@ -164,11 +164,12 @@ def stop_at_signal_future(meta: dict) -> np.ndarray | None:
     stop_s = max(gap - STOP_MARGIN_M, 0.0)   # ego-centre travel; gap is from the front bumper, as the expert's
     if cum[-1] <= stop_s + 0.1:
         return None                          # the logged future already stops before the line
-    decel = speed ** 2 / (2 * stop_s) if stop_s > 0.05 else math.inf
+    # brake evenly to rest at stop_s (already at rest, or at the line: stay)
+    t_stop = 2 * stop_s / speed if speed > 0.1 and stop_s > 0.05 else 0.0
+    decel = speed / t_stop if t_stop > 0 else math.inf
     out = future.copy()
     for k in range(len(future)):
         t = 0.5 * (k + 1)
-        t_stop = speed / decel if math.isfinite(decel) else 0.0
         s_t = stop_s if t >= t_stop else speed * t - 0.5 * decel * t * t
         out[k, 0] = np.interp(s_t, cum, path[:, 0])
         out[k, 1] = np.interp(s_t, cum, path[:, 1])

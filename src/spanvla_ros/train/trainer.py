@@ -102,6 +102,24 @@ def prompts(policy, samples):
 
 
 # ------------------------------------------------------------------ stages
+PERCEPTION_PREFIXES = ("light_", "lead_head.")
+
+
+def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
+    """Take the perception heads (and their input standardisation) from another checkpoint's expert and freeze
+    them: a grounded-reasoning model's bridges are made with their outputs, which must not change afterwards."""
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(checkpoint / "expert.safetensors").items() if k.startswith(PERCEPTION_PREFIXES)}
+    missing = [k for k in policy.expert.state_dict() if k.startswith(PERCEPTION_PREFIXES) and k not in state]
+    if missing or not state:
+        raise SystemExit(f"--heads-from {checkpoint}: its expert lacks the perception heads this model needs {missing}")
+    policy.expert.load_state_dict(state, strict=False)
+    for name, p in policy.expert.named_parameters():
+        if name.startswith(PERCEPTION_PREFIXES):
+            p.requires_grad_(False)
+
+
 def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0):
     """AdamW + one-cycle LR over this rank's shard of each epoch; batch_loss(indices) -> scalar loss."""
     from tqdm import tqdm
@@ -146,7 +164,8 @@ def reason_all(policy, samples, desc="reasoning", progress=True):
     bridges, texts, hits = [], [], 0
     for s in tqdm(samples, desc=desc, disable=not progress or dist_info()[0] != 0):
         m = s.meta
-        r = policy.reason(s.images, m["command"], m["speed"], m["accel"], s.past, stamp=m["stamp"])
+        r = policy.reason(s.images, m["command"], m["speed"], m["accel"], s.past, stamp=m["stamp"],
+                          route_xy=m.get("route_xy"), pose=m["pose"], stop_xy=m.get("stop_xy"))
         bridges.append(r.bridge)
         texts.append(r.text)
         hits += r.hit_action_token
@@ -174,8 +193,11 @@ def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> li
 
 
 def fit_perception_inputs(policy, samples, bridges) -> None:
-    """Input standardisation of the perception heads from the training frames (and the tokens' image positions)."""
+    """Input standardisation of the perception heads from the training frames (and the tokens' image positions),
+    unless the heads come trained and frozen (load_perception_heads)."""
     expert = policy.expert
+    if policy.cfg.grounded_reasoning:
+        return
     if policy.cfg.traffic_lights:
         labels = [light_label(s) for s in samples]
         at_light = [b for b, y in zip(bridges, labels) if y >= 0] or bridges
@@ -239,6 +261,8 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
         light, lead = expert.light_logits(br), expert.lead_raw(br, ego)   # once per batch, not per flow step
         loss = expert.flow_loss(br, a, his_tensor(policy, bs), ego, generator=gen,
                                 percept=expert.percept_from(light, lead))
+        if policy.cfg.grounded_reasoning:   # frozen heads (load_perception_heads)
+            return loss
         return loss + perception_loss(policy, bs, light, lead)
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
@@ -324,10 +348,11 @@ def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights
 
 
 def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True,
-                 lights: bool = False, lead: bool = False) -> SpanVLAPolicy:
+                 lights: bool = False, lead: bool = False, grounded: bool = False) -> SpanVLAPolicy:
     """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
     policy.cfg.flow_init = flow_init
     policy.cfg.lead_perception = lead
+    policy.cfg.grounded_reasoning = grounded
     policy.cfg.route_lookahead_m = ROUTE_LOOKAHEAD_M if route else ()
     policy.cfg.traffic_lights = route and lights
     policy.cfg.ego_dim = ego_dim_for(policy.cfg.commands, policy.cfg.route_lookahead_m, policy.cfg.traffic_lights)
@@ -365,6 +390,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lead-perception", action="store_true",
                     help="expert with a lead-vehicle head (presence, gap, closing speed) on the front camera's "
                          "history-frame vision tokens, supervised by the simulator (model.perception)")
+    ap.add_argument("--grounded-reasoning", action="store_true",
+                    help="the reasoning text starts with what the perception heads see (model.policy.perceived_text); "
+                         "needs --lead-perception --traffic-lights and --heads-from")
+    ap.add_argument("--heads-from", type=Path, default=None,
+                    help="take the trained perception heads from this checkpoint (frozen)")
     ap.add_argument("--signal-labels", default="stop", choices=["stop", "logged"],
                     help="at a light the ego must stop for: teach stopping before the line (a camera-only planner "
                          "cannot know the phase timing) or keep the expert's logged future (train.dataset)")
@@ -385,6 +415,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.traffic_lights and a.no_route:
         raise SystemExit("--traffic-lights needs the route input (stop lines are measured along the route)")
+    if a.grounded_reasoning and not (a.lead_perception and a.traffic_lights and a.heads_from and a.vlm_from):
+        raise SystemExit("--grounded-reasoning needs --lead-perception --traffic-lights --vlm-from and --heads-from "
+                         "(the text is written from trained heads)")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -415,7 +448,10 @@ def main(argv=None) -> int:
         print("resume: loaded finished stage sft")
     elif a.vlm_from:
         policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
-                              route=not a.no_route, lights=a.traffic_lights, lead=a.lead_perception)
+                              route=not a.no_route, lights=a.traffic_lights, lead=a.lead_perception,
+                              grounded=a.grounded_reasoning)
+        if a.heads_from:
+            load_perception_heads(policy, a.heads_from)
         if a.more_sft_epochs:
             t0 = time.time()
             sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight)
@@ -429,10 +465,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
-    bridges = cached_bridges(policy, samples, a.bridge_text, a.bridge_cache)
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
         attach_routes(samples, scenes)
+    bridges = cached_bridges(policy, samples, a.bridge_text, a.bridge_cache)
     if a.signal_labels == "stop":
         print(f"signal stops: {relabel_signal_stops(samples)} futures relabelled to stop before the line")
     if not done("sft"):
