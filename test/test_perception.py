@@ -243,3 +243,42 @@ def test_grounded_reasoning_states_what_the_heads_see(policy):
     r = pol.reason(imgs, "go straight", 10.0, 0.0, PAST, max_new_tokens=4, route_xy=route, pose=(0, 0, 0),
                    stop_xy=np.array([[22.5, 0.0]]))
     assert r.text.startswith(with_light)
+
+
+def test_fork_rollout_is_what_the_expert_does_from_that_state():
+    """DAgger labels: a fork of a running episode, driven by the expert, follows exactly the path the episode
+    itself takes when the expert drives on from that state, and leaves the episode untouched."""
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    from spanvla_ros.data.generate import expert_rollout
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+    from spanvla_ros.sim.types import Control
+
+    b = HighwayEnvBackend(render=False)
+    b.reset("lead_brake", 3)
+    for _ in range(15):                      # someone else drives for a while: a state the expert would not reach
+        b.step(Control(1.0, 0.01))
+    before = (b.t, tuple(b.ego.position))
+    labels = expert_rollout(b, 20)
+    assert (b.t, tuple(b.ego.position)) == before
+    for k in range(1, 21):
+        obs = b.step(None)
+        assert labels[k]["ego"] == pytest.approx((obs.ego.x, obs.ego.y, obs.ego.heading, obs.ego.speed))
+    b.close()
+
+
+@pytest.mark.slow
+def test_dagger_episode_samples_the_policys_states_with_expert_labels(tmp_path):
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    from conftest import REPO
+    from spanvla_ros.data.bag_io import read_episode
+    from spanvla_ros.data.generate import generate
+
+    idx = generate(tmp_path, ["lead_brake"], [3], kinds=("dagger",), progress=False,
+                   policy=str(REPO / "checkpoints" / "spanvla_default"))
+    samples = idx["samples"]
+    assert samples and {s["kind"] for s in samples} == {"dagger"}
+    log = read_episode(tmp_path / samples[0]["bag"], ("front",))
+    for s in samples:                        # the sample's state is the policy's, from the recorded drive
+        j = int(np.argmin(np.abs(log.odom[:, 0] - s["stamp"])))
+        assert log.odom[j, 1:3] == pytest.approx(s["pose"][:2], abs=1e-3)
+        assert np.asarray(s["future"]).shape == (8, 4) and s["facts"] is not None

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", default="runs/{time}", help="run directory: MCAP bag of inputs and plans + "
                     "run_view.png ({time} is replaced by the start time)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json", default="", help="write the episodes' results, counters and latencies to this file")
     a, ros_args = ap.parse_known_args(argv if argv is not None else sys.argv[1:])
 
     import rclpy
@@ -146,6 +147,13 @@ def main(argv=None) -> int:
             if not sim.episodes:
                 print(f"[spanvla-drive] episode {sim.scenario} seed {sim.seed} running: "
                       f"route completion {sim.obs.route_completion:.0%} after {sim.obs.t:.1f} s")
+        if a.json:
+            import json
+
+            with open(a.json, "w") as f:
+                json.dump(dict(model_id=planner.policy.model_id, counters=dict(c),
+                               episodes=sim.episodes if sim is not None else [],
+                               reasoner_latency_s=rl, expert_latency_s=el), f, indent=1)
         published = c["plans_published"]
         for ex in executors:
             ex.shutdown()

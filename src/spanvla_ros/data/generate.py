@@ -8,6 +8,10 @@ episode bags plus one index.json of samples, deterministic by (scenario, seed).
   red light. Kept with the sample, used as r_neg references by GRPO.
 * recovery: episodes where the ego is made to drift off the lane centre for ~1 s (open-loop steering bias);
   samples at the moment the expert takes back over hold the drifted history and the expert's way back.
+* dagger: the trained policy drives (``--policy CHECKPOINT``, through the planner core, as in closed loop) and at
+  every sample time the simulator is forked and the expert drives the fork for 4 s: the states the policy visits,
+  labelled with what the expert would do from them (DAgger). Behaviour cloning alone never sees the states its
+  own errors lead to.
 """
 from __future__ import annotations
 
@@ -37,9 +41,10 @@ HISTORY_FRAMES = 4
 class EpisodeJob:
     scenario: str
     seed: int
-    kind: str          # "expert" | "recovery"
+    kind: str          # "expert" | "recovery" | "dagger"
     out_dir: str
     sample_every_s: float = 1.0
+    policy: str = ""   # dagger: the checkpoint that drives
 
 
 def negative_candidates(speed: float) -> dict[str, np.ndarray]:
@@ -63,6 +68,7 @@ class EpisodeRecorder:
     def __init__(self, backend, job: EpisodeJob):
         self.b, self.job = backend, job
         self.steps = []
+        self.labels: dict[int, list[dict]] = {}   # dagger: step index -> the expert's rollout on a fork from there
 
     def run(self, bag_path: Path):
         b, job = self.b, self.job
@@ -76,30 +82,75 @@ class EpisodeRecorder:
             drift = (t0, t0 + float(rng.uniform(0.8, 1.4)), float(rng.choice([-1, 1]) * rng.uniform(0.012, 0.025)))
         self.drift = drift
         self.scene = b.scene_map()
-        self._log(obs)
+        driver = None
+        if job.kind == "dagger":
+            driver = _policy_driver(job.policy)
+            driver.reset(obs, b)
+        self.steps.append(step_record(b, obs))
         writer.write_step(obs)
         while not obs.done:
             control = None
             if drift and drift[0] <= b.t < drift[1]:
                 control = Control(0.0, drift[2])
+            if driver is not None:
+                i = len(self.steps) - 1
+                if i in sample_indices(i + 1, b.dt, job.sample_every_s):
+                    self.labels[i] = expert_rollout(b, HORIZON * int(round(DT / b.dt)))
+                control = driver.act(obs, b)
             obs = b.step(control)
-            self._log(obs)
+            self.steps.append(step_record(b, obs))
             writer.write_step(obs)
         writer.close()
         return self.steps
 
-    def _log(self, obs):
-        b = self.b
-        lane = b.road.network.get_lane(b.ego.lane_index)
-        lat = float(lane.local_coordinates(b.ego.position)[1])
-        light_dist = None
-        if b.stop_s is not None:
-            light_dist = b.stop_s - obs.route_progress - obs.ego.length / 2
-        e = obs.ego
-        self.steps.append(dict(t=obs.t, ego=(e.x, e.y, e.heading, e.speed), accel=e.accel, yaw_rate=e.yaw_rate,
-                               agents=[(a.id, a.x, a.y, a.heading, a.speed, a.length, a.width) for a in obs.agents],
-                               light=obs.light.state if obs.light else None, light_dist=light_dist, lateral=lat,
-                               flags=obs.flags, progress=obs.route_progress))
+
+_DRIVERS: dict[str, object] = {}
+
+
+def _policy_driver(checkpoint: str):
+    """One PolicyDriver per worker process and checkpoint (loading the model takes a second)."""
+    if checkpoint not in _DRIVERS:
+        from ..eval.closed_loop import PolicyDriver
+        from ..model.policy import SpanVLAPolicy
+
+        if not checkpoint:
+            raise ValueError("dagger episodes need the checkpoint that drives (--policy)")
+        _DRIVERS[checkpoint] = PolicyDriver(SpanVLAPolicy.from_pretrained(checkpoint), reasoner_latency_s=None)
+    return _DRIVERS[checkpoint]
+
+
+def sample_indices(n: int, ctrl_dt: float, every_s: float) -> list[int]:
+    """Step indices of the samples of an n-step episode: one every ``every_s`` once the frame history is full."""
+    first = int(round((HISTORY_FRAMES - 1) * DT / ctrl_dt))
+    return list(range(first, n, int(round(every_s / ctrl_dt))))
+
+
+def expert_rollout(backend, steps: int) -> list[dict]:
+    """The expert driving a fork of the running episode: the fork's state now, then ``steps`` more."""
+    fork = backend.fork()
+    obs = fork._observe()
+    out = [step_record(fork, obs)]
+    for _ in range(steps):
+        obs = fork.step(None)
+        out.append(step_record(fork, obs))
+    return out
+
+
+def step_record(b, obs) -> dict:
+    """What the sample builder needs of one simulator step."""
+    lane = b.road.network.get_lane(b.ego.lane_index)
+    lat = float(lane.local_coordinates(b.ego.position)[1])
+    light_dist = None
+    if b.stop_s is not None:
+        light_dist = b.stop_s - obs.route_progress - obs.ego.length / 2
+    e = obs.ego
+    return dict(t=obs.t, ego=(e.x, e.y, e.heading, e.speed), accel=e.accel, yaw_rate=e.yaw_rate,
+                agents=[(a.id, a.x, a.y, a.heading, a.speed, a.length, a.width) for a in obs.agents],
+                light=obs.light.state if obs.light else None, light_dist=light_dist, lateral=lat,
+                flags=obs.flags, progress=obs.route_progress)
+
+
+SAMPLE_KIND = {"expert": "positive", "recovery": "recovery", "dagger": "dagger"}
 
 
 def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[dict]:
@@ -113,18 +164,25 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
         d0, d1, _ = rec.drift
         takeover = next((i for i, s in enumerate(steps) if s["t"] >= d1 - 1e-6), n)
         idx = [takeover, takeover + per_half]
+    elif job.kind == "dagger":
+        idx = sorted(rec.labels)
     else:
-        every = int(round(job.sample_every_s / ctrl_dt))
-        first = int(round((HISTORY_FRAMES - 1) * DT / ctrl_dt))
-        idx = list(range(first, n, every))
+        idx = sample_indices(n, ctrl_dt, job.sample_every_s)
     samples = []
     for i in sorted(set(idx)):
         j_end = i + HORIZON * per_half
-        if i < (HISTORY_FRAMES - 1) * per_half or j_end >= min(n, crash_at):
-            continue
+        if job.kind == "dagger":
+            # the future is the expert's on a fork from this state (ahead[0] is the fork's state now)
+            ahead = rec.labels[i]
+            if any(s["flags"].collision or s["flags"].off_road for s in ahead) or i < (HISTORY_FRAMES - 1) * per_half:
+                continue
+        else:
+            if i < (HISTORY_FRAMES - 1) * per_half or j_end >= min(n, crash_at):
+                continue
+            ahead = steps[i:j_end + 1]
         now = steps[i]
         pose = now["ego"]
-        fut_world = np.array([steps[i + k * per_half]["ego"] for k in range(1, HORIZON + 1)])
+        fut_world = np.array([ahead[k * per_half]["ego"] for k in range(1, HORIZON + 1)])
         future = to_ego(pose, fut_world).astype(np.float32)
         past_world = np.array([steps[i - k * per_half]["ego"] for k in range(PAST - 1, -1, -1)])
         past = to_ego(pose, past_world)[:, :3].astype(np.float32)
@@ -132,16 +190,16 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
         accel = (pose[3] - v_prev) / DT
         yaw_rate = math.remainder(pose[2] - steps[i - per_half]["ego"][2], 2 * math.pi) / DT
         # agents' futures, aligned by id, for PDM-style scoring
-        ids = sorted({a[0] for k in range(HORIZON + 1) for a in steps[i + k * per_half]["agents"]})
+        ids = sorted({a[0] for k in range(HORIZON + 1) for a in ahead[k * per_half]["agents"]})
         agents_future = np.full((HORIZON + 1, len(ids), 4), np.nan)
         sizes = [(5.0, 2.0)] * len(ids)
         for k in range(HORIZON + 1):
-            for a in steps[i + k * per_half]["agents"]:
+            for a in ahead[k * per_half]["agents"]:
                 col = ids.index(a[0])
                 agents_future[k, col] = a[1:5]
                 sizes[col] = (a[5], a[6])
-        lights = {k * DT: steps[i + k * per_half]["light"] for k in range(HORIZON + 1)} if now["light"] else {}
-        ref_progress = steps[j_end]["progress"] - now["progress"]
+        lights = {k * DT: ahead[k * per_half]["light"] for k in range(HORIZON + 1)} if now["light"] else {}
+        ref_progress = ahead[-1]["progress"] - now["progress"]
         expert_score = score(fut_world, pose, agents_future, rec.scene, DT, ref_progress, lights, agent_sizes=sizes)
         negatives = []
         for name, cand in negative_candidates(pose[3]).items():
@@ -153,7 +211,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
         facts = facts_from_state(pose, now["agents"], job.scenario, rec.b.command, now["light"], now["light_dist"],
                                  now["lateral"], recovering)
         samples.append(dict(
-            scenario=job.scenario, seed=job.seed, kind="recovery" if recovering else "positive", bag=bag_rel,
+            scenario=job.scenario, seed=job.seed, kind=SAMPLE_KIND[job.kind], bag=bag_rel,
             stamp=BAG_EPOCH + now["t"], t=now["t"], command=rec.b.command,
             frame_stamps=[BAG_EPOCH + now["t"] - k * DT for k in range(HISTORY_FRAMES - 1, -1, -1)],
             past=past.round(4).tolist(), speed=round(pose[3], 4), accel=round(accel, 4), yaw_rate=round(yaw_rate, 4),
@@ -189,12 +247,15 @@ def run_job(job: EpisodeJob) -> dict:
 
 
 def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), workers: int = 1,
-             sample_every_s: float = 1.0, progress: bool = True) -> dict:
+             sample_every_s: float = 1.0, progress: bool = True, policy: str = "") -> dict:
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s) for s in scenarios for seed in seeds for k in kinds]
+    if "dagger" in kinds and not policy:
+        raise ValueError("dagger episodes need the checkpoint that drives (policy=...)")
+    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s, str(Path(policy).resolve()) if policy else "")
+            for s in scenarios for seed in seeds for k in kinds]
     t0 = time.time()
     results = []
     if workers > 1:
@@ -218,12 +279,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--scenarios", default="all", help="comma list or 'all' (%s)" % ", ".join(SCENARIOS))
     ap.add_argument("--seeds", default="0:4", help="a:b range or comma list")
-    ap.add_argument("--kinds", default="expert,recovery")
+    ap.add_argument("--kinds", default="expert,recovery", help="expert, recovery, dagger (comma list)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--sample-every", type=float, default=1.0)
+    ap.add_argument("--policy", default="", help="checkpoint that drives the dagger episodes (--kinds dagger)")
     a = ap.parse_args(argv)
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
-    idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every)
+    idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every,
+                   policy=a.policy)
     kinds = {}
     for s in idx["samples"]:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1

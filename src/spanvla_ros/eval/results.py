@@ -137,6 +137,30 @@ def format_perception_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) -> dict:
+    """The same model through the real ROS graph in real time (spanvla-drive: sim_bridge + spanvla_planner over
+    DDS on loopback), one episode per scenario at ``seed``; the episodes are scored like the lockstep ones."""
+    import os
+    import subprocess
+
+    from .closed_loop import EpisodeResult, summarise
+
+    report = out / "ros_graph.json"
+    cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--episodes", str(len(scenarios)), "--no-record",
+           "--json", str(report), "--set", f"spanvla_planner.checkpoint={Path(checkpoint).resolve()}",
+           "--set", f"sim_bridge.seed={seed}", "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]"]
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120 + 60 * len(scenarios))
+    if proc.returncode != 0 or not report.is_file():
+        raise SystemExit(f"spanvla-drive failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    data = json.loads(report.read_text())
+    eps = [EpisodeResult(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"],
+                         e["red_light"], e["wrong_way"], e["t"]) for e in data["episodes"]]
+    return dict(name=f"{name} (ROS graph, real time)", checkpoint=str(checkpoint),
+                closed_loop=dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps]),
+                counters=data["counters"])
+
+
 def main(argv=None) -> int:
     from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PolicyDriver
     from ..model.policy import SpanVLAPolicy
@@ -162,6 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=CHECKPOINT",
                     help="one more row: a checkpoint directory evaluated the same way (repeatable)")
     ap.add_argument("--no-expert", action="store_true", help="skip the expert reference row")
+    ap.add_argument("--ros-graph", default="", metavar="NAME=CHECKPOINT",
+                    help="also drive this checkpoint through the real ROS graph (spanvla-drive, real time), one "
+                         "episode per scenario at the first closed-loop seed")
     ap.add_argument("--out", type=Path, default=Path("results"))
     a = ap.parse_args(argv)
     t_start = time.time()
@@ -215,6 +242,10 @@ def main(argv=None) -> int:
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(format_table([row]).splitlines()[-1], f"({row['seconds']} s)", flush=True)
+    if a.ros_graph and cl_seeds:
+        name, _, path = a.ros_graph.partition("=")
+        rows.append(ros_graph_row(name, Path(path), scen, cl_seeds[0], a.out))
+        print(format_table([rows[-1]]).splitlines()[-1], flush=True)
     if cl_seeds and not a.no_expert:
         rows.append(dict(name="reference: expert (IDM/MOBIL)", closed_loop=closed_loop(ExpertDriver(), scen, cl_seeds)))
         mark_completed(rows, rows[-1])

@@ -8,6 +8,7 @@ not see the signal (highway-env's intersection yields by priority instead); only
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -222,6 +223,14 @@ class HighwayEnvBackend:
                 and self.light_state() == "red"):
             self._red_violation = True
         return self._observe()
+
+    def fork(self) -> "HighwayEnvBackend":
+        """An independent copy of the running episode (road, traffic, signal, event state) without rendering: what
+        the expert would do from this exact state can be rolled out on it (DAgger labels) without touching this one."""
+        memo = {id(self.rig): self.rig, id(self._envs): {}}
+        clone = copy.deepcopy(self, memo)
+        clone.render_images = False
+        return clone
 
     def expert_control(self) -> Control:
         """The control the expert would apply now (for logging recovery behaviour)."""

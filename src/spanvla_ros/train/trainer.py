@@ -226,22 +226,33 @@ def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
 
 
 def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[BridgeSnapshot]:
-    """precompute_bridges, saved to / loaded from ``cache`` (a file) when given: experts trained on one frozen VLM
-    (history vs noise start, with or without perception heads) share the same bridges. The cache is keyed by the
-    VLM's weights, the bridge text and the samples, and recomputed when any differ."""
+    """precompute_bridges, kept in ``cache`` (a file) when given: experts trained on one frozen VLM (history vs
+    noise start, with or without perception heads, with more data) share the bridges of the samples they share.
+    Keyed by sample (scenario, seed, kind, stamp); the whole cache is dropped when the VLM, the bridge text or the
+    way the text is written (grounded reasoning) differ."""
     if cache is None:
         return precompute_bridges(policy, samples, text=text)
-    key = dict(vlm=vlm_digest(policy), text=text, samples=[(s.meta["bag"], s.meta["stamp"]) for s in samples])
+
+    def key(s):
+        m = s.meta
+        return (m["scenario"], m["seed"], m["kind"], round(float(m["stamp"]), 3))
+
+    header = dict(vlm=vlm_digest(policy), text=text, grounded=policy.cfg.grounded_reasoning)
+    stored: dict = {}
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
-        if saved.get("key") == key:
-            print(f"bridges: {len(saved['bridges'])} from {cache}")
-            return saved["bridges"]
-        print(f"bridges: {cache} is for other samples or another VLM: recomputing")
-    bridges = precompute_bridges(policy, samples, text=text)
-    if dist_info()[0] == 0:
-        torch.save(dict(key=key, bridges=bridges), cache)
-    return bridges
+        if saved.get("header") == header:
+            stored = saved["bridges"]
+        else:
+            print(f"bridges: {cache} is for another VLM or reasoning text: recomputing")
+    todo = [s for s in samples if key(s) not in stored]
+    print(f"bridges: {len(samples) - len(todo)} from {cache}, {len(todo)} to compute")
+    if todo:
+        for s, b in zip(todo, precompute_bridges(policy, todo, text=text)):
+            stored[key(s)] = b
+        if dist_info()[0] == 0:
+            torch.save(dict(header=header, bridges=stored), cache)
+    return [stored[key(s)] for s in samples]
 
 
 def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
