@@ -282,3 +282,17 @@ def test_dagger_episode_samples_the_policys_states_with_expert_labels(tmp_path):
         j = int(np.argmin(np.abs(log.odom[:, 0] - s["stamp"])))
         assert log.odom[j, 1:3] == pytest.approx(s["pose"][:2], abs=1e-3)
         assert np.asarray(s["future"]).shape == (8, 4) and s["facts"] is not None
+
+
+def test_multi_frame_light_head_reads_older_frames_and_single_frame_does_not():
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=60))
+    r = None
+    for frames_read in (1, 4):
+        pol = SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, light_frames=frames_read), tok, seed=0)
+        r = r or pol.reason(frames(seed=6), "go straight", 6.0, 0.0, PAST, max_new_tokens=3)
+        front = r.bridge.front_features
+        older_changed = front.clone()
+        older_changed[:, 0] = torch.flip(older_changed[:, 0], dims=[1]) * 3.0
+        with torch.no_grad():
+            same = torch.allclose(pol.expert.light_logits(front), pol.expert.light_logits(older_changed))
+        assert same == (frames_read == 1)

@@ -289,3 +289,9 @@ def main(argv=None) -> int:
     if a.out:
         a.out.write_text(json.dumps(dict(summary=summ, episodes=[r.as_dict() for r in results]), indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

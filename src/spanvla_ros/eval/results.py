@@ -226,7 +226,8 @@ def main(argv=None) -> int:
                 print(f"skip {name}: no checkpoint at {root}/{sub}")
                 continue
             policy = SpanVLAPolicy.from_pretrained(root / sub)
-            key = vlm_digest(policy)
+            # the reasoner's output depends on the VLM only, unless the text starts with the expert heads' facts
+            key = (vlm_digest(policy), policy.model_id if policy.cfg.grounded_reasoning else "")
             if key not in bridge_cache:
                 bridge_cache[key] = reason_all(policy, samples, desc="reasoning (held-out)")
             bridges, texts, hit = bridge_cache[key]

@@ -59,6 +59,7 @@ class SpanVLAConfig:
     traffic_lights: bool = False
     # Lead vehicle perception (`spanvla-train --lead-perception`): a head on the front camera's history-frame vision
     # tokens gives P(lead), gap and closing speed (model.perception), detached, to the expert's conditioning.
+    light_frames: int = 1              # front frames the traffic-light head reads (newest last; 1 before it existed)
     lead_perception: bool = False
     # Grounded reasoning: the reasoning text starts with what the perception heads read from the frames (the light
     # before a stop line, the lead vehicle), in the text's own phrasing, and the VLM writes the rest from there, so
@@ -69,6 +70,8 @@ class SpanVLAConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not 1 <= self.light_frames <= self.history_frames:
+            raise ValueError(f"light_frames must be 1..history_frames ({self.history_frames}), got {self.light_frames}")
         if self.grounded_reasoning and not self.lead_perception:
             raise ValueError("grounded_reasoning needs the perception heads (lead_perception)")
         if self.traffic_lights and not self.route_lookahead_m:
@@ -98,6 +101,7 @@ class SpanVLAConfig:
         d.setdefault("expert_sees_accel", True)
         d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
         d.setdefault("lead_perception", False)
+        d.setdefault("light_frames", 1)
         d.setdefault("grounded_reasoning", False)
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):
             if k in d:

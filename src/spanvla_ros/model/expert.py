@@ -101,7 +101,10 @@ class FlowActionExpert(nn.Module):
             # per-channel standardisation of the tokens, fitted on the training frames (fit_light_normaliser)
             self.register_buffer("light_mean", torch.zeros(front_token_dim))
             self.register_buffer("light_std", torch.ones(front_token_dim))
-            self.light_head = nn.Sequential(nn.Linear(front_token_dim, D), nn.GELU(approximate="tanh"),
+            # light_frames > 1: the head pools over the front camera's newest frames, each token tagged with its
+            # frame, so a signal that has left the view near the stop line is still read from an earlier frame
+            frame_tag = cfg.light_frames if cfg.light_frames > 1 else 0
+            self.light_head = nn.Sequential(nn.Linear(front_token_dim + frame_tag, D), nn.GELU(approximate="tanh"),
                                             nn.Linear(D, 1 + n_light))
         n_lead = LEAD_FEATURES if cfg.lead_perception else 0
         if cfg.lead_perception:
@@ -139,10 +142,15 @@ class FlowActionExpert(nn.Module):
         """(B, 3) green / yellow / red logits from the newest front frame's tokens; None without a light head."""
         if not self.cfg.traffic_lights:
             return None
-        f = (self._front(source)[:, -1].to(self.light_mean.dtype) - self.light_mean) / self.light_std
+        L = self.cfg.light_frames
+        f = (self._front(source)[:, -L:].to(self.light_mean.dtype) - self.light_mean) / self.light_std   # (B, L, N, D)
         if f.is_inference() and torch.is_grad_enabled():
             f = f.clone()   # bridges made under inference_mode, read while training the head
-        out = self.light_head(f)                                  # (B, N, 1 + classes)
+        if L > 1:
+            B, _, N, _ = f.shape
+            tag = torch.eye(L, dtype=f.dtype, device=f.device)[None, :, None].expand(B, L, N, L)
+            f = torch.cat([f, tag], -1)
+        out = self.light_head(f.flatten(1, 2))                    # (B, L * N, 1 + classes)
         weight = torch.softmax(out[..., 0], dim=-1)[..., None]    # where the signal is
         return (weight * out[..., 1:]).sum(1)
 

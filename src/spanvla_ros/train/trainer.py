@@ -347,11 +347,12 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
 
 
 def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights: bool = False,
-                  lead: bool = False) -> SpanVLAPolicy:
+                  lead: bool = False, light_frames: int = 1) -> SpanVLAPolicy:
     from ..model.corpus import tokenizer_corpus
     from ..model.tokenizer import train_tokenizer
 
     cfg = SpanVLAConfig(flow_init=flow_init, traffic_lights=route and lights, lead_perception=lead,
+                        light_frames=light_frames if route and lights else 1,
                         **({} if route else dict(route_lookahead_m=())))
     corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
     tok = train_tokenizer(corpus)
@@ -359,9 +360,11 @@ def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights
 
 
 def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool = True,
-                 lights: bool = False, lead: bool = False, grounded: bool = False) -> SpanVLAPolicy:
+                 lights: bool = False, lead: bool = False, grounded: bool = False,
+                 light_frames: int = 1) -> SpanVLAPolicy:
     """Same VLM, a newly initialised action expert with the given flow start (for the noise-start ablation)."""
     policy.cfg.flow_init = flow_init
+    policy.cfg.light_frames = light_frames
     policy.cfg.lead_perception = lead
     policy.cfg.grounded_reasoning = grounded
     policy.cfg.route_lookahead_m = ROUTE_LOOKAHEAD_M if route else ()
@@ -398,6 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--traffic-lights", action="store_true",
                     help="expert with the route's stop lines and a traffic-light head on the VLM's front-frame "
                          "vision tokens (model.expert; needs the route input)")
+    ap.add_argument("--light-frames", type=int, default=4,
+                    help="front frames (newest last, 2 Hz) the traffic-light head reads: near the stop line the "
+                         "signal leaves the camera's view and an earlier frame still shows it")
     ap.add_argument("--lead-perception", action="store_true",
                     help="expert with a lead-vehicle head (presence, gap, closing speed) on the front camera's "
                          "history-frame vision tokens, supervised by the simulator (model.perception)")
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
     elif a.vlm_from:
         policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
                               route=not a.no_route, lights=a.traffic_lights, lead=a.lead_perception,
-                              grounded=a.grounded_reasoning)
+                              grounded=a.grounded_reasoning, light_frames=a.light_frames)
         if a.heads_from:
             load_perception_heads(policy, a.heads_from)
         if a.more_sft_epochs:
@@ -472,7 +478,7 @@ def main(argv=None) -> int:
             print(f"SFT stage 1 skipped: VLM from {a.vlm_from}, fresh expert (flow_init={a.flow_init})")
     else:
         policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights,
-                               lead=a.lead_perception)
+                               lead=a.lead_perception, light_frames=a.light_frames)
         t0 = time.time()
         sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
