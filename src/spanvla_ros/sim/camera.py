@@ -17,6 +17,7 @@ SKY = np.array((150, 185, 225), np.uint8)
 GRASS = np.array((78, 110, 62), np.uint8)
 ASPHALT = (92, 92, 96)
 MARKING = (235, 235, 235)
+SIGNAL_TOP_M, SIGNAL_HEAD_M, SIGNAL_WIDTH_M = 6.0, 2.0, 1.2   # a far-side signal head, large enough to read
 LIGHT_RGB = {"green": (40, 230, 60), "yellow": (250, 210, 40), "red": (240, 40, 40)}
 
 
@@ -140,14 +141,14 @@ class CameraRig:
         items = list(boxes)
         if light is not None:
             lx, ly, state = light
-            items.append((lx, ly, 0.0, 0.4, 0.4, 4.5, (40, 40, 40)))  # pole
-            items.append((lx, ly, 0.0, 0.5, 0.8, 5.5, LIGHT_RGB.get(state, (128, 128, 128))))
+            items.append((lx, ly, 0.0, 0.4, 0.4, SIGNAL_TOP_M - SIGNAL_HEAD_M, (40, 40, 40)))  # pole
+            items.append((lx, ly, 0.0, 0.5, SIGNAL_WIDTH_M, SIGNAL_TOP_M, LIGHT_RGB.get(state, (128, 128, 128))))
         for x, y, h, length, width, height, rgb in items:
             dx, dy = np.cos(h), np.sin(h)
             corners2d = np.array([[x + a * dx * length / 2 - b * dy * width / 2,
                                    y + a * dy * length / 2 + b * dx * width / 2]
                                   for a, b in ((1, 1), (1, -1), (-1, -1), (-1, 1))])
-            z0 = 0.0 if height < 5.0 else height - 1.2    # the signal head floats on its pole
+            z0 = height - SIGNAL_HEAD_M if height == SIGNAL_TOP_M else 0.0    # the signal head sits on its pole
             bottom = np.c_[corners2d, np.full(4, z0)]
             top = np.c_[corners2d, np.full(4, height)]
             uv_b, d_b = self._project(cam, bottom)

@@ -21,6 +21,8 @@ from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLig
 MAX_BRAKE = 8.0
 STOP_DT = 0.05   # the backend's sub-step
 LIGHT_CYCLE = (("green", 7.0), ("yellow", 2.0), ("red", 7.0))
+SIGNAL_PAST_LINE_M = 24.0    # highway-env's intersection is 22 m across (2 x outer distance 11 m)
+SIGNAL_RIGHT_M = 2.5
 
 
 def _ego_class():
@@ -141,8 +143,12 @@ class HighwayEnvBackend:
         if sc.traffic_light and self.stop_s is not None:
             p = np.array(self.route.interpolate(self.stop_s).coords[0])
             h = heading[min(int(self.stop_s), len(heading) - 1)]
-            # the signal stands 3 m to the right of the stop line's lane centre, 1 m past it
-            self.light_pose = (p[0] + math.cos(h) + 3.0 * math.sin(h), p[1] + math.sin(h) - 3.0 * math.cos(h), h)
+            # A far-side signal, as real intersections place them: across the junction, right of the lane, where a
+            # driver (and a forward camera) stopped at the line still sees it. (Earlier it stood 1 m past the line:
+            # out of the camera's vertical field of view from the last ~6 m, so the colour was unknowable there.)
+            ahead, right = SIGNAL_PAST_LINE_M, SIGNAL_RIGHT_M
+            self.light_pose = (p[0] + ahead * math.cos(h) + right * math.sin(h),
+                               p[1] + ahead * math.sin(h) - right * math.cos(h), h)
         else:
             self.light_pose = None
 

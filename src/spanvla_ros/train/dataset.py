@@ -46,6 +46,7 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
             if any(i is None for i in imgs):
                 continue   # a frame is missing from the bag: skip the sample rather than pad silently
             m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
+            m["bag_path"] = str((data_dir / bag).resolve())   # identifies the episode across dataset copies
             out.append(Sample(m, imgs))
     return out
 

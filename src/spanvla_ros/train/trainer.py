@@ -192,25 +192,51 @@ def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> li
     return out
 
 
-def fit_perception_inputs(policy, samples, bridges) -> None:
-    """Input standardisation of the perception heads from the training frames (and the tokens' image positions),
-    unless the heads come trained and frozen (load_perception_heads)."""
+def fit_perception_inputs(policy, samples, fronts: list[torch.Tensor]) -> None:
+    """Input standardisation of the perception heads from the training frames' front tokens (one (1, F, N, D) per
+    sample) and the tokens' image positions."""
     expert = policy.expert
-    if policy.cfg.grounded_reasoning:
-        return
     if policy.cfg.traffic_lights:
         labels = [light_label(s) for s in samples]
-        at_light = [b for b, y in zip(bridges, labels) if y >= 0] or bridges
-        expert.fit_light_normaliser(torch.cat([b.front_features[:, -1] for b in at_light]).float())
+        at_light = [f for f, y in zip(fronts, labels) if y >= 0] or fronts
+        expert.fit_light_normaliser(torch.cat([f[:, -1] for f in at_light]).float())
         if dist_info()[0] == 0:
             counts = {name: labels.count(i) for i, name in enumerate(LIGHT_STATES)}
             print(f"traffic-light head: {sum(counts.values())} samples with a stop line ahead {counts}")
     if policy.cfg.lead_perception:
-        expert.lead_head.fit(torch.cat([b.front_features for b in bridges[::4]]), policy.reasoner.front_token_rc)
+        expert.lead_head.fit(torch.cat(fronts[::4]), policy.reasoner.front_token_rc)
         if dist_info()[0] == 0:
             t = lead_targets_tensor([s.meta.get("facts") for s in samples])
             print(f"lead head: {int((t[:, 0] > 0.5).sum())} of {int(torch.isfinite(t[:, 0]).sum())} labelled "
                   f"samples with a lead vehicle")
+
+
+def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0) -> None:
+    """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
+    grounded-reasoning model writes its training bridges' text from them."""
+    from tqdm import tqdm
+
+    fronts = [policy.reasoner.vision_tokens([s.images[i] for i in policy.reasoner.front_image_indices])[None]
+              for s in tqdm(samples, desc="front tokens", disable=dist_info()[0] != 0)]
+    fit_perception_inputs(policy, samples, fronts)
+    expert = policy.expert
+    heads = [p for n, p in expert.named_parameters() if n.startswith(PERCEPTION_PREFIXES)]
+    opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    step = 0
+    for _ in tqdm(range(epochs), desc="perception heads", disable=dist_info()[0] != 0):
+        order = rng.permutation(len(samples))
+        for b0 in range(0, len(order), batch):
+            ii = order[b0:b0 + batch]
+            bs = [samples[i] for i in ii]
+            front = torch.cat([fronts[i] for i in ii])
+            ego = ego_tensor(policy, bs)
+            loss = perception_loss(policy, bs, expert.light_logits(front), expert.lead_raw(front, ego))
+            optimizer_step(opt, heads, loss)
+            step += 1
+            log.log("heads", step, loss=loss.item())
+    for p in heads:
+        p.requires_grad_(False)
 
 
 def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
@@ -225,19 +251,33 @@ def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
     return loss
 
 
+def perception_digest(policy) -> str:
+    """"" for a model whose reasoning does not depend on its heads, else a digest of the heads' weights."""
+    import hashlib
+
+    if not policy.cfg.grounded_reasoning:
+        return ""
+    h = hashlib.sha256()
+    for k, v in sorted(policy.expert.state_dict().items()):
+        if k.startswith(PERCEPTION_PREFIXES):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[BridgeSnapshot]:
     """precompute_bridges, kept in ``cache`` (a file) when given: experts trained on one frozen VLM (history vs
     noise start, with or without perception heads, with more data) share the bridges of the samples they share.
-    Keyed by sample (scenario, seed, kind, stamp); the whole cache is dropped when the VLM, the bridge text or the
-    way the text is written (grounded reasoning) differ."""
+    Keyed by sample (episode bag, stamp); the whole cache is dropped when the VLM, the bridge text or the way the
+    text is written (grounded reasoning) differ."""
     if cache is None:
         return precompute_bridges(policy, samples, text=text)
 
     def key(s):
         m = s.meta
-        return (m["scenario"], m["seed"], m["kind"], round(float(m["stamp"]), 3))
+        return (m["bag_path"], round(float(m["stamp"]), 3))
 
-    header = dict(vlm=vlm_digest(policy), text=text, grounded=policy.cfg.grounded_reasoning)
+    header = dict(vlm=vlm_digest(policy), text=text, grounded=perception_digest(policy))
     stored: dict = {}
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
@@ -261,7 +301,8 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
     plain perception models supervised by the simulator's truth)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    fit_perception_inputs(policy, samples, bridges)
+    if not policy.cfg.grounded_reasoning:   # else the heads were trained first and are frozen
+        fit_perception_inputs(policy, samples, [b.front_features for b in bridges])
     expert = policy.expert
 
     def batch_loss(ii):
@@ -412,6 +453,8 @@ def main(argv=None) -> int:
                          "needs --lead-perception --traffic-lights and --heads-from")
     ap.add_argument("--heads-from", type=Path, default=None,
                     help="take the trained perception heads from this checkpoint (frozen)")
+    ap.add_argument("--head-epochs", type=int, default=30,
+                    help="--grounded-reasoning without --heads-from: epochs of the perception heads, trained first")
     ap.add_argument("--signal-labels", default="stop", choices=["stop", "logged"],
                     help="at a light the ego must stop for: teach stopping before the line (a camera-only planner "
                          "cannot know the phase timing) or keep the expert's logged future (train.dataset)")
@@ -432,9 +475,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.traffic_lights and a.no_route:
         raise SystemExit("--traffic-lights needs the route input (stop lines are measured along the route)")
-    if a.grounded_reasoning and not (a.lead_perception and a.traffic_lights and a.heads_from and a.vlm_from):
-        raise SystemExit("--grounded-reasoning needs --lead-perception --traffic-lights --vlm-from and --heads-from "
-                         "(the text is written from trained heads)")
+    if a.grounded_reasoning and not (a.lead_perception and a.traffic_lights and a.vlm_from):
+        raise SystemExit("--grounded-reasoning needs --lead-perception --traffic-lights and --vlm-from (the text "
+                         "is written from the perception heads, trained first or taken with --heads-from)")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -443,7 +486,10 @@ def main(argv=None) -> int:
     cams = SpanVLAConfig().cameras
     samples = [s for d in a.data for s in load_samples(d, cams, limit=a.limit or None)]
     pos = [s for s in samples if s.meta["kind"] == "positive"]
-    print(f"{len(samples)} samples ({len(pos)} positive, {len(samples) - len(pos)} recovery)")
+    kinds: dict[str, int] = {}
+    for s in samples:
+        kinds[s.meta["kind"]] = kinds.get(s.meta["kind"], 0) + 1
+    print(f"{len(samples)} samples {kinds}")
     if a.sft_scenarios:
         keep = set(a.sft_scenarios.split(","))
         pos = [s for s in pos if s.meta["scenario"] in keep]
@@ -485,6 +531,10 @@ def main(argv=None) -> int:
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
         attach_routes(samples, scenes)
+    if policy.cfg.grounded_reasoning and not a.heads_from and not done("sft"):
+        t0 = time.time()
+        train_perception_heads(policy, samples, a.head_epochs, 64, 1e-3, log, a.seed)
+        print(f"perception heads (then frozen): {time.time() - t0:.0f} s")
     bridges = cached_bridges(policy, samples, a.bridge_text, a.bridge_cache)
     if a.signal_labels == "stop":
         print(f"signal stops: {relabel_signal_stops(samples)} futures relabelled to stop before the line")
