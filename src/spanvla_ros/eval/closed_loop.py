@@ -254,6 +254,8 @@ def main(argv=None) -> int:
     import sys
     from pathlib import Path
 
+    import torch
+
     from ..sim.highway_backend import HighwayEnvBackend
     from ..sim.scenarios import resolve
 
@@ -269,7 +271,9 @@ def main(argv=None) -> int:
                     help="sim seconds from a reasoner run's frames to its bridge being used (default: the run's "
                          "measured wall-clock latency)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.driver == "spanvla":
         from ..config import resolve_share_path
         from ..model.policy import SpanVLAPolicy

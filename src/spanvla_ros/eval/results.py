@@ -190,7 +190,9 @@ def main(argv=None) -> int:
                     help="also drive this checkpoint through the real ROS graph (spanvla-drive, real time), one "
                          "episode per scenario at the first closed-loop seed")
     ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = SpanVLAConfig()

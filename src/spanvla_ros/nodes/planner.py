@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import rclpy
+import torch
 from nav_msgs.msg import Odometry, Path
 from geometry_msgs.msg import PoseStamped
 from rclpy.node import Node
@@ -38,6 +39,7 @@ class PlannerNode(Node):
     def __init__(self, policy: SpanVLAPolicy | None = None, name: str = "spanvla_planner", **node_kw):
         super().__init__(name, **node_kw)
         p = self._declare_params()
+        torch.set_num_threads(p["torch_threads"])   # explicit: two torch processes at default threads collapse
         self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
                                                               device=p["device"])
         cams = tuple(p["camera_names"])
@@ -91,7 +93,7 @@ class PlannerNode(Node):
                         base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
                         control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
                         odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
-                        fresh_perception=True,
+                        fresh_perception=True, torch_threads=2,
                         path_topic="/spanvla/path", reasoning_topic="/spanvla/reasoning",
                         reasoning_text_topic="/spanvla/reasoning_text", status_topic="/spanvla/plan_status",
                         markers_topic="/spanvla/markers")

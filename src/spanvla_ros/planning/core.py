@@ -151,10 +151,10 @@ class PlannerCore:
             return None
         images, stamp = hist
         past, speed, accel, _, _ = ego
-        route = self._route()
+        route = self._route(for_plan=False)
         r = self.policy.reason(images, self.command, speed, accel, past, stamp=stamp,
-                               max_new_tokens=self.params.max_new_tokens, route_xy=route,
-                               pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None)
+                               max_new_tokens=self.params.max_new_tokens, route_xy=route, pose=self.ego.latest_pose(),
+                               stop_xy=self._stop_lines(for_plan=False) if route is not None else None)
         self.counters["reasoner_runs"] += 1
         self.last_reasoning = r.text
         return r
@@ -163,25 +163,31 @@ class PlannerCore:
     def odometry_fresh(self, now: float) -> bool:
         return self._odom_received is not None and now - self._odom_received <= self.params.odom_timeout_s
 
-    def _route(self) -> np.ndarray | None:
+    def _route(self, for_plan: bool = True) -> np.ndarray | None:
+        """The route if usable with the current odometry; a plan without one is counted and logged."""
         if not self.policy.uses_route:
             return None
         if self.route_xy is None:
-            self.counters["plans_without_route"] += 1
-            self._warn("no_route", "no route: planning from cameras only")
+            if for_plan:
+                self.counters["plans_without_route"] += 1
+                self._warn("no_route", "no route: planning from cameras only")
             return None
         if self.route_frame and self.odom_frame and self.route_frame != self.odom_frame:
             # no tf2 here: frames are not chained, so a route in another frame cannot be used
+            if not for_plan:
+                return None
             self.counters["plans_without_route"] += 1
             self._warn("route_frame", f"route frame {self.route_frame!r} != odometry frame {self.odom_frame!r}: "
                                       "route ignored")
             return None
         return self.route_xy
 
-    def _stop_lines(self) -> np.ndarray | None:
+    def _stop_lines(self, for_plan: bool = True) -> np.ndarray | None:
         if not self.policy.cfg.traffic_lights:
             return None
         if self.stop_xy is None or (self.stop_frame and self.route_frame and self.stop_frame != self.route_frame):
+            if not for_plan:
+                return None
             self.counters["plans_without_stop_lines"] += 1
             self._warn("no_stop_lines", "no stop lines in the route's frame: planning without them")
             return None

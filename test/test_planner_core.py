@@ -1,0 +1,86 @@
+"""The ROS-free planner core the node and the closed loop share: inputs, staleness, gating, counters."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from spanvla_ros.config import node_params
+from spanvla_ros.model import SpanVLAConfig
+from spanvla_ros.model.corpus import tokenizer_corpus
+from spanvla_ros.model.policy import SpanVLAPolicy
+from spanvla_ros.model.tokenizer import train_tokenizer
+from spanvla_ros.planning.core import PlannerCore, PlannerParams
+
+CAMS = ("front", "front_left", "front_right")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=80))
+    return SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, lead_perception=True), tok, seed=0)
+
+
+@pytest.fixture
+def params():
+    return PlannerParams.from_mapping(node_params("spanvla_planner"))
+
+
+def feed(core, t0: float, t1: float, speed: float = 10.0, frame: str = "map", cameras=CAMS):
+    rng = np.random.default_rng(0)
+    for k in range(int(round((t1 - t0) / 0.1)) + 1):
+        t = t0 + 0.1 * k
+        for c in cameras:
+            core.add_image(c, t, rng.integers(0, 255, (112, 196, 3), dtype=np.uint8))
+        core.add_odometry(t, speed * t, 0.0, 0.0, speed, frame, received=t)
+
+
+def test_params_come_from_the_params_file_and_must_match_the_model(policy, params):
+    assert params.history_frames == policy.cfg.history_frames and params.fresh_perception
+    with pytest.raises(KeyError, match="missing"):
+        PlannerParams.from_mapping({"flow_steps": 5})
+    with pytest.raises(ValueError, match="trained on 4 frames"):
+        PlannerCore(policy, dataclasses.replace(params, history_rate_hz=4.0), CAMS)
+    with pytest.raises(ValueError, match="cameras"):
+        PlannerCore(policy, params, CAMS[:2])
+
+
+def test_plans_degrade_and_withhold_as_inputs_age(policy, params):
+    core = PlannerCore(policy, params, CAMS)
+    assert core.plan(now=0.0) is None and core.counters["plans_withheld_stale_odometry"] == 1
+    feed(core, 0.0, 1.6)
+    first = core.plan(now=1.6)
+    assert first.degraded and "no bridge" in first.reason and first.bridge is None
+    r = core.reason()
+    assert r is not None and r.bridge.front_features.shape[1] == 4
+    core.bridge.publish(r.bridge)
+    fresh = core.plan(now=1.6)
+    assert not fresh.degraded and fresh.bridge_age == pytest.approx(0.0) and fresh.perception_age == pytest.approx(0.0)
+    assert fresh.traj.shape == (8, 4) and np.isfinite(fresh.traj).all()
+    # odometry keeps coming, cameras stop: the plan is made but marked, first for the front camera, then the bridge
+    for k in range(1, 40):
+        t = 1.6 + 0.1 * k
+        core.add_odometry(t, 10.0 * t, 0.0, 0.0, 10.0, "map", received=t)
+    late = core.plan(now=5.5)
+    assert late.degraded and late.bridge_age > params.bridge_stale_s
+    assert core.plan(now=5.5 + params.odom_timeout_s + 0.1) is None       # odometry stale: withheld
+    assert core.counters["plans_degraded"] == 2 and core.counters["plans_withheld_stale_odometry"] == 2
+
+
+def test_route_stop_lines_and_command_are_gated(policy, params):
+    core = PlannerCore(policy, params, CAMS)
+    feed(core, 0.0, 1.6, frame="odom")
+    core.bridge.publish(core.reason().bridge)
+    assert core.plan(1.6).route_used is False and core.counters["plans_without_route"] == 1
+    assert core.set_route(np.array([[0.0, 0.0]]), "odom") is not None           # one pose: rejected, counted
+    route = np.stack([np.arange(0.0, 200.0, 2.0), np.zeros(100)], 1)
+    assert core.set_route(route, "map") is None
+    assert core.plan(1.6).route_used is False                                   # other frame than odometry
+    core.set_route(route, "odom")
+    core.set_stop_lines(np.array([[40.0, 0.0]]), "odom")
+    plan = core.plan(1.6)
+    assert plan.route_used and core.counters["plans_without_stop_lines"] == 0
+    assert core.set_command("fly") is not None and core.command == policy.cfg.commands[0]
+    assert core.set_command("turn left") is None and core.command == "turn left"
+    assert not core.add_odometry(2.0, float("nan"), 0.0, 0.0, 1.0, "odom", 2.0) and core.counters["bad_odometry"] == 1
