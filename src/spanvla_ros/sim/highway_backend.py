@@ -97,7 +97,7 @@ class HighwayEnvBackend:
         ego.target_speed = sc.ego_target_speed * (1.0 + 0.1 * self.rng.uniform(-1, 1))
         if sc.destination:
             ego.plan_route_to(sc.destination)
-        ego.enable_lane_change = sc.event == "" and sc.env_id == "highway-v0"
+        ego.enable_lane_change = sc.expert_changes_lanes
         self.road.vehicles[self.road.vehicles.index(old)] = ego
         env.vehicle, env.controlled_vehicles = ego, [ego]
         self.ego = ego

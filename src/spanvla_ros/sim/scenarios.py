@@ -26,6 +26,11 @@ class Scenario:
     event_gap_m: tuple = ()          # initial gap to the event vehicle
     lead_brake_to_mps: tuple = ()    # speed the braking lead slows to
 
+    @property
+    def expert_changes_lanes(self) -> bool:
+        """The expert (IDM/MOBIL) changes lanes by its own choice only on the open highway."""
+        return self.event == "" and self.env_id == "highway-v0"
+
 
 _HIGHWAY = dict(lanes_count=3, vehicles_count=12, vehicles_density=1.2, initial_lane_id=1, ego_spacing=1.5)
 

@@ -82,8 +82,9 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
 
 
 def attach_routes(samples: list[Sample], scenes: dict) -> None:
-    """meta["route_xy"]: the route polyline the expert is given for each sample, the episode's route relabelled to
-    the lane the logged drive ends in (see model.route.hindsight_lane_route); meta["stop_xy"]: the route's stop
+    """meta["route_xy"]: the route polyline the expert is given for each sample, the episode's route, relabelled to
+    the lane the logged drive ends in where the expert changes lanes by choice (the open highway; see
+    model.route.hindsight_lane_route); meta["stop_xy"]: the route's stop
     lines. The features a model reads from them depend on that model's lookahead, so they are made per batch
     (SpanVLAPolicy.route_input)."""
     from shapely.geometry import LineString, Point
@@ -91,13 +92,19 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
     from ..model.route import hindsight_lane_route
     from ..model.trajectory import to_world
 
+    from ..sim.scenarios import get
+
     for s in samples:
         scene = scenes[(s.meta["scenario"], s.meta["seed"])]
         backfill_facts(s, scene)
-        pose = s.meta["pose"]
-        goal = to_world(pose, s.future[-1:])[0, :2]
-        lane = min(scene.lanes, key=lambda ln: ln.centre.distance(Point(*goal)), default=None)
-        s.meta["route_xy"] = hindsight_lane_route(np.asarray(scene.route.coords), goal, lane.width if lane else 4.0)
+        route = np.asarray(scene.route.coords)
+        if get(s.meta["scenario"]).expert_changes_lanes:
+            # only there does the expert leave the route's lane by choice; elsewhere a label that ends in another
+            # lane (a DAgger state the policy left the lane in) must not move the route the planner is given
+            goal = to_world(s.meta["pose"], s.future[-1:])[0, :2]
+            lane = min(scene.lanes, key=lambda ln: ln.centre.distance(Point(*goal)), default=None)
+            route = hindsight_lane_route(route, goal, lane.width if lane else 4.0)
+        s.meta["route_xy"] = route
         # a stop line crosses every lane of the approach: its point on the relabelled lane
         line = LineString(s.meta["route_xy"])
         s.meta["stop_xy"] = np.array([line.interpolate(line.project(Point(*p))).coords[0]
