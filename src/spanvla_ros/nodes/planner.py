@@ -45,6 +45,7 @@ class PlannerNode(Node):
         cams = tuple(p["camera_names"])
         if len(p["camera_topics"]) != len(cams):
             raise ValueError("camera_names and camera_topics must have one entry per camera")
+        self._warned: dict[str, float] = {}
         self.core = PlannerCore(self.policy, PlannerParams.from_mapping(p), cams, warn=self._warn)
         self.counters = self.core.counters
         self.bad_messages = 0
@@ -102,11 +103,18 @@ class PlannerNode(Node):
 
     # ------------------------------------------------------------------ inputs
     def _warn(self, key: str, message: str) -> None:
-        self.get_logger().warning(message, throttle_duration_sec=5.0)
+        """The core's warnings, throttled per kind (rclpy throttles per call site, which would let one kind
+        of warning hide another)."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -math.inf) >= 5.0:
+            self._warned[key] = now
+            self.get_logger().warning(message)
 
-    def _bad(self, reason: str, detail: str) -> None:
+    def _bad(self, reason: str, detail: str, counted: bool = False) -> None:
+        """A rejected input message: counted by reason (unless the core already did) and logged."""
         self.bad_messages += 1
-        self.counters[f"bad_{reason}"] += 1
+        if not counted:
+            self.counters[f"bad_{reason}"] += 1
         self.get_logger().warning(f"dropped message ({reason}): {detail}", throttle_duration_sec=2.0)
 
     def _on_image(self, camera: str, msg) -> None:
@@ -136,21 +144,21 @@ class PlannerNode(Node):
     def _on_route(self, msg: Path) -> None:
         error = self.core.set_route(path_xy(msg), msg.header.frame_id)
         if error:
-            self._bad("route", error)
+            self._bad("route", error, counted=True)
         else:
             self.get_logger().info(f"route: {len(self.core.route_xy)} poses in frame {msg.header.frame_id!r}")
 
     def _on_stop_lines(self, msg: Path) -> None:
         error = self.core.set_stop_lines(path_xy(msg), msg.header.frame_id)
         if error:
-            self._bad("stop_lines", error)
+            self._bad("stop_lines", error, counted=True)
         else:
             self.get_logger().info(f"stop lines: {len(self.core.stop_xy)} on the route, frame {msg.header.frame_id!r}")
 
     def _on_command(self, msg: String) -> None:
         error = self.core.set_command(msg.data)
         if error:
-            self._bad("command", error)
+            self._bad("command", error, counted=True)
 
     def destroy_node(self):
         self._stop.set()
