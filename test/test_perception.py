@@ -91,7 +91,7 @@ def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
              dict(lead_gap=float(rng.uniform(5, 55)), lead_closing=float(rng.uniform(-3, 8))) for i in range(600)]
     X = torch.stack([scene(f["lead_gap"], f["lead_closing"] or 0.0) for f in facts])
     T = torch.tensor([lead_targets(f) for f in facts], dtype=torch.float32)
-    speed = torch.full((len(facts),), 15.0)
+    speed = torch.full((len(facts),), 1.5)    # 15 m/s, normalised as in the expert's conditioning
     head = LeadHead(D, N, F, hidden=32)
     head.fit(X[:500], rc)
     opt = torch.optim.Adam(head.parameters(), 3e-3)

@@ -139,8 +139,7 @@ def main(argv=None) -> int:
             from spanvla_ros.eval.closed_loop import EpisodeResult
 
             for e in sim.episodes:
-                ds = EpisodeResult(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"],
-                                   e["red_light"], e["wrong_way"], e["t"]).driving_score
+                ds = EpisodeResult.from_record(e).driving_score
                 print(f"[spanvla-drive] episode {e['scenario']} seed {e['seed']}: route completion "
                       f"{e['route_completion']:.0%}, collision {e['collision']}, off-road {e['off_road']}, "
                       f"red light {e['red_light']}, driving score {ds:.2f} ({e['t']:.1f} s)")

@@ -88,13 +88,14 @@ class EpisodeRecorder:
             driver.reset(obs, b)
         self.steps.append(step_record(b, obs))
         writer.write_step(obs)
+        label_at = set(sample_indices(int(round(b.scenario.duration_s / b.dt)) + 1, b.dt, job.sample_every_s))
         while not obs.done:
             control = None
             if drift and drift[0] <= b.t < drift[1]:
                 control = Control(0.0, drift[2])
             if driver is not None:
                 i = len(self.steps) - 1
-                if i in sample_indices(i + 1, b.dt, job.sample_every_s):
+                if i in label_at:
                     self.labels[i] = expert_rollout(b, HORIZON * int(round(DT / b.dt)))
                 control = driver.act(obs, b)
             obs = b.step(control)

@@ -44,6 +44,12 @@ class EpisodeResult:
             pen *= f if getattr(self, k) else 1.0
         return self.route_completion * pen
 
+    @classmethod
+    def from_record(cls, e: dict) -> "EpisodeResult":
+        """From an episode record of the ROS graph's sim_bridge (nodes.sim_bridge: SimBridgeNode.episodes)."""
+        return cls(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"], e["red_light"],
+                   e["wrong_way"], e["t"])
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["driving_score"] = self.driving_score
@@ -70,23 +76,21 @@ class PlanningDriver:
 
     def reset(self, obs: Observation, backend) -> None:
         self.tracker.reset()
-        self.ego = EgoHistory(keep_s=4.0)
         self.last_plan = None
         self._last_world_plan = None
         self.consistency: list[float] = []
         self._ingest(obs)
 
     def _ingest(self, obs: Observation) -> None:
-        e = obs.ego
-        self.ego.add(obs.t, e.x, e.y, e.heading, e.speed)
+        """Take in one observation (the driver's own sensor buffers)."""
+        raise NotImplementedError
 
-    def plan(self, obs: Observation, past, speed, accel, yaw_rate) -> np.ndarray:
+    def plan(self, obs: Observation) -> np.ndarray:
         raise NotImplementedError
 
     def act(self, obs: Observation, backend) -> Control:
         self._ingest(obs)
-        past, speed, accel, yaw_rate, _ = self.ego.state(4, 0.5)
-        traj = self.plan(obs, past, speed, accel, yaw_rate)
+        traj = self.plan(obs)
         self.last_plan = traj
         e = obs.ego
         world = (obs.t, to_world((e.x, e.y, e.heading), traj))
@@ -115,8 +119,18 @@ class ConstantVelocityDriver(PlanningDriver):
     """Baseline (a): keep the current speed and yaw rate (the history initialisation, no model)."""
     name = "constant_velocity"
 
-    def plan(self, obs, past, speed, accel, yaw_rate):
+    def reset(self, obs, backend) -> None:
+        self.ego = EgoHistory(keep_s=4.0)
+        super().reset(obs, backend)
+
+    def _ingest(self, obs: Observation) -> None:
+        e = obs.ego
+        self.ego.add(obs.t, e.x, e.y, e.heading, e.speed)
+
+    def plan(self, obs):
         from ..model.trajectory import history_trajectory
+
+        past, speed, _, _, _ = self.ego.state(4, 0.5)
         return history_trajectory(past, speed, 0.5, 8, self.dt_plan)
 
 
@@ -161,14 +175,13 @@ class PolicyDriver(PlanningDriver):
         return self.core.bridge.latest()
 
     def _ingest(self, obs: Observation) -> None:
-        super()._ingest(obs)
         for c, img in obs.images.items():
             if c in self.core.cameras:
                 self.core.add_image(c, obs.t, img)
         e = obs.ego
         self.core.add_odometry(obs.t, e.x, e.y, e.heading, e.speed, "map", received=obs.t)
 
-    def plan(self, obs, past, speed, accel, yaw_rate):
+    def plan(self, obs):
         if self._pending is not None and obs.t >= self._pending[1] - 1e-9:
             self.core.bridge.publish(self._pending[0])
             self._pending = None

@@ -154,8 +154,7 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) 
     if proc.returncode != 0 or not report.is_file():
         raise SystemExit(f"spanvla-drive failed ({proc.returncode}): {proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
-    eps = [EpisodeResult(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"],
-                         e["red_light"], e["wrong_way"], e["t"]) for e in data["episodes"]]
+    eps = [EpisodeResult.from_record(e) for e in data["episodes"]]
     return dict(name=f"{name} (ROS graph, real time)", checkpoint=str(checkpoint),
                 closed_loop=dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps]),
                 counters=data["counters"])

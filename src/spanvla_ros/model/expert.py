@@ -166,7 +166,7 @@ class FlowActionExpert(nn.Module):
         if not self.cfg.lead_perception:
             return None
         front = self._front(source)
-        return self.lead_head(front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0] * 10.0)   # ego[:, 0]: speed/10
+        return self.lead_head(front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0])   # ego[:, 0]: the speed
 
     @staticmethod
     def percept_from(light_logits: torch.Tensor | None, lead_raw: torch.Tensor | None) -> torch.Tensor | None:

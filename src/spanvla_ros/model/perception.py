@@ -71,7 +71,8 @@ class LeadHead(nn.Module):
 
     def forward(self, front: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
         """front: (B, F, N, D) vision tokens of the front camera's history frames, oldest first; speed: (B,) the
-        ego speed in m/s. Returns (B, 3) raw outputs: lead logit, gap and closing speed (normalised)."""
+        ego speed as the expert's conditioning has it (model.trajectory.ego_state_vector, normalised). Returns
+        (B, 3) raw outputs: lead logit, gap and closing speed (normalised)."""
         B, Fr, N, _ = front.shape
         if Fr != self.frames:
             raise ValueError(f"lead head reads {self.frames} frames, got {Fr}")
@@ -82,7 +83,7 @@ class LeadHead(nn.Module):
         h = self.token_mlp(torch.cat([x, pos], -1))                       # (B, F, N, 1 + hidden)
         w = torch.softmax(h[..., 0], dim=-1)[..., None]
         pooled = (w * h[..., 1:]).sum(2).reshape(B, -1)                    # (B, F * hidden)
-        return self.out(torch.cat([pooled, (speed.to(pooled.dtype) / 10.0)[:, None]], -1))
+        return self.out(torch.cat([pooled, speed.to(pooled.dtype)[:, None]], -1))
 
     @staticmethod
     def features(raw: torch.Tensor) -> torch.Tensor:

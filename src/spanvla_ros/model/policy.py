@@ -206,13 +206,19 @@ class SpanVLAPolicy:
         return self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen, front=front)[0].cpu().numpy()
 
 
+def state_digest(state: dict, prefixes: tuple[str, ...] = ("",)) -> str:
+    """Digest of the tensors of a state dict whose names start with one of ``prefixes``."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        if k.startswith(prefixes):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def vlm_digest(policy: SpanVLAPolicy) -> str:
     """Digest of the VLM's weights: policies that share it share the reasoner's outputs (bridges computed once)."""
-    h = hashlib.sha256()
-    for k, v in sorted(policy.reasoner.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(policy.reasoner.model.state_dict())
 
 
 class FreshPerception:

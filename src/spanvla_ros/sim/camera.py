@@ -138,17 +138,18 @@ class CameraRig:
     def _draw_boxes(self, pil: Image.Image, cam: CameraSpec, boxes, light) -> None:
         draw = ImageDraw.Draw(pil)
         faces = []
-        items = list(boxes)
+        items = [(x, y, h, length, width, 0.0, height, rgb) for x, y, h, length, width, height, rgb in boxes]
         if light is not None:
             lx, ly, state = light
-            items.append((lx, ly, 0.0, 0.4, 0.4, SIGNAL_TOP_M - SIGNAL_HEAD_M, (40, 40, 40)))  # pole
-            items.append((lx, ly, 0.0, 0.5, SIGNAL_WIDTH_M, SIGNAL_TOP_M, LIGHT_RGB.get(state, (128, 128, 128))))
-        for x, y, h, length, width, height, rgb in items:
+            head_bottom = SIGNAL_TOP_M - SIGNAL_HEAD_M
+            items.append((lx, ly, 0.0, 0.4, 0.4, 0.0, head_bottom, (40, 40, 40)))  # pole
+            items.append((lx, ly, 0.0, 0.5, SIGNAL_WIDTH_M, head_bottom, SIGNAL_TOP_M,
+                          LIGHT_RGB.get(state, (128, 128, 128))))
+        for x, y, h, length, width, z0, height, rgb in items:
             dx, dy = np.cos(h), np.sin(h)
             corners2d = np.array([[x + a * dx * length / 2 - b * dy * width / 2,
                                    y + a * dy * length / 2 + b * dx * width / 2]
                                   for a, b in ((1, 1), (1, -1), (-1, -1), (-1, 1))])
-            z0 = height - SIGNAL_HEAD_M if height == SIGNAL_TOP_M else 0.0    # the signal head sits on its pole
             bottom = np.c_[corners2d, np.full(4, z0)]
             top = np.c_[corners2d, np.full(4, height)]
             uv_b, d_b = self._project(cam, bottom)

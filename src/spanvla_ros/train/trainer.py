@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from ..data.scene_text import light_token_weight
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
-from ..model.policy import SpanVLAPolicy, vlm_digest
+from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
 from ..model.trajectory import normalise
 from ..model.perception import lead_targets_tensor
 from .dataset import Sample, attach_routes, light_label, load_samples, relabel_signal_stops, scene_maps, score_plan
@@ -115,9 +116,12 @@ def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
     if missing or not state:
         raise SystemExit(f"--heads-from {checkpoint}: its expert lacks the perception heads this model needs {missing}")
     policy.expert.load_state_dict(state, strict=False)
-    for name, p in policy.expert.named_parameters():
-        if name.startswith(PERCEPTION_PREFIXES):
-            p.requires_grad_(False)
+    for p in perception_parameters(policy.expert):
+        p.requires_grad_(False)
+
+
+def perception_parameters(expert) -> list:
+    return [p for name, p in expert.named_parameters() if name.startswith(PERCEPTION_PREFIXES)]
 
 
 def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0):
@@ -220,7 +224,7 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
               for s in tqdm(samples, desc="front tokens", disable=dist_info()[0] != 0)]
     fit_perception_inputs(policy, samples, fronts)
     expert = policy.expert
-    heads = [p for n, p in expert.named_parameters() if n.startswith(PERCEPTION_PREFIXES)]
+    heads = perception_parameters(expert)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     step = 0
@@ -253,16 +257,7 @@ def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
 
 def perception_digest(policy) -> str:
     """"" for a model whose reasoning does not depend on its heads, else a digest of the heads' weights."""
-    import hashlib
-
-    if not policy.cfg.grounded_reasoning:
-        return ""
-    h = hashlib.sha256()
-    for k, v in sorted(policy.expert.state_dict().items()):
-        if k.startswith(PERCEPTION_PREFIXES):
-            h.update(k.encode())
-            h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(policy.expert.state_dict(), PERCEPTION_PREFIXES) if policy.cfg.grounded_reasoning else ""
 
 
 def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[BridgeSnapshot]:
@@ -450,7 +445,8 @@ def main(argv=None) -> int:
                          "history-frame vision tokens, supervised by the simulator (model.perception)")
     ap.add_argument("--grounded-reasoning", action="store_true",
                     help="the reasoning text starts with what the perception heads see (model.policy.perceived_text); "
-                         "needs --lead-perception --traffic-lights and --heads-from")
+                         "needs --lead-perception --traffic-lights --vlm-from; the heads are trained first (frozen) "
+                         "or taken with --heads-from")
     ap.add_argument("--heads-from", type=Path, default=None,
                     help="take the trained perception heads from this checkpoint (frozen)")
     ap.add_argument("--head-epochs", type=int, default=30,
@@ -486,10 +482,7 @@ def main(argv=None) -> int:
     cams = SpanVLAConfig().cameras
     samples = [s for d in a.data for s in load_samples(d, cams, limit=a.limit or None)]
     pos = [s for s in samples if s.meta["kind"] == "positive"]
-    kinds: dict[str, int] = {}
-    for s in samples:
-        kinds[s.meta["kind"]] = kinds.get(s.meta["kind"], 0) + 1
-    print(f"{len(samples)} samples {kinds}")
+    print(f"{len(samples)} samples {dict(Counter(s.meta['kind'] for s in samples))}")
     if a.sft_scenarios:
         keep = set(a.sft_scenarios.split(","))
         pos = [s for s in pos if s.meta["scenario"] in keep]
