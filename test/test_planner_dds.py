@@ -109,10 +109,13 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
     assert 1 <= good[-1].bad_messages <= sent["garbage_sent"]
     assert any(not s.degraded for s in good), "no fresh plan while cameras were live"
 
-    # route: ignored while in the wrong frame, used once republished in the odometry's frame
-    with_bridge = [s for s in good if s.bridge_age >= 0]
-    wrong = [s for s in with_bridge if stamp_to_sec(s.header.stamp) < sent["route_fix"] - 0.2]
-    fixed = [s for s in with_bridge if stamp_to_sec(s.header.stamp) > sent["route_fix"] + 0.5]
+    # route: ignored while in the wrong frame, used once republished in the odometry's frame. "Before" is by
+    # arrival here (a status received before the fixed route was sent cannot have used it), not by stamp: a
+    # loaded node may plan from queued odometry after it has taken the new route
+    with_bridge = [(t, s) for t, s in status
+                   if s.bridge_age >= 0 and stamp_to_sec(s.header.stamp) < sent["cameras_stop"]]
+    wrong = [s for t, s in with_bridge if t < sent["route_fix_sent"]]
+    fixed = [s for t, s in with_bridge if stamp_to_sec(s.header.stamp) > sent["route_fix"] + 0.5]
     assert wrong and fixed, (len(wrong), len(fixed))
     assert not any(s.route_used for s in wrong) and all(s.route_used for s in fixed)
     counters = json.loads(report.read_text())["counters"]

@@ -67,6 +67,7 @@ def main() -> int:
             break
         stamp = sec_to_stamp(t)
         if k == round(a.route_fix / PERIOD):
+            out["route_fix_sent"] = time.time()
             route_pub.publish(route("map"))
             stop_pub.publish(xy_path_msg([(60.0, 0.0)], "map"))
         if phase_t < a.good and k % 2 == 0:
