@@ -373,3 +373,34 @@ def test_shipped_default_follows_the_route():
     assert plans[4.0][-1, 1] > plans[0.0][-1, 1] + 1.5 and plans[-4.0][-1, 1] < plans[0.0][-1, 1] - 1.5
     no_route = pol.plan(r.bridge, past, 15.0, 0.0, 0.0, "follow lane")
     assert np.isfinite(no_route).all() and no_route[-1, 0] > 20.0
+
+
+def test_3b_class_preset_has_qwen2_5_vl_3b_shapes(tokenizer):
+    """Built on the meta device (no memory): the shapes and parameter count of Qwen2.5-VL-3B-Instruct."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from spanvla_ros.model.policy import vlm_config
+
+    vcfg = vlm_config("qwen2.5-vl-3b-class", tokenizer)
+    text, vision = vcfg.text_config, vcfg.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (2048, 36, 16, 2, 11008, 151936)
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size) == (32, 1280, 2048)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(vcfg)
+    assert 3.7e9 < sum(p.numel() for p in model.parameters()) < 3.8e9
+    assert len(bridge_layer_ids(text.num_hidden_layers, SpanVLAConfig().bridge_layer_stride)) == 18
+
+
+def test_a_bfloat16_vlm_feeds_the_float32_expert(policy, tmp_path):
+    policy.save_pretrained(tmp_path / "ckpt")
+    half = SpanVLAPolicy.from_pretrained(tmp_path / "ckpt", dtype="bfloat16")
+    assert half.reasoner.model.dtype == torch.bfloat16 and next(half.expert.parameters()).dtype == torch.float32
+    r = half.reason(frames(seed=3), "follow lane", 8.0, 0.0, PAST, max_new_tokens=6)
+    assert r.bridge.keys[0].dtype == torch.bfloat16
+    traj = half.plan(r.bridge, PAST, 8.0, 0.0, 0.0, "follow lane")
+    full = policy.plan(policy.reason(frames(seed=3), "follow lane", 8.0, 0.0, PAST, max_new_tokens=6).bridge,
+                       PAST, 8.0, 0.0, 0.0, "follow lane")
+    assert traj.dtype == np.float32 and np.isfinite(traj).all() and np.abs(traj - full).max() < 1.0
+    with pytest.raises(ValueError, match="dtype"):
+        SpanVLAPolicy.from_pretrained(tmp_path / "ckpt", dtype="int8")

@@ -84,3 +84,20 @@ def test_route_stop_lines_and_command_are_gated(policy, params):
     assert core.set_command("fly") is not None and core.command == policy.cfg.commands[0]
     assert core.set_command("turn left") is None and core.command == "turn left"
     assert not core.add_odometry(2.0, float("nan"), 0.0, 0.0, 1.0, "odom", 2.0) and core.counters["bad_odometry"] == 1
+
+
+def test_a_reasoner_run_stops_at_the_next_decode_step_when_cancelled(policy, params):
+    from spanvla_ros.model.errors import ReasoningCancelled
+
+    core = PlannerCore(policy, params, CAMS)
+    feed(core, 0.0, 1.6)
+    steps = []
+
+    def cancel_after_three():
+        steps.append(1)
+        return len(steps) > 3
+
+    with pytest.raises(ReasoningCancelled):
+        core.reason(cancel=cancel_after_three)
+    assert len(steps) == 4 and core.counters["reasoner_runs"] == 0   # asked before each step; none after True
+    assert core.reason(cancel=lambda: False) is not None and core.counters["reasoner_runs"] == 1

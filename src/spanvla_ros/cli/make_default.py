@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from spanvla_ros.config import source_root
 from spanvla_ros.model.config import SpanVLAConfig
 from spanvla_ros.model.corpus import tokenizer_corpus
-from spanvla_ros.model.policy import SpanVLAPolicy
+from spanvla_ros.model.policy import DTYPES, SpanVLAPolicy
 from spanvla_ros.model.tokenizer import train_tokenizer
 
 DEFAULT_DIR = Path("checkpoints") / "spanvla_init"   # never over the shipped, trained default
@@ -20,10 +22,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=source_root() / DEFAULT_DIR)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where to initialise the weights (cuda: seconds for 3B-class)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="the VLM weights' storage type (bfloat16 halves a 3B-class checkpoint)")
     a = ap.parse_args(argv)
     cfg = SpanVLAConfig()
     tok = train_tokenizer(tokenizer_corpus(cfg, seed=a.seed))
-    policy = SpanVLAPolicy.build(cfg, tok, preset=a.preset, seed=a.seed)
+    with torch.device(a.device):
+        policy = SpanVLAPolicy.build(cfg, tok, preset=a.preset, seed=a.seed)
+    policy.reasoner.model.to(DTYPES[a.dtype])
     policy.save_pretrained(a.out)
     size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file())
     print(f"wrote {a.out} ({size / 1e6:.1f} MB, vocab {len(tok)}, "

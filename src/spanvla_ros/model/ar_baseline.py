@@ -52,17 +52,19 @@ class MotionCodebook:
 
 
 class ARActionDecoder:
-    """Owns a copy of the reasoner's VLM with the codebook's tokens added to its vocabulary."""
+    """The reasoner's VLM with the codebook's tokens added to its vocabulary: in the embedding rows a padded
+    vocabulary leaves unused (Qwen2.5-VL pads to 151936), sharing the weights; else in a resized copy."""
 
     def __init__(self, reasoner: VLMReasoner, codebook: MotionCodebook | None = None):
         self.codebook = codebook or MotionCodebook(dt=reasoner.cfg.dt)
         self.reasoner = copy.copy(reasoner)
-        self.reasoner.model = copy.deepcopy(reasoner.model)
         tok = copy.deepcopy(reasoner.tokenizer)
         names = [f"<|act_{i:04d}|>" for i in range(len(self.codebook))]
         tok.add_tokens(names, special_tokens=True)
         self.reasoner.tokenizer = tok
-        self.reasoner.model.resize_token_embeddings(len(tok))
+        if len(tok) > reasoner.model.get_input_embeddings().num_embeddings:
+            self.reasoner.model = copy.deepcopy(reasoner.model)
+            self.reasoner.model.resize_token_embeddings(len(tok))
         self.first_id = tok.convert_tokens_to_ids(names[0])
         self.reasoner.model.eval()
 

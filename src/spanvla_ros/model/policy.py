@@ -24,7 +24,9 @@ from .route import route_features, stop_line_features
 from .trajectory import ego_state_vector, history_trajectory
 
 # Shapes of the VLMs this project builds from scratch. "tiny" is the embedded default; "qwen0.5b-class" has
-# the language-model shapes of Qwen2.5-0.5B with a reduced vision tower, for CPU/GPU timing with random weights.
+# the language-model shapes of Qwen2.5-0.5B with a reduced vision tower; "qwen2.5-vl-3b-class" has every shape of
+# Qwen2.5-VL-3B-Instruct (vision tower, language model, the 151936-row embedding the real checkpoint pads its
+# vocabulary to): random weights, for timing and memory where the real weights cannot be downloaded.
 VLM_PRESETS = {
     "tiny": dict(
         text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
@@ -34,24 +36,31 @@ VLM_PRESETS = {
         text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, rope_section=[8, 12, 12]),
         vision=dict(depth=8, hidden_size=640, intermediate_size=1728, num_heads=10, fullatt_block_indexes=[3, 7])),
+    "qwen2.5-vl-3b-class": dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, rope_section=[16, 24, 24], rope_theta=1000000.0, vocab_size=151936),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                    fullatt_block_indexes=[7, 15, 23, 31])),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 PLAN_NOISE_SEED = 0
 
 
-def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def vlm_config(preset: str, tokenizer):
+    """The Hugging Face Qwen2.5-VL config of a preset, with this tokenizer's special-token ids."""
+    from transformers import Qwen2_5_VLConfig
 
     p = VLM_PRESETS[preset]
     t, v = dict(p["text"]), p["vision"]
-    section = t.pop("rope_section")
+    section, theta = t.pop("rope_section"), t.pop("rope_theta", 10000.0)
+    vocab = max(len(tokenizer), t.pop("vocab_size", 0))
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    vcfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=True,
-                         rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": 10000.0},
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": theta},
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **t),
         vision_config=dict(out_hidden_size=t["hidden_size"], patch_size=14, spatial_merge_size=2,
@@ -59,6 +68,13 @@ def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
+
+
+def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vcfg = vlm_config(preset, tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(vcfg).eval()
     pixels = cfg.image_height * cfg.image_width
@@ -84,7 +100,10 @@ class SpanVLAPolicy:
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", **overrides) -> "SpanVLAPolicy":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
+                        **overrides) -> "SpanVLAPolicy":
+        """``dtype`` is the VLM's (bfloat16 halves a large VLM's memory and time on a GPU); the action expert is
+        small and stays float32, reading the bridge's keys/values in its own precision."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -100,7 +119,9 @@ class SpanVLAPolicy:
         for k, v in overrides.items():
             setattr(cfg, k, v)
         vlm_dir = Path(cfg.vlm_path) if Path(cfg.vlm_path).is_absolute() else path / cfg.vlm_path
-        reasoner = VLMReasoner.from_pretrained(vlm_dir, cfg, device=device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        reasoner = VLMReasoner.from_pretrained(vlm_dir, cfg, device=device, dtype=DTYPES[dtype])
         expert = cls.make_expert(cfg, reasoner)
         if not expert_file.is_file():
             raise CheckpointError(f"{path} has no expert.safetensors")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .bridge import BridgeSnapshot, bridge_layer_ids
 from .config import SpanVLAConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ReasoningCancelled
 from .prompt import build_prompt
 
 IMAGE_PAD = "<|image_pad|>"
@@ -168,7 +168,7 @@ class VLMReasoner:
                 "pixel_values": vis["pixel_values"].to(dev, self.model.dtype), "image_grid_thw": grid.to(dev),
                 "position_ids": position_ids.to(dev), "num_vision_tokens": int(mm[0].sum())}
 
-    def _forward(self, inputs: dict, cache=None):
+    def _forward(self, inputs: dict, cache=None, **model_kw):
         """Model forward with a fresh KV cache; also returns the front features (B, F, N, D), the vision encoder's
         last hidden states of the front camera's F history frames (oldest first), taken with a forward hook so the
         encoder runs once. Within an image they are in the encoder's window order; ``front_token_rc`` says where
@@ -180,7 +180,7 @@ class VLMReasoner:
         seen = []
         hook = self.model.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.last_hidden_state))
         try:
-            out = self.model(**kw, past_key_values=cache, use_cache=True, return_dict=True)
+            out = self.model(**kw, past_key_values=cache, use_cache=True, return_dict=True, **model_kw)
         finally:
             hook.remove()
         B = inputs["input_ids"].shape[0]
@@ -201,21 +201,26 @@ class VLMReasoner:
     @torch.inference_mode()
     def reason(self, images: Sequence[np.ndarray], prompt: str, max_new_tokens: int | None = None,
                stamp: float = 0.0, temperature: float = 0.0, generator: torch.Generator | None = None,
-               keep_cache: bool = False, prefix: str = "") -> ReasoningResult:
+               keep_cache: bool = False, prefix: str = "",
+               cancel: Callable[[], bool] | None = None) -> ReasoningResult:
         """Prefill, then decode token by token with the KV cache until the action token (fed too, so the
         bridge contains it); if the budget runs out the action token is forced, and ``hit_action_token`` says so.
         ``prefix``: the start of the reasoning, given rather than generated (what the perception heads saw: the
-        text then states it and the model writes the rest from there); the returned text includes it."""
+        text then states it and the model writes the rest from there); the returned text includes it.
+        ``cancel``: checked before each decode step; when it returns True the run raises ReasoningCancelled."""
         max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         t0 = time.perf_counter()
         inputs = self.encode([images], [prompt + prefix])
-        out, front = self._forward(inputs)
+        # decoding needs the last position's logits only (a 3B-class vocabulary makes all of them ~0.3 GB)
+        out, front = self._forward(inputs, logits_to_keep=1)
         cache = out.past_key_values
         next_pos = int(inputs["position_ids"].max()) + 1
         t1 = time.perf_counter()
         generated: list[int] = []
         logits = out.logits[:, -1]
         while True:
+            if cancel is not None and cancel():
+                raise ReasoningCancelled(f"cancelled after {len(generated)} decode steps")
             if len(generated) >= max_new_tokens:
                 tok = self.action_token_id
             elif temperature > 0:

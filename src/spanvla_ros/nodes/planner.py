@@ -26,6 +26,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.config import resolve_share_path
 from spanvla_ros.data.bag_io import path_xy
+from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.planning.core import PlannerCore, PlannerParams
@@ -41,7 +42,7 @@ class PlannerNode(Node):
         p = self._declare_params()
         torch.set_num_threads(p["torch_threads"])   # explicit: two torch processes at default threads collapse
         self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
-                                                              device=p["device"])
+                                                              device=p["device"], dtype=p["dtype"])
         cams = tuple(p["camera_names"])
         if len(p["camera_topics"]) != len(cams):
             raise ValueError("camera_names and camera_topics must have one entry per camera")
@@ -91,7 +92,8 @@ class PlannerNode(Node):
                                        "/carla/ego_vehicle/rgb_front_right/image"],
                         odom_topic="/carla/ego_vehicle/odometry", command_topic="/spanvla/command",
                         route_topic="/carla/ego_vehicle/route", stop_lines_topic="/carla/ego_vehicle/stop_lines",
-                        base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", reasoner_rate_hz=1.0,
+                        base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", dtype="float32",
+                        reasoner_rate_hz=1.0,
                         control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
                         odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
                         fresh_perception=True, torch_threads=2,
@@ -161,8 +163,10 @@ class PlannerNode(Node):
             self._bad("command", error, counted=True)
 
     def destroy_node(self):
+        # the reasoner stops at its next decode step; a prefill (seconds for a 3B-class VLM on a CPU) is not
+        # interruptible, so wait for it rather than let the interpreter exit with the thread inside torch
         self._stop.set()
-        self._reasoner_thread.join(timeout=10.0)
+        self._reasoner_thread.join()
         return super().destroy_node()
 
     # ------------------------------------------------------------------ reasoner (low rate, own thread)
@@ -173,12 +177,14 @@ class PlannerNode(Node):
             next_t = max(next_t + period, time.monotonic())
             try:
                 self._reason()
+            except ReasoningCancelled:
+                return
             except Exception as exc:  # a bad frame set must not kill the reasoner thread
                 self.counters["reasoner_errors"] += 1
                 self.get_logger().error(f"reasoner run failed: {exc!r}", throttle_duration_sec=2.0)
 
     def _reason(self) -> None:
-        r = self.core.reason()
+        r = self.core.reason(cancel=self._stop.is_set)
         if r is None:
             return
         self.core.bridge.publish(r.bridge)

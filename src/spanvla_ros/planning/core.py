@@ -136,7 +136,7 @@ class PlannerCore:
         return None
 
     # ------------------------------------------------------------------ reasoner (low rate)
-    def reason(self) -> ReasoningResult | None:
+    def reason(self, cancel: Callable[[], bool] | None = None) -> ReasoningResult | None:
         """One reasoner run on the newest complete frame set; None (counted) while inputs are missing. The caller
         publishes ``result.bridge`` to ``self.bridge`` when it becomes available (at once in real time; after the
         modelled latency in lockstep)."""
@@ -154,7 +154,8 @@ class PlannerCore:
         route = self._route(for_plan=False)
         r = self.policy.reason(images, self.command, speed, accel, past, stamp=stamp,
                                max_new_tokens=self.params.max_new_tokens, route_xy=route, pose=self.ego.latest_pose(),
-                               stop_xy=self._stop_lines(for_plan=False) if route is not None else None)
+                               stop_xy=self._stop_lines(for_plan=False) if route is not None else None,
+                               cancel=cancel)
         self.counters["reasoner_runs"] += 1
         self.last_reasoning = r.text
         return r
