@@ -296,3 +296,28 @@ def test_multi_frame_light_head_reads_older_frames_and_single_frame_does_not():
         with torch.no_grad():
             same = torch.allclose(pol.expert.light_logits(front), pol.expert.light_logits(older_changed))
         assert same == (frames_read == 1)
+
+
+def test_the_expert_takes_over_where_someone_else_drove_it_past_a_junction():
+    """DAgger labels at a roundabout: the car is driven from outside (here with exactly the expert's own controls)
+    onto the next roads; the expert taking over on a fork then drives on as it would have itself, not back
+    towards the lane it last chose nor, with a route that no longer starts at its road, out of a random exit."""
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    from spanvla_ros.data.generate import expert_rollout
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+    from spanvla_ros.sim.types import Control
+
+    expert, driven = HighwayEnvBackend(render=False), HighwayEnvBackend(render=False)
+    expert.reset("roundabout", 5)
+    driven.reset("roundabout", 5)
+    first_road = driven.ego.lane_index[:2]
+    while driven.t < 4.0:
+        expert.step(None)
+        driven.step(Control(*[expert.ego.action[k] for k in ("acceleration", "steering")]))
+    assert driven.ego.lane_index[:2] != first_road
+    labels = expert_rollout(driven, 40)
+    own = [expert.step(None).ego for _ in range(40)]
+    gaps = [math.hypot(lab["ego"][0] - e.x, lab["ego"][1] - e.y) for lab, e in zip(labels[1:], own)]
+    assert max(gaps) < 1.0, gaps            # without the take-over: 6.4 m
+    expert.close()
+    driven.close()

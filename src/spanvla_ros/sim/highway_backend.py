@@ -48,6 +48,16 @@ def _ego_class():
                 acc = -self.speed / STOP_DT
             self.action["acceleration"] = acc
 
+        def take_over(self) -> None:
+            """The expert drives from where an external driver left the car: its lane-following state (target lane,
+            the route's remaining roads) still points where the expert last drove, and highway-env would steer
+            back there or, finding a route that does not start at the current road, take a random exit."""
+            self.external = None
+            self.target_lane_index = self.lane_index
+            roads = [r[:2] for r in (self.route or [])]
+            if self.lane_index[:2] in roads:
+                self.route = self.route[roads.index(self.lane_index[:2]):]
+
         def idm_to_stop(self, gap: float) -> float:
             v, v0 = max(self.speed, 0.0), max(self.target_speed, 1.0)
             s_star = self.DISTANCE_WANTED + v * self.TIME_WANTED + v * v / (2 * math.sqrt(self.COMFORT_ACC_MAX * -self.COMFORT_ACC_MIN))
@@ -217,6 +227,8 @@ class HighwayEnvBackend:
 
     def step(self, control: Control | None = None) -> Observation:
         ego = self.ego
+        if control is None and ego.external is not None:
+            ego.take_over()
         ego.external = control
         before = self.progress()
         for _ in range(self.substeps):

@@ -111,6 +111,27 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
                                       for p in scene.stop_lines_xy()]).reshape(-1, 2)
 
 
+ROUTE_LABEL_TOLERANCE_M = 2.0   # half a lane: a label further than this from the route drives another lane
+
+
+def drop_off_route_labels(samples: list[Sample]) -> tuple[list[Sample], int]:
+    """Samples whose future ends off the route they are given (meta["route_xy"], after attach_routes) by more than
+    ROUTE_LABEL_TOLERANCE_M are dropped: the planner is told to follow the route, and a label that drives another
+    lane or road (a DAgger state where the policy had already left the route and the expert, from there, follows
+    the lane it is in) teaches it to ignore the route. Returns (kept, dropped count)."""
+    from shapely.geometry import LineString, Point
+
+    from ..model.trajectory import to_world
+
+    kept = []
+    for s in samples:
+        route = LineString(s.meta["route_xy"])
+        fut = to_world(s.meta["pose"], s.future)
+        if route.distance(Point(*fut[-1, :2])) <= ROUTE_LABEL_TOLERANCE_M:   # where it ends (recoveries start off)
+            kept.append(s)
+    return kept, len(samples) - len(kept)
+
+
 def backfill_facts(sample: Sample, scene) -> None:
     """meta["facts"] for a sample generated before they were stored, from what it did store: the other agents at
     the sample time (the first row of their logged futures), the signal state and the episode's route."""

@@ -27,7 +27,7 @@ from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_d
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
 from ..model.trajectory import normalise
 from ..model.perception import lead_targets_tensor
-from .dataset import Sample, attach_routes, light_label, load_samples, relabel_signal_stops, scene_maps, score_plan
+from .dataset import Sample, attach_routes, drop_off_route_labels, light_label, load_samples, relabel_signal_stops, scene_maps, score_plan
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -524,6 +524,8 @@ def main(argv=None) -> int:
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
         attach_routes(samples, scenes)
+        samples, dropped = drop_off_route_labels(samples)
+        print(f"route: {dropped} samples dropped, their future leaves the route they are given")
     if policy.cfg.grounded_reasoning and not a.heads_from and not done("sft"):
         t0 = time.time()
         train_perception_heads(policy, samples, a.head_epochs, 64, 1e-3, log, a.seed)
