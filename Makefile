@@ -7,7 +7,7 @@ COLCON_BUILD := colcon build --base-paths . --event-handlers console_cohesion- s
 	--cmake-args -DPython3_EXECUTABLE=$$(readlink -f .venv)/bin/python -DBUILD_TESTING=ON
 DEMO_ARGS ?= --episodes 3 --duration 120
 
-.PHONY: venv build demo test bench clean
+.PHONY: venv build demo lint test bench clean
 venv:
 	bash scripts/setup_env.sh
 
@@ -20,8 +20,14 @@ demo: build
 	$(ENV)
 	python -m spanvla_ros.cli.drive $(DEMO_ARGS)
 
-# Whole test suite: colcon build + colcon test (pytest summary printed), isolated network namespace when root.
-test: build
+# ruff + mypy (pyproject.toml); also the pre-commit hooks (.pre-commit-config.yaml).
+lint: venv
+	$(ENV)
+	ruff check src test
+	cd src && mypy -p spanvla_ros --config-file ../pyproject.toml
+
+# Whole test suite: lint, colcon build + colcon test (pytest summary printed), isolated network namespace when root.
+test: lint build
 	bash scripts/run_tests.sh
 
 bench: build

@@ -28,7 +28,8 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 touch "$VENV/COLCON_IGNORE"   # colcon crawls from the repo root; keep it out of the venv
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/ros.txt" -r "$ROOT/requirements/core.txt"
+"$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/ros.txt" -r "$ROOT/requirements/core.txt" \
+  -r "$ROOT/requirements/dev.txt"
 
 # The wheels' exported CMake files carry the wheel builder's include paths; point them at this venv,
 # otherwise rosidl_generate_interfaces cannot find Python.h / numpy headers.

@@ -38,7 +38,8 @@ try:
 except Exception:
     HAS_RCLPY = False
 
-requires_ros = pytest.mark.skipif(not HAS_RCLPY, reason="rclpy is not importable (source .venv/env.sh or a ROS 2 install)")
+requires_ros = pytest.mark.skipif(not HAS_RCLPY,
+                                  reason="rclpy is not importable (source .venv/env.sh or a ROS 2 install)")
 requires_msgs = pytest.mark.skipif(not _has_generated_msgs(),
                                    reason="spanvla_ros.msg not generated: build with colcon first (make build)")
 

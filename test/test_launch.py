@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -77,7 +76,8 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     node.create_subscription(Reasoning, "/spanvla/reasoning", reasoning.append, 10)
     node.create_subscription(PlanStatus, "/spanvla/plan_status", status.append, 50)
     proc = subprocess.Popen([sys.executable, "-m", "spanvla_ros.cli.drive", "--params-file",
-                             str(REPO / "params" / "spanvla.yaml"), "--duration", "60", "--record", str(tmp_path / "run")],
+                             str(REPO / "params" / "spanvla.yaml"), "--duration", "60",
+                             "--record", str(tmp_path / "run")],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ok = spin_until(ex, lambda: len(reasoning) >= 2 and sum(not s.degraded for s in status) >= 10, 60.0)

@@ -343,7 +343,8 @@ def test_traffic_light_head_conditions_the_expert_only_before_a_stop_line(tokeni
     assert not b.front_features.requires_grad
     other = dataclasses.replace(b, front_features=b.front_features.flip(-1))
     route = np.stack([np.arange(-50.0, 150.0, 2.0), np.zeros(100)], 1)
-    at_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), np.array([[25.0, 0]])))
+    stop_line = np.array([[25.0, 0]])
+    at_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), stop_line))
     no_light = policy.ego_vector(6.0, 0.0, 0.0, "go straight", policy.route_input(route, (0, 0, 0), None))
     with torch.no_grad():
         c_at, c_other = (expert.conditioning(e, expert.percept(br, e)) for br in (b, other)

@@ -39,7 +39,8 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
         [sys.executable, "-m", "spanvla_ros.cli.drive", "--no-sim", "--no-record", "--duration", "90",
          "--json", str(report),
          "--params-file", str(REPO / "params" / "spanvla.yaml"), "--set", "spanvla_planner.reasoner_rate_hz=2.0",
-         "--set", f"spanvla_planner.bridge_stale_s={STALE_S}", "--set", f"spanvla_planner.odom_timeout_s={ODOM_TIMEOUT_S}"],
+         "--set", f"spanvla_planner.bridge_stale_s={STALE_S}",
+         "--set", f"spanvla_planner.odom_timeout_s={ODOM_TIMEOUT_S}"],
         env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
@@ -125,7 +126,7 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
     # stale bridge: once the cameras stop, plans go on but are marked degraded, with the reason
     late = [s for t, s in status if stamp_to_sec(s.header.stamp) > sent["cameras_stop"] + STALE_S + 1.0]
     assert late, "no plans after the cameras stopped"
-    assert all(s.degraded and "bridge stale" in s.degraded_reason and f"> {STALE_S:.2f} s" in s.degraded_reason for s in late)
+    assert all(s.degraded and s.bridge_age > STALE_S for s in late), [(s.degraded, s.bridge_age) for s in late]
 
     # stale odometry: no plans once odometry stopped (allowing the timeout and transit), and the node says why
     after = [t for t, _ in paths if t > sent["odom_stop"] + ODOM_TIMEOUT_S + 0.3]

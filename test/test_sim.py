@@ -169,11 +169,11 @@ def test_closed_loop_expert_beats_constant_velocity(backend):
 
 
 def test_closed_loop_policy_driver_runs(backend):
+    import torch
+
     from conftest import REPO
     from spanvla_ros.eval.closed_loop import PolicyDriver, run_episode
     from spanvla_ros.model.policy import SpanVLAPolicy
-
-    import torch
 
     policy = SpanVLAPolicy.from_pretrained(REPO / "checkpoints" / "spanvla_default")
     torch.manual_seed(0)   # the shipped expert starts its flow from noise: fix the draw

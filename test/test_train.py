@@ -62,7 +62,8 @@ def test_trainer_runs_every_stage_and_resumes(dataset, tmp_path, capsys):
     assert all(math.isfinite(float(r["value"])) for r in rows)
     sft = SpanVLAPolicy.from_pretrained(tmp_path / "sft")
     rec = SpanVLAPolicy.from_pretrained(tmp_path / "grpo_rec")
-    diff = [float((a - b).abs().max()) for a, b in zip(sft.expert.state_dict().values(), rec.expert.state_dict().values())]
+    pairs = zip(sft.expert.state_dict().values(), rec.expert.state_dict().values())
+    diff = [float((a - b).abs().max()) for a, b in pairs]
     assert max(diff) > 0                                   # GRPO moved the expert
     assert rec.model_id.startswith("grpo_rec@")
     n = len(rows)

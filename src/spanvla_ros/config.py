@@ -19,7 +19,7 @@ DEFAULT_PARAMS_FILE = "spanvla.yaml"
 def package_share() -> Path:
     """The package's share directory: the colcon/ament install if present, else this source checkout."""
     try:
-        from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 
         try:
             return Path(get_package_share_directory(PACKAGE))

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import rclpy
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-
 from sensor_msgs.msg import Image
+
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.stamps import sec_to_stamp

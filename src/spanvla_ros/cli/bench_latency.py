@@ -46,7 +46,8 @@ class Player:
     """Publishes the recorded episode on the planner's input topics at wall-clock pace, looping."""
 
     def __init__(self, node, params: dict, steps, sim_dt: float, route):
-        from nav_msgs.msg import Odometry, Path as PathMsg
+        from nav_msgs.msg import Odometry
+        from nav_msgs.msg import Path as PathMsg
         from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import Image
 
@@ -66,10 +67,11 @@ class Player:
         self.published = 0
 
     def run(self, odom_hz: float = 20.0, cam_every: int = 2):
+        from nav_msgs.msg import Odometry
+
         from spanvla_ros.data.bag_io import quat_from_yaw
         from spanvla_ros.ros.images import encode_image_msg
         from spanvla_ros.ros.stamps import sec_to_stamp
-        from nav_msgs.msg import Odometry
 
         period = 1.0 / odom_hz
         t0 = time.monotonic()
@@ -112,15 +114,19 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
 
     params = node_params("spanvla_planner", params_file)
     cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--no-sim", "--no-record", "--params-file",
-           str(params_file), "--duration", str(duration + warmup + 30), "--set", f"spanvla_planner.reasoner_rate_hz={reasoner_hz}"]
+           str(params_file), "--duration", str(duration + warmup + 30),
+           "--set", f"spanvla_planner.reasoner_rate_hz={reasoner_hz}"]
     if checkpoint:
         cmd += ["--set", f"spanvla_planner.checkpoint={checkpoint}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = rclpy.create_node("latency_bench", context=ctx)
-    paths, status, reasoning = [], {}, []
-    node.create_subscription(PathMsg, params["path_topic"], lambda m: paths.append((time.time(), stamp_to_sec(m.header.stamp))), 50)
+    paths: list[tuple[float, float]] = []
+    status: dict[float, PlanStatus] = {}
+    reasoning: list = []
+    node.create_subscription(PathMsg, params["path_topic"],
+                             lambda m: paths.append((time.time(), stamp_to_sec(m.header.stamp))), 50)
     node.create_subscription(PlanStatus, params["status_topic"],
                              lambda m: status.__setitem__(round(stamp_to_sec(m.header.stamp), 6), m), 50)
     node.create_subscription(Reasoning, params["reasoning_topic"],
@@ -139,7 +145,8 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
         while not reasoning and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         if not reasoning:
-            raise RuntimeError("planner produced no reasoning: " + (proc.communicate(timeout=5)[0][-2000:] if proc.poll() is not None else "timeout"))
+            tail = proc.communicate(timeout=5)[0][-2000:] if proc.poll() is not None else "timeout"
+            raise RuntimeError("planner produced no reasoning: " + tail)
         time.sleep(warmup)
         t_start = time.time()
         ps.cpu_percent()
@@ -163,7 +170,7 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
     def is_busy(t):
         return any(a <= t <= b for a, b in busy)
     win = [(r, s) for r, s in paths if t_start <= r <= t_end]
-    lat_in = {True: [], False: []}
+    lat_in: dict[bool, list[float]] = {True: [], False: []}
     cam, cam_bridge = [], []
     for r, s in win:
         lat_in[is_busy(r)].append(r - s)
@@ -205,11 +212,13 @@ ROWS = [("control rate (Hz)", "control_rate_hz", "{:.1f}"), ("  while reasoner b
         ("camera stamp -> Path p99 (ms)", "camera_to_path_p99_ms", "{:.0f}"),
         ("  via the bridge (reasoner frames) p50 (ms)", "bridge_camera_to_path_p50_ms", "{:.0f}"),
         ("  via the bridge (reasoner frames) p99 (ms)", "bridge_camera_to_path_p99_ms", "{:.0f}"),
-        ("reasoner rate (Hz)", "reasoner_rate_hz", "{:.2f}"), ("reasoner latency p50 (ms)", "reasoner_latency_p50_ms", "{:.0f}"),
+        ("reasoner rate (Hz)", "reasoner_rate_hz", "{:.2f}"),
+        ("reasoner latency p50 (ms)", "reasoner_latency_p50_ms", "{:.0f}"),
         ("expert compute p50 (ms)", "expert_compute_p50_ms", "{:.1f}"),
         ("expert compute p99 (ms)", "expert_compute_p99_ms", "{:.1f}"),
         ("plans in window (degraded)", None, None),
-        ("planner CPU (% of one core)", "cpu_percent_of_one_core", "{:.0f}"), ("planner peak RSS (MB)", "peak_rss_mb", "{:.0f}")]
+        ("planner CPU (% of one core)", "cpu_percent_of_one_core", "{:.0f}"),
+        ("planner peak RSS (MB)", "peak_rss_mb", "{:.0f}")]
 
 
 def table(results: list[dict]) -> str:
@@ -219,7 +228,7 @@ def table(results: list[dict]) -> str:
         if key is None:
             cells = [f"{r['plans']} ({r['degraded_plans']})" for r in results]
         else:
-            cells = [fmt.format(r[key]) for r in results]
+            cells = [str(fmt).format(r[key]) for r in results]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -242,7 +251,8 @@ def main(argv=None) -> int:
     results = []
     for hz in [float(x) for x in a.reasoner_hz.split(",")]:
         results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env))
-        print(f"reasoner {hz:g} Hz: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()})}",
+        rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()}
+        print(f"reasoner {hz:g} Hz: {json.dumps(rounded)}",
               flush=True)
     print(f"\nplanner process (spanvla-drive --no-sim), {os.cpu_count()} CPU cores, {a.duration:g} s per run, "
           f"inputs: 3 cameras 10 Hz + odometry 20 Hz over DDS (loopback)\n")

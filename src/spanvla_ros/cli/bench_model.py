@@ -11,6 +11,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -73,13 +74,16 @@ def bench_model(policy: SpanVLAPolicy, repeats: int, reasoning_tokens: int, poin
         for n in points:
             a_his = torch.from_numpy(policy.history_init(PAST, SPEED, horizon=n))[None].to(device)
             with torch.inference_mode():
-                _, flow_s = _timed(lambda: policy.expert.sample(r.bridge, a_his, ego, steps=cfg.flow_steps), device)
-            seq = r.cache.get_seq_length()
+                def flow(r=r, a_his=a_his):
+                    return policy.expert.sample(r.bridge, a_his, ego, steps=cfg.flow_steps)
+                _, flow_s = _timed(flow, device)
+            cache: Any = r.cache   # transformers' DynamicCache
+            seq = cache.get_seq_length()
             _, ar_s = ar.decode_trajectory(r, n)
             _sync(device)
-            added = r.cache.get_seq_length() - seq
+            added = cache.get_seq_length() - seq
             if added:  # rewind the cache so the next point count starts from the same prefix
-                r.cache.crop(-added)
+                cache.crop(-added)
             if rep:
                 rows[f"flow_{n}"].append(flow_s)
                 rows[f"ar_{n}"].append(ar_s)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         policy = load_model(name, a.device, a.dtype)
         if a.compile_expert:
             mode = "reduce-overhead" if a.device.startswith("cuda") else "default"
-            policy.expert.forward = torch.compile(policy.expert.forward, mode=mode)
+            policy.expert.forward = torch.compile(policy.expert.forward, mode=mode)  # type: ignore[method-assign]
         r = bench_model(policy, a.repeats, a.reasoning_tokens)
         r.update(bench_core(policy, a.repeats, a.reasoning_tokens))
         r.update(model=Path(name).name if Path(name).is_dir() else name, device=a.device, card=card, dtype=a.dtype,

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if a.set:
         params_files += ["--params-file", _override_file(a.set)]
     rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + ros_args)
-    nodes = []
+    nodes: list = []
     if not a.no_sim:
         from spanvla_ros.nodes.sim_bridge import SimBridgeNode
         nodes.append(SimBridgeNode())
@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         rl, el = planner.reasoner_latencies, planner.expert_latencies
         print(f"[spanvla-drive] model {planner.policy.model_id}")
         print(f"[spanvla-drive] plans published {c['plans_published']} (degraded {c['plans_degraded']}, "
-              f"without route {c['plans_without_route']}, without stop lines {c['plans_without_stop_lines']}), withheld for stale odometry "
-              f"{c['plans_withheld_stale_odometry']}, reasoner runs {c['reasoner_runs']}, bad messages {planner.bad_messages}")
+              f"without route {c['plans_without_route']}, without stop lines {c['plans_without_stop_lines']}), "
+              f"withheld for stale odometry {c['plans_withheld_stale_odometry']}, reasoner runs {c['reasoner_runs']}, "
+              f"bad messages {planner.bad_messages}")
         if rl:
             print(f"[spanvla-drive] reasoner latency median {statistics.median(rl):.3f} s, max {max(rl):.3f} s; "
                   f"expert latency p50 {_pct(el, .5) * 1e3:.1f} ms, p99 {_pct(el, .99) * 1e3:.1f} ms")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,71 @@ class BagError(RuntimeError):
     def __init__(self, msg: str, partial=None):
         super().__init__(msg)
         self.partial = partial
+
+
+class BagStream:
+    """The raw messages of a rosbag2 (MCAP or sqlite3) in log-time order, read lazily, so memory does not grow
+    with the bag: iterate for (log time ns, topic, type name, CDR bytes). ``topics`` restricts what is read.
+    A recording cut short (crash, full disk) has no MCAP summary, which rosbags needs; such a file is read
+    front to back with the ``mcap`` library's non-seeking reader up to where it breaks. ``error`` then says
+    why the bag ended early (None for a complete read)."""
+
+    def __init__(self, path: str | Path, topics: set[str] | None = None):
+        self.path, self.topics = Path(path), topics
+        self.error: str | None = None
+        if not self.path.exists():
+            raise BagError(f"bag {self.path} does not exist")
+
+    def _wanted(self, topic: str) -> bool:
+        return self.topics is None or topic in self.topics
+
+    def connections(self) -> dict[str, str]:
+        """topic -> message type of the wanted topics, from the bag's metadata (or, for a truncated MCAP, from the
+        channel records met before the first 2000 messages)."""
+        from rosbags.highlevel import AnyReader
+
+        try:
+            with AnyReader([self.path], default_typestore=typestore()) as reader:
+                return {c.topic: c.msgtype for c in reader.connections if self._wanted(c.topic)}
+        except Exception:
+            found: dict[str, str] = {}
+            for k, (_, topic, typ, _) in enumerate(self._mcap_messages(record_error=False)):
+                found.setdefault(topic, typ)
+                if k >= 2000:
+                    break
+            return found
+
+    def __iter__(self) -> Iterator[tuple[int, str, str, bytes]]:
+        from rosbags.highlevel import AnyReader
+
+        yielded = False
+        try:
+            with AnyReader([self.path], default_typestore=typestore()) as reader:
+                conns = [c for c in reader.connections if self._wanted(c.topic)]
+                for conn, t, raw in reader.messages(connections=conns):
+                    yielded = True
+                    yield t, conn.topic, conn.msgtype, bytes(raw)
+            return
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            if yielded:
+                return
+        yield from self._mcap_messages(record_error=True)
+
+    def _mcap_messages(self, record_error: bool) -> Iterator[tuple[int, str, str, bytes]]:
+        from mcap.reader import NonSeekingReader
+
+        for f in sorted(self.path.glob("*.mcap")) if self.path.is_dir() else [self.path]:
+            with open(f, "rb") as stream:
+                try:
+                    # file order: log-time ordering would load the whole file (and fail at its cut)
+                    for schema, channel, message in NonSeekingReader(stream).iter_messages(log_time_order=False):
+                        if self._wanted(channel.topic):
+                            yield message.log_time, channel.topic, schema.name if schema else "", message.data
+                except Exception as exc:
+                    if record_error and self.error is None:
+                        self.error = f"{type(exc).__name__}: {exc}"
+                    return
 
 
 def typestore(with_spanvla_msgs: bool = False):
@@ -72,8 +139,14 @@ def decode_jpeg(data) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def quat_from_yaw(yaw: float):
+def quat_from_yaw(yaw: float) -> tuple[float, float, float, float]:
+    """(w, x, y, z) of a rotation by ``yaw`` about z (the planar poses of every message here)."""
     return math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)
+
+
+def yaw_from_quat(q) -> float:
+    """Yaw (about z) of a geometry_msgs/Quaternion (any object with w, x, y, z)."""
+    return math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
 
 
 class EpisodeBagWriter:
@@ -85,7 +158,7 @@ class EpisodeBagWriter:
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
         self.w = Writer(Path(path), version=9, storage_plugin=plugin)
         self.w.open()
-        self.conn = {}
+        self.conn: dict[str, Any] = {}
         for c in self.cameras:
             self._add(CAMERA_TOPIC.format(c) + "/compressed", "sensor_msgs/msg/CompressedImage")
         for topic, typ in ((ODOM_TOPIC, "nav_msgs/msg/Odometry"), (ROUTE_TOPIC, "nav_msgs/msg/Path"),
@@ -196,10 +269,6 @@ class EpisodeLog:
         return data if isinstance(data, np.ndarray) else decode_jpeg(data)
 
 
-def _yaw(q) -> float:
-    return math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
-
-
 def read_episode(path: Path, cameras) -> EpisodeLog:
     """Read an episode bag (MCAP or sqlite3). Corrupt or truncated bags raise BagError with the partial log."""
     from rosbags.highlevel import AnyReader
@@ -216,7 +285,7 @@ def read_episode(path: Path, cameras) -> EpisodeLog:
     try:
         with AnyReader([path], default_typestore=typestore()) as reader:
             for conn, stamp, raw in reader.messages():
-                msg = reader.deserialize(raw, conn.msgtype)
+                msg: Any = reader.deserialize(raw, conn.msgtype)
                 log.messages += 1
                 t = stamp * 1e-9
                 if conn.topic in cam_of:
@@ -230,11 +299,12 @@ def read_episode(path: Path, cameras) -> EpisodeLog:
                 elif conn.topic == ODOM_TOPIC:
                     p = msg.pose.pose
                     hs = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-                    odom.append((hs, p.position.x, p.position.y, _yaw(p.orientation),
+                    odom.append((hs, p.position.x, p.position.y, yaw_from_quat(p.orientation),
                                  math.hypot(msg.twist.twist.linear.x, msg.twist.twist.linear.y)))
                 elif conn.topic == AGENTS_TOPIC:
-                    log.agents.append((t, [(m.id, m.pose.position.x, m.pose.position.y, _yaw(m.pose.orientation),
-                                            float(m.text or 0.0), m.scale.x, m.scale.y) for m in msg.markers]))
+                    log.agents.append((t, [(m.id, m.pose.position.x, m.pose.position.y,
+                                            yaw_from_quat(m.pose.orientation), float(m.text or 0.0), m.scale.x,
+                                            m.scale.y) for m in msg.markers]))
                 elif conn.topic == LIGHT_TOPIC:
                     log.light.append((t, msg.data))
                 elif conn.topic == ROUTE_TOPIC:

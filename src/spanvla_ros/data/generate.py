@@ -58,7 +58,8 @@ def negative_candidates(speed: float) -> dict[str, np.ndarray]:
     v_acc = speed + 3.0 * t
     out["accelerate"] = traj(speed * t + 1.5 * t ** 2, 0 * t, v_acc)
     for side, sgn in (("left", 1.0), ("right", -1.0)):
-        out[f"drift_{side}"] = traj(np.maximum(speed, 4.0) * t, sgn * 8.0 * (t / t[-1]) ** 2, np.full_like(t, max(speed, 4.0)))
+        v_drift = max(speed, 4.0)
+        out[f"drift_{side}"] = traj(v_drift * t, sgn * 8.0 * (t / t[-1]) ** 2, np.full_like(t, v_drift))
     return out
 
 
@@ -67,7 +68,7 @@ class EpisodeRecorder:
 
     def __init__(self, backend, job: EpisodeJob):
         self.b, self.job = backend, job
-        self.steps = []
+        self.steps: list[dict] = []
         self.labels: dict[int, list[dict]] = {}   # dagger: step index -> the expert's rollout on a fork from there
 
     def run(self, bag_path: Path):
@@ -76,7 +77,7 @@ class EpisodeRecorder:
         rng = np.random.default_rng(job.seed * 7 + (1 if job.kind == "recovery" else 0))
         writer = EpisodeBagWriter(bag_path, b.cameras)
         writer.write_route(0.0, b.route_xy, b.command, b.stop_lines_xy)
-        drift = None
+        drift: tuple[float, float, float] | None = None
         if job.kind == "recovery":
             t0 = float(rng.uniform(2.5, max(3.0, b.scenario.duration_s - 7.0)))
             drift = (t0, t0 + float(rng.uniform(0.8, 1.4)), float(rng.choice([-1, 1]) * rng.uniform(0.012, 0.025)))
@@ -161,7 +162,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
     per_half = int(round(DT / ctrl_dt))
     crash_at = next((i for i, s in enumerate(steps) if s["flags"].collision or s["flags"].off_road), n)
     rng = np.random.default_rng(job.seed * 13 + len(job.scenario))
-    if job.kind == "recovery":
+    if job.kind == "recovery" and rec.drift is not None:
         d0, d1, _ = rec.drift
         takeover = next((i for i, s in enumerate(steps) if s["t"] >= d1 - 1e-6), n)
         idx = [takeover, takeover + per_half]
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scenarios", default="all", help="comma list or 'all' (%s)" % ", ".join(SCENARIOS))
+    ap.add_argument("--scenarios", default="all", help=f"comma list or 'all' ({', '.join(SCENARIOS)})")
     ap.add_argument("--seeds", default="0:4", help="a:b range or comma list")
     ap.add_argument("--kinds", default="expert,recovery", help="expert, recovery, dagger (comma list)")
     ap.add_argument("--workers", type=int, default=1)
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
     idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every,
                    policy=a.policy)
-    kinds = {}
+    kinds: dict[str, int] = {}
     for s in idx["samples"]:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
     nneg = sum(len(s["negatives"]) for s in idx["samples"])

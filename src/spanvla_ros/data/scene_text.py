@@ -106,9 +106,11 @@ def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str
     if f.lead_gap is not None:
         parts.append(lead_clause(f.lead_gap, f.lead_closing, rng))
     if f.merging_side:
-        parts.append(_pick(rng, "traffic is merging from the ramp on the right", "a vehicle merges onto the highway from the right"))
+        parts.append(_pick(rng, "traffic is merging from the ramp on the right",
+                           "a vehicle merges onto the highway from the right"))
     if f.roundabout:
-        parts.append(_pick(rng, "we are at the roundabout, yield to circulating traffic", "roundabout ahead, give way to cars inside"))
+        parts.append(_pick(rng, "we are at the roundabout, yield to circulating traffic",
+                           "roundabout ahead, give way to cars inside"))
     if f.intersection and f.light is None:
         parts.append("intersection ahead")
     if not parts:

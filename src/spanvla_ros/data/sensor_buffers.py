@@ -21,7 +21,7 @@ class FrameHistory:
         self.history_frames, self.history_dt, self.max_skew = history_frames, history_dt, max_skew
         keep_s = keep_s or history_dt * (history_frames + 1)
         self._keep_s = keep_s
-        self._buf = {c: deque() for c in self.cameras}  # (stamp, image), stamps increasing
+        self._buf: dict[str, deque[tuple[float, np.ndarray]]] = {c: deque() for c in self.cameras}  # stamps increasing
         self._lock = threading.Lock()
 
     def add(self, camera: str, stamp: float, image: np.ndarray) -> None:

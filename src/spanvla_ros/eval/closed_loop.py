@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..model.trajectory import to_world
 from ..data.sensor_buffers import EgoHistory
+from ..model.trajectory import to_world
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation
 from .pdm import score
@@ -45,7 +45,7 @@ class EpisodeResult:
         return self.route_completion * pen
 
     @classmethod
-    def from_record(cls, e: dict) -> "EpisodeResult":
+    def from_record(cls, e: dict) -> EpisodeResult:
         """From an episode record of the ROS graph's sim_bridge (nodes.sim_bridge: SimBridgeNode.episodes)."""
         return cls(e["scenario"], e["seed"], e["route_completion"], e["collision"], e["off_road"], e["red_light"],
                    e["wrong_way"], e["t"])
@@ -76,8 +76,8 @@ class PlanningDriver:
 
     def reset(self, obs: Observation, backend) -> None:
         self.tracker.reset()
-        self.last_plan = None
-        self._last_world_plan = None
+        self.last_plan: np.ndarray | None = None
+        self._last_world_plan: tuple[float, np.ndarray] | None = None
         self.consistency: list[float] = []
         self._ingest(obs)
 
@@ -163,7 +163,8 @@ class PolicyDriver(PlanningDriver):
 
         self.core = PlannerCore(self.policy, PlannerParams.from_mapping(self.params), self.policy.cfg.cameras)
         self.fresh = self.core.fresh
-        self._pending, self._next_reason, self.texts = None, 0.0, []
+        self._pending, self._next_reason = None, 0.0
+        self.texts: list[tuple[float, str]] = []
         if self.use_route:
             self.core.set_route(backend.route_xy, "map")
             self.core.set_stop_lines(backend.stop_lines_xy, "map")
@@ -264,7 +265,6 @@ def main(argv=None) -> int:
     """spanvla-closed-loop: N scenarios x seeds in lockstep; prints a table and writes JSON."""
     import argparse
     import json
-    import sys
     from pathlib import Path
 
     import torch
@@ -290,8 +290,10 @@ def main(argv=None) -> int:
     if a.driver == "spanvla":
         from ..config import resolve_share_path
         from ..model.policy import SpanVLAPolicy
-        driver = PolicyDriver(SpanVLAPolicy.from_pretrained(resolve_share_path(a.checkpoint or "checkpoints/spanvla_default")),
-                              a.reason_every, reasoner_latency_s=a.reasoner_latency)
+        checkpoint = resolve_share_path(a.checkpoint or "checkpoints/spanvla_default")
+        driver: PlanningDriver | ExpertDriver = PolicyDriver(SpanVLAPolicy.from_pretrained(checkpoint),
+                                                             a.reason_every,
+                                                             reasoner_latency_s=a.reasoner_latency)
     else:
         driver = ExpertDriver() if a.driver == "expert" else ConstantVelocityDriver()
     backend = HighwayEnvBackend()

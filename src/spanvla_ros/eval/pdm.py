@@ -74,7 +74,7 @@ class SceneMap:
         return best_aligned, on_opposing and best_aligned is None
 
 
-def footprint(x, y, h, length=5.0, width=2.0) -> Polygon:
+def footprint(x: float, y: float, h: float, length: float = 5.0, width: float = 2.0) -> Polygon:
     c, s = math.cos(h), math.sin(h)
     pts = [(x + a * c * length / 2 - b * s * width / 2, y + a * s * length / 2 + b * c * width / 2)
            for a, b in ((1, 1), (1, -1), (-1, -1), (-1, 1))]
@@ -107,7 +107,8 @@ class PDMResult:
 
 
 def _kinematics(traj: np.ndarray, dt: float):
-    """traj (T, 4) world x, y, heading, speed including t=0. Returns lon accel, lat accel, yaw rate, yaw accel, jerks."""
+    """traj (T, 4) world x, y, heading, speed including t=0.
+    Returns lon accel, lat accel, yaw rate, yaw accel, jerks."""
     v = traj[:, 3]
     h = np.unwrap(traj[:, 2])
     lon_acc = np.gradient(v, dt)
@@ -122,7 +123,8 @@ def _kinematics(traj: np.ndarray, dt: float):
 def comfort(traj: np.ndarray, dt: float) -> float:
     lon, lat, yr, ya, lj, mj = _kinematics(traj, dt)
     c = COMFORT
-    ok = (lon.min() >= c["min_lon_accel"] and lon.max() <= c["max_lon_accel"] and np.abs(lat).max() <= c["max_abs_lat_accel"]
+    ok = (lon.min() >= c["min_lon_accel"] and lon.max() <= c["max_lon_accel"]
+          and np.abs(lat).max() <= c["max_abs_lat_accel"]
           and np.abs(yr).max() <= c["max_abs_yaw_rate"] and np.abs(ya).max() <= c["max_abs_yaw_accel"]
           and np.abs(lj).max() <= c["max_abs_lon_jerk"] and np.abs(mj).max() <= c["max_abs_mag_jerk"])
     return float(ok)
@@ -155,7 +157,7 @@ def score(plan: np.ndarray, ego0, agents_future: np.ndarray, scene: SceneMap, dt
     A = agents_future.shape[1] if agents_future.size else 0
     sizes = agent_sizes if agent_sizes is not None else [(5.0, 2.0)] * A
 
-    ego_polys = [footprint(*traj[k, :3], L, W) for k in range(T)]
+    ego_polys = [footprint(traj[k, 0], traj[k, 1], traj[k, 2], L, W) for k in range(T)]
     # NC: at-fault collisions only
     nc = 1.0
     for k in range(1, T):
@@ -208,7 +210,7 @@ def score(plan: np.ndarray, ego0, agents_future: np.ndarray, scene: SceneMap, dt
             for tau in np.arange(TTC_STEP, TTC_HORIZON + 1e-9, TTC_STEP):
                 e = _cv(traj[k], tau)
                 o = _cv(st, tau)
-                if footprint(*e, L, W).intersects(footprint(*o, *sizes[a])):
+                if footprint(e[0], e[1], e[2], L, W).intersects(footprint(o[0], o[1], o[2], *sizes[a])):
                     ttc = 0.0
                     break
             if ttc == 0.0:

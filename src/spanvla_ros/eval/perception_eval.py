@@ -64,7 +64,8 @@ def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
     from ..train.dataset import light_label
     from ..train.trainer import ego_tensor
 
-    expert, out = policy.expert, {}
+    expert = policy.expert
+    out: dict[str, float] = {}
     light_logits, lead_raw = [], []
     for b0 in range(0, len(samples), batch):
         bs = samples[b0:b0 + batch]

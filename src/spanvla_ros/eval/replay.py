@@ -1,10 +1,14 @@
 """spanvla-replay: rosbag replay evaluation through the real nodes over real DDS.
 
-The bag's camera and odometry messages are republished byte-for-byte (their CDR payloads) at the recorded
-pace; spanvla_planner runs in this process as it does on the car; a recorder node writes every Path,
-Reasoning and PlanStatus it publishes into a new bag (MCAP). Then each plan is compared with the logged
-future: open-loop ADE/FDE, and PDM-style scores where the scene is known (episodes generated here carry
-their scenario and seed in the bag name). Output: a table on stdout, results.json and a plot.
+Any rosbag2 (MCAP or sqlite3): the planner's input topics come from the params file (cameras raw or
+/compressed, odometry, command, route, stop lines), ``--remap FROM:=TO`` maps a bag's own names onto them. The
+bag is streamed (memory does not grow with its length) and its messages are republished at the recorded pace
+(``--rate``, ``--start``, ``--duration``); spanvla_planner runs in this process as it does on the car; a
+recorder node writes every Path, Reasoning and PlanStatus it publishes into a new bag (MCAP). Then each plan is
+compared with the logged drive (eval.plan_metrics: ADE/FDE per horizon, heading, lateral/longitudinal
+deviation, comfort, progress; plan-to-plan consistency), and PDM-style scores where the scene is known
+(episodes generated here carry their scenario and seed in the bag name). Output: a table on stdout,
+results.json, a plot and a run view.
 
 A corrupt or truncated bag is replayed as far as it reads; the report says so and covers what was replayed.
 """
@@ -18,79 +22,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..data.bag_io import (AGENTS_TOPIC, CAMERA_TOPIC, LIGHT_TOPIC, ODOM_TOPIC, ROUTE_TOPIC, STOP_LINES_TOPIC, BagError, read_episode,
-                           typestore)
-from ..model.config import CAMERAS
+from ..data.bag_io import BagError, BagStream, EpisodeLog, read_episode, typestore, yaw_from_quat
 from .closed_loop import plan_displacement
-from .pdm import ade_fde, score
+from .pdm import score
+from .plan_metrics import plan_vs_log
 
 REPLAY_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "nav_msgs/msg/Odometry",
                 "std_msgs/msg/String", "nav_msgs/msg/Path")
 LATCHED_TYPES = ("std_msgs/msg/String", "nav_msgs/msg/Path")   # command, route, stop lines: subscribed latched
-
-
-def read_raw(bag: Path, topics: set[str]):
-    """(messages [(t_ns, topic, msgtype, cdr bytes)], error or None). Stops at the first unreadable record."""
-    from rosbags.highlevel import AnyReader
-
-    msgs, err = [], None
-    try:
-        with AnyReader([Path(bag)], default_typestore=typestore()) as reader:
-            conns = [c for c in reader.connections if c.topic in topics]
-            for conn, t, raw in reader.messages(connections=conns):
-                msgs.append((t, conn.topic, conn.msgtype, bytes(raw)))
-    except Exception as exc:  # corrupt or truncated bag: keep what was read
-        err = f"{type(exc).__name__}: {exc}"
-        if not msgs:
-            for f in sorted(Path(bag).glob("*.mcap")):
-                msgs.extend(scan_mcap_records(f.read_bytes(), topics))
-    return msgs, err
-
-
-def scan_mcap_records(buf: bytes, topics: set[str]):
-    """Message records of an MCAP file read front to back, up to the first broken record. rosbags needs the
-    summary at the end of the file, which a recording cut short (crash, full disk) does not have."""
-    import struct
-
-    out, channels, schemas = [], {}, {}
-
-    def string(b, o):
-        n = struct.unpack_from("<I", b, o)[0]
-        return b[o + 4:o + 4 + n].decode(), o + 4 + n
-
-    def records(b, o, end):
-        while o + 9 <= end:
-            op, ln = struct.unpack_from("<BQ", b, o)
-            body, o = o + 9, o + 9 + ln
-            if o > end:
-                return
-            if op == 0x03:      # Schema
-                sid = struct.unpack_from("<H", b, body)[0]
-                schemas[sid], _ = string(b, body + 2)
-            elif op == 0x04:    # Channel
-                cid, sid = struct.unpack_from("<HH", b, body)
-                topic, _ = string(b, body + 4)
-                channels[cid] = (topic, schemas.get(sid, ""))
-            elif op == 0x05:    # Message
-                cid, _, log_time = struct.unpack_from("<HIQ", b, body)
-                topic, typ = channels.get(cid, ("", ""))
-                if topic in topics:
-                    out.append((log_time, topic, typ, bytes(b[body + 22:o])))
-            elif op == 0x06:    # Chunk (only uncompressed chunks can be read without a codec)
-                comp, p = string(b, body + 28)
-                n = struct.unpack_from("<Q", b, p)[0]
-                if comp == "":
-                    records(b, p + 8, min(p + 8 + n, o))
-
-    if buf[:8] == b"\x89MCAP0\r\n":
-        try:
-            records(buf, 8, len(buf))
-        except (struct.error, UnicodeDecodeError):
-            pass
-    return sorted(out, key=lambda m: m[0])
 
 
 class PlanRecorder:
@@ -103,7 +46,7 @@ class PlanRecorder:
         from spanvla_ros.msg import PlanStatus, Reasoning
 
         self._ser = serialize_message
-        self.records = []   # (receive ns, topic, typename, msg)
+        self.records: list[tuple[int, str, str, Any]] = []   # (receive ns, topic, typename, msg)
         self.lock = threading.Lock()
         for topic, typ, name in ((planner_params["path_topic"], PathMsg, "nav_msgs/msg/Path"),
                                  (planner_params["reasoning_topic"], Reasoning, "spanvla_ros/msg/Reasoning"),
@@ -129,25 +72,61 @@ class PlanRecorder:
                 w.write(conns[topic], int(stamp_to_sec(msg.header.stamp) * 1e9), self._ser(msg))
 
 
+def parse_remaps(items) -> dict[str, str]:
+    """``FROM:=TO`` pairs (the ros2 bag play --remap form): bag topic FROM is published as TO."""
+    out = {}
+    for item in items or ():
+        src, sep, dst = item.partition(":=")
+        if not sep or not src.startswith("/") or not dst.startswith("/"):
+            raise ValueError(f"remap {item!r}: expected /bag/topic:=/planner/topic")
+        out[src] = dst
+    return out
+
+
+def planner_inputs(pp: dict) -> dict[str, str]:
+    """The planner's input topics (params file) -> what each is: camera (raw and /compressed), odometry, ..."""
+    topics = {pp["odom_topic"]: "odometry", pp["command_topic"]: "command", pp["route_topic"]: "route",
+              pp["stop_lines_topic"]: "stop_lines"}
+    for t in pp["camera_topics"]:
+        topics[t] = topics[t + "/compressed"] = "camera"
+    return topics
+
+
 def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, checkpoint: str = "",
-           settle_s: float = 3.0) -> dict:
+           settle_s: float = 3.0, remap: dict[str, str] | None = None, start_s: float = 0.0,
+           duration_s: float | None = None, view: bool = True) -> dict:
+    """Play ``bag`` into the planner node over DDS at ``rate`` x its recorded pace, streamed (memory does not
+    grow with the bag), from ``start_s`` for ``duration_s`` (bag seconds). Topics are the planner's inputs from
+    ``params_file``; ``remap`` maps the bag's names onto them. Latched topics (command, route, stop lines) are
+    played whenever they were recorded, also before ``start_s``: they are state, not a stream."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+    from rclpy.serialization import deserialize_message
 
     from ..config import node_params
     from ..nodes.planner import PlannerNode
     from ..ros.recorder import rclpy_type
 
+    remap = remap or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     pp = node_params("spanvla_planner", params_file)
-    topics = {ODOM_TOPIC} | {t for c in CAMERAS for t in (CAMERA_TOPIC.format(c), CAMERA_TOPIC.format(c) + "/compressed")}
-    topics |= {pp.get("command_topic", "/spanvla/command"), pp.get("route_topic", ROUTE_TOPIC),
-               pp.get("stop_lines_topic", STOP_LINES_TOPIC)}
-    msgs, err = read_raw(bag, topics)
-    if not msgs:
-        raise BagError(f"nothing replayable in {bag}: {err or 'no camera/odometry topics'}")
-    compressed = any(m[2].endswith("CompressedImage") for m in msgs)
+    inputs = planner_inputs(pp)
+    stream = BagStream(bag)
+    kinds = {topic: typ for topic, typ in stream.connections().items() if remap.get(topic, topic) in inputs}
+    mapped = [remap.get(topic, topic) for topic in kinds]
+    if not any(inputs[topic] == "camera" for topic in mapped) or pp["odom_topic"] not in mapped:
+        raise BagError(f"nothing replayable in {bag}: the bag has none of the planner's camera topics or no "
+                       f"{pp['odom_topic']} (topics from {params_file}; bag topics: "
+                       f"{sorted(stream.connections())}; map others with --remap FROM:=TO)")
+    stream.topics = set(kinds)
+    target = {topic: remap.get(topic, topic) for topic in kinds}
+    for topic, typ in kinds.items():   # compressed frames go where image_transport puts them: <topic>/compressed
+        if inputs[target[topic]] == "camera" and typ.endswith("CompressedImage") \
+                and not target[topic].endswith("/compressed"):
+            target[topic] += "/compressed"
+    compressed = any(typ.endswith("CompressedImage") for topic, typ in kinds.items()
+                     if inputs[target[topic]] == "camera")
     overrides = ["-p", f"spanvla_planner:image_transport:={'compressed' if compressed else 'raw'}"]
     if checkpoint:
         overrides += ["-p", f"spanvla_planner:checkpoint:={checkpoint}"]
@@ -155,12 +134,12 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     rclpy.init(context=ctx, args=["spanvla_replay", "--ros-args", "--params-file", str(params_file)] + overrides)
     planner = PlannerNode(context=ctx)
     player = rclpy.create_node("spanvla_bag_player", context=ctx)
-    pubs = {}
-    for _, topic, typ, _ in msgs:
-        if topic not in pubs and typ in REPLAY_TYPES:
+    pubs, types = {}, {}
+    for topic, typ in kinds.items():
+        if typ in REPLAY_TYPES:
             qos = (qos_profile_sensor_data if "Image" in typ else
                    QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL) if typ in LATCHED_TYPES else 20)
-            pubs[topic] = player.create_publisher(rclpy_type(typ), topic, qos)
+            pubs[topic], types[topic] = player.create_publisher(rclpy_type(typ), target[topic], qos), rclpy_type(typ)
     recorder = PlanRecorder(player, pp)
     executors = []
     for n in (planner, player):
@@ -174,18 +153,27 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in pubs.values()):
         time.sleep(0.05)
-    t_bag0, t_wall0 = msgs[0][0], time.monotonic()
-    from rclpy.serialization import deserialize_message
-    published = 0
-    for t_ns, topic, typ, raw in msgs:
+    odom: list[tuple[float, float, float, float, float]] = []
+    published, t_first, t_wall0 = 0, None, None
+    for t_ns, topic, typ, raw in stream:
         if topic not in pubs:
             continue
-        target = t_wall0 + (t_ns - t_bag0) * 1e-9 / rate
-        delay = target - time.monotonic()
+        t_first = t_ns if t_first is None else t_first
+        t_rel = (t_ns - t_first) * 1e-9 - start_s
+        if duration_s is not None and t_rel > duration_s:
+            break
+        if t_rel < 0 and typ not in LATCHED_TYPES:
+            continue
+        if t_wall0 is None or t_rel < 0:
+            t_wall0 = time.monotonic() - max(t_rel, 0.0) / rate
+        delay = t_wall0 + max(t_rel, 0.0) / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        pubs[topic].publish(deserialize_message(raw, rclpy_type(typ)))
+        msg = deserialize_message(raw, types[topic])
+        pubs[topic].publish(msg)
         published += 1
+        if inputs[target[topic]] == "odometry":
+            odom.append(_odometry_row(msg))
     time.sleep(settle_s)
     counters = dict(planner.counters)
     for ex in executors:
@@ -200,15 +188,25 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
         import shutil
         shutil.rmtree(out_bag)
     recorder.write_bag(out_bag)
-    report = evaluate(bag, recorder.records, out_dir)
-    report.update(bag=str(bag), replayed_messages=published, read_error=err, partial=err is not None,
-                  planner_counters=counters, output_bag=str(out_bag))
-    if recorder.records:
+    report = evaluate(bag, np.array(odom).reshape(-1, 5), recorder.records, out_dir)
+    report.update(bag=str(bag), replayed_messages=published, read_error=stream.error,
+                  partial=stream.error is not None, planner_counters=counters, output_bag=str(out_bag),
+                  topics=target)
+    if recorder.records and view:
         from .run_view import read_run, render_strip
-        # the view needs the input bag's cameras and the plans bag; a broken input bag contributes what it read
-        report["run_view"] = str(render_strip(read_run([bag, out_bag]), out_dir / "run_view.png", title=bag.name))
+        # keyframes from the plans, then only the frames they show are kept from the input bag
+        report["run_view"] = str(render_strip(read_run([bag, out_bag], keyframes_from=out_bag),
+                                              out_dir / "run_view.png", title=bag.name))
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
     return report
+
+
+def _odometry_row(msg) -> tuple[float, float, float, float, float]:
+    """(stamp, x, y, yaw, speed) of a nav_msgs/Odometry."""
+    from ..ros.stamps import stamp_to_sec
+
+    p, v = msg.pose.pose.position, msg.twist.twist.linear
+    return (stamp_to_sec(msg.header.stamp), p.x, p.y, yaw_from_quat(msg.pose.pose.orientation), math.hypot(v.x, v.y))
 
 
 def _interp_pose(odom: np.ndarray, t: float):
@@ -220,53 +218,69 @@ def _interp_pose(odom: np.ndarray, t: float):
                      np.interp(t, ts, odom[:, 4])])
 
 
-def evaluate(bag: Path, records, out_dir: Path) -> dict:
-    from transforms3d.euler import quat2euler
+PLAN_DT_UNSTAMPED = 0.5   # step of plans whose poses all carry the Path's stamp (bags recorded before per-pose stamps)
 
+
+def _plan_poses(msg) -> tuple[np.ndarray, np.ndarray]:
+    """(H, 3) x, y, heading of a Path's poses and (H,) the times they are for."""
+    from ..ros.stamps import stamp_to_sec
+
+    xyh = np.array([(p.pose.position.x, p.pose.position.y, yaw_from_quat(p.pose.orientation)) for p in msg.poses])
+    t0 = stamp_to_sec(msg.header.stamp)
+    times = np.array([stamp_to_sec(p.header.stamp) for p in msg.poses])
+    if np.allclose(times, t0):
+        times = t0 + PLAN_DT_UNSTAMPED * np.arange(1, len(xyh) + 1)
+    return xyh, times
+
+
+def evaluate(bag: Path, odom: np.ndarray, records, out_dir: Path) -> dict:
+    """Each recorded plan against the logged drive ``odom`` (t, x, y, yaw, speed; the bag's odometry as replayed):
+    eval.plan_metrics for any bag, plus plan-to-plan consistency, plus the PDM-style scores where the scene is
+    known (episodes generated here carry their scenario and seed in the bag name)."""
     from ..model.trajectory import to_ego, to_world
     from ..ros.stamps import stamp_to_sec
 
-    try:
-        log = read_episode(bag, CAMERAS)
-        partial = None
-    except BagError as exc:
-        log, partial = exc.partial, str(exc)
+    log, partial = EpisodeLog(odom=odom[np.argsort(odom[:, 0])] if len(odom) else odom), None
     scene, scenario = None, None
     m = re.match(r"(.+)_(\d{5})_(expert|recovery)$", Path(bag).name)
     if m:
         from ..sim.highway_backend import HighwayEnvBackend
+        try:
+            known = read_episode(bag, cameras=())   # agents, lights, route: no images
+        except BagError as exc:
+            known, partial = exc.partial, str(exc)
+        log.agents, log.light, log.route = known.agents, known.light, known.route
         b = HighwayEnvBackend(render=False)
         b.reset(m.group(1), int(m.group(2)))
         scene, scenario = b.scene_map(), m.group(1)
-    rows, plans_xy = [], []
+    rows: list[dict] = []
+    plans_xy: list[tuple[float, np.ndarray]] = []
     prev = None
-    for _, topic, name, msg in records:
+    for _, _topic, name, msg in records:
         if name != "nav_msgs/msg/Path" or len(msg.poses) == 0:
             continue
         t = stamp_to_sec(msg.header.stamp)
+        plan, times = _plan_poses(msg)
+        dt = float(times[0] - t)
         pose0 = _interp_pose(log.odom, t) if len(log.odom) else None
-        fut = [_interp_pose(log.odom, t + 0.5 * (k + 1)) for k in range(len(msg.poses))] if pose0 is not None else [None]
+        fut = [_interp_pose(log.odom, tk) for tk in times] if pose0 is not None else [None]
         if pose0 is None or any(f is None for f in fut):
             continue   # no logged future this far: the end of the bag
-        plan = np.array([(p.pose.position.x, p.pose.position.y,
-                          quat2euler((p.pose.orientation.w, p.pose.orientation.x, p.pose.orientation.y,
-                                      p.pose.orientation.z))[2]) for p in msg.poses])
         truth = to_ego(pose0, np.array(fut))
-        ade, fde = ade_fde(plan[:, :2], truth[:, :2])
-        row = dict(t=t, ade=ade, fde=fde)
+        row = dict(t=t, **plan_vs_log(plan, truth[:, :3], dt))
         if scene is not None:
-            speed = np.r_[np.hypot(plan[0, 0], plan[0, 1]), np.hypot(*np.diff(plan[:, :2], axis=0).T)] / 0.5
+            speed = np.r_[np.hypot(plan[0, 0], plan[0, 1]), np.hypot(*np.diff(plan[:, :2], axis=0).T)] / dt
             plan_world = to_world(pose0, np.c_[plan, speed])
-            agents, sizes = _agents_future(log, t, len(plan))
-            lights = {k * 0.5: _light_at(log, t + 0.5 * k) for k in range(len(plan) + 1)} if log.light else {}
+            agents, sizes = _agents_future(log, t, len(plan), dt)
+            lights = {k * dt: _light_at(log, t + dt * k) for k in range(len(plan) + 1)} if log.light else {}
             ref = float(scene.route.project(_pt(fut[-1])) - scene.route.project(_pt(pose0)))
-            r = score(plan_world, pose0, agents, scene, 0.5, ref, lights, prev_plan=prev, prev_shift=0,
+            r = score(plan_world, pose0, agents, scene, dt, ref, lights, prev_plan=prev, prev_shift=0,
                       agent_sizes=sizes)
             prev = plan_world
             row.update(r.as_dict())
         world_xy = to_world(pose0, plan)[:, :2]
         if plans_xy:   # how far this plan moved from the previous one where their horizons overlap
-            d = plan_displacement(plans_xy[-1], (t, world_xy), 0.5)
+            d = plan_displacement(plans_xy[-1], (t, world_xy), dt)
             if d is not None:
                 row["plan_consistency_m"] = d
         rows.append(row)
@@ -274,7 +288,7 @@ def evaluate(bag: Path, records, out_dir: Path) -> dict:
     report = dict(plans=len(rows), scenario=scenario, bag_read_error=partial)
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r if k != "t"))
-        report["mean"] = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+        report["mean"] = {k: float(np.nanmean([r[k] for r in rows if k in r])) for k in keys}
     _plot(log, plans_xy, rows, out_dir / "replay.png")
     report["plot"] = str(out_dir / "replay.png")
     return report
@@ -285,7 +299,7 @@ def _pt(p):
     return Point(float(p[0]), float(p[1]))
 
 
-def _agents_future(log, t, n):
+def _agents_future(log, t, n, dt):
     times = np.array([a[0] for a in log.agents]) if log.agents else np.zeros(0)
     ids = sorted({aid for _, lst in log.agents for (aid, *_r) in lst})
     out = np.full((n + 1, len(ids), 4), 1e6)
@@ -293,7 +307,7 @@ def _agents_future(log, t, n):
     for k in range(n + 1):
         if not len(times):
             break
-        i = int(np.argmin(np.abs(times - (t + 0.5 * k))))
+        i = int(np.argmin(np.abs(times - (t + dt * k))))
         for aid, x, y, yaw, v, length, width in log.agents[i][1]:
             j = ids.index(aid)
             out[k, j] = (x, y, yaw, v)
@@ -344,11 +358,17 @@ def main(argv=None) -> int:
     ap.add_argument("--params-file", type=Path, default=None)
     ap.add_argument("--rate", type=float, default=1.0, help="replay speed factor")
     ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--remap", nargs="*", default=[], metavar="FROM:=TO",
+                    help="publish bag topic FROM as TO (the planner's input names come from --params-file)")
+    ap.add_argument("--start", type=float, default=0.0, help="bag seconds to skip (latched topics still play)")
+    ap.add_argument("--duration", type=float, default=None, help="bag seconds to play from --start")
+    ap.add_argument("--no-view", action="store_true", help="skip the run view (keyframe strip)")
     a = ap.parse_args(argv)
     out = a.out or Path("replay_out") / a.bag.name
     try:
-        rep = replay(a.bag, a.params_file or default_params_path(), out, a.rate, a.checkpoint)
-    except BagError as exc:
+        rep = replay(a.bag, a.params_file or default_params_path(), out, a.rate, a.checkpoint,
+                     remap=parse_remaps(a.remap), start_s=a.start, duration_s=a.duration, view=not a.no_view)
+    except (BagError, ValueError) as exc:
         print(f"[spanvla-replay] {exc}", file=sys.stderr)
         return 2
     print(f"[spanvla-replay] {rep['bag']}: replayed {rep['replayed_messages']} messages, {rep['plans']} plans scored"

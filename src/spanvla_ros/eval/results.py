@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ def format_table(rows: list[dict]) -> str:
         ol, cl = r.get("open_loop") or {}, (r.get("closed_loop") or {}).get("summary") or {}
         def f(d, k, fmt="{:.2f}"):
             return fmt.format(d[k]) if k in d else "-"
-        def count(k):
+        def count(k, cl=cl):
             return f"{round(cl[k] * cl['episodes'])}/{cl['episodes']}" if cl else "-"
         done = f"{cl['completed']}/{cl['episodes']}" if "completed" in cl else "-"
         lines.append(f"| {r['name']} | {f(ol, 'ade')} | {f(ol, 'fde')} | {f(ol, 'pdms', '{:.3f}')} | "
@@ -148,7 +149,8 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) 
     report = out / "ros_graph.json"
     cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--episodes", str(len(scenarios)), "--no-record",
            "--json", str(report), "--set", f"spanvla_planner.checkpoint={Path(checkpoint).resolve()}",
-           "--set", f"sim_bridge.seed={seed}", "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]"]
+           "--set", f"sim_bridge.seed={seed}",
+           "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]"]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120 + 60 * len(scenarios))
     if proc.returncode != 0 or not report.is_file():
@@ -161,14 +163,13 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) 
 
 
 def main(argv=None) -> int:
-    from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PolicyDriver
+    from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PlanningDriver, PolicyDriver, seed_list
     from ..model.policy import SpanVLAPolicy
     from ..model.trajectory import history_trajectory
-    from ..eval.closed_loop import seed_list
     from ..sim.scenarios import HELDOUT_SEEDS, resolve
     from ..train.dataset import attach_routes, load_samples, scene_maps
-    from .perception_eval import head_metrics, reasoning_fact_accuracy
     from ..train.trainer import reason_all
+    from .perception_eval import head_metrics, reasoning_fact_accuracy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="spanvla-train output (sft/, grpo_*/)")
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
     samples = load_samples(a.heldout, cfg.cameras, kinds=("positive",))
     leaked = {s.meta["seed"] for s in samples if s.meta["seed"] < HELDOUT_SEEDS.start}
     if leaked:
-        raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: generate it with --seeds 10000:...")
+        raise SystemExit(f"--heldout contains training seeds {sorted(leaked)[:5]}...: "
+                         "generate it with --seeds 10000:...")
     scenes = scene_maps(samples)
     attach_routes(samples, scenes)
     scen = resolve(a.scenarios)
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     print(f"{len(samples)} held-out samples from {len(scenes)} episodes; closed loop {len(scen)} scenarios x "
           f"seeds {cl_seeds}")
 
-    rows, bridge_cache = [], {}
+    rows: list[dict] = []
+    bridge_cache: dict = {}
     wanted = {f"({r.strip()})" for r in a.rows.split(",") if r.strip()}
     extra = []
     for item in a.extra:
@@ -219,10 +222,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         if sub is None:
             plans = np.stack([history_trajectory(s.past, s.meta["speed"], 0.5, 8, 0.5) for s in samples])
-            row = dict(name=name, open_loop=open_loop_metrics(samples, plans, scenes))
-            driver = ConstantVelocityDriver()
+            row: dict[str, Any] = dict(name=name, open_loop=open_loop_metrics(samples, plans, scenes))
+            driver: PlanningDriver = ConstantVelocityDriver()
         else:
-            root = {"run": a.run, "ablation": a.ablation_run, "extra": Path(".")}[which]
+            root = {"run": a.run, "ablation": a.ablation_run, "extra": Path(".")}[str(which)]
             if root is None or not (root / sub / "spanvla.json").is_file():
                 print(f"skip {name}: no checkpoint at {root}/{sub}")
                 continue
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
                                     reasoning_f1=reasoning_overlap(texts, [s.meta["reasoning"] for s in samples]))
             row["perception"] = {**head_metrics(policy, samples, bridges),
                                  **reasoning_fact_accuracy(texts, [s.meta.get("facts") for s in samples])}
-            driver = PolicyDriver(policy, 1.0, name=sub, reasoner_latency_s=a.reasoner_latency)
+            driver = PolicyDriver(policy, 1.0, name=str(sub), reasoner_latency_s=a.reasoner_latency)
         if cl_seeds:
             row["closed_loop"] = closed_loop(driver, scen, cl_seeds)
         row["seconds"] = round(time.time() - t0, 1)
@@ -253,7 +256,8 @@ def main(argv=None) -> int:
         mark_completed(rows, rows[-1])
     table = format_table(rows) + "\n\n" + format_perception_table(rows)
     print(table)
-    (a.out / "results.json").write_text(json.dumps(dict(rows=rows, heldout=str(a.heldout), seconds=round(time.time() - t_start)), indent=1))
+    report = dict(rows=rows, heldout=str(a.heldout), seconds=round(time.time() - t_start))
+    (a.out / "results.json").write_text(json.dumps(report, indent=1))
     (a.out / "results.md").write_text(table + "\n")
     print(f"-> {a.out}/results.json, results.md ({time.time() - t_start:.0f} s)")
     return 0

@@ -11,10 +11,11 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..data.bag_io import BagError, _yaw, decode_jpeg, typestore
+from ..data.bag_io import BagError, decode_jpeg, typestore, yaw_from_quat
 from ..model.trajectory import to_world
 
 
@@ -34,13 +35,48 @@ def _t(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
-def read_run(bags, cameras=("front_left", "front", "front_right")) -> RunLog:
-    """Collect what the view needs from one or more bags; a bag that breaks mid-way contributes what it read."""
+FRAME_MAX_AGE_S = 1.0   # a keyframe shows each camera's newest frame at most this old
+
+
+def keyframe_times(plan_times: list[float], rows: int) -> list[float]:
+    """The plan stamps a strip of ``rows`` keyframes shows: evenly spread over the plans."""
+    if not plan_times:
+        return []
+    idx = np.unique(np.linspace(0, len(plan_times) - 1, min(rows, len(plan_times))).round().astype(int))
+    return [sorted(plan_times)[i] for i in idx]
+
+
+def _plan_times(bag) -> list[float]:
+    from rosbags.highlevel import AnyReader
+
+    out = []
+    try:
+        with AnyReader([Path(bag)], default_typestore=typestore(with_spanvla_msgs=True)) as reader:
+            conns = [c for c in reader.connections if c.msgtype == "nav_msgs/msg/Path"]
+            for conn, _, raw in reader.messages(connections=conns):
+                m: Any = reader.deserialize(raw, conn.msgtype)
+                if m.header.frame_id == "base_link":
+                    out.append(_t(m.header.stamp))
+    except Exception:
+        pass
+    return out
+
+
+def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_from=None, rows: int = 6) -> RunLog:
+    """Collect what the view needs from one or more bags; a bag that breaks mid-way contributes what it read.
+    With ``keyframes_from`` (the bag holding the plans) only the camera frames the strip's keyframes show are
+    kept, so memory does not grow with the bags' length."""
     from rosbags.highlevel import AnyReader
 
     from ..ros.images import decode_rgb
 
     log = RunLog(images={c: [] for c in cameras})
+    keys = keyframe_times(_plan_times(keyframes_from), rows) if keyframes_from is not None else None
+    kept: dict[tuple[str, float], tuple[float, Any]] = {}
+
+    def wanted(t: float) -> list[float]:
+        return [k for k in keys or () if k - FRAME_MAX_AGE_S <= t <= k + 1e-6]
+
     for bag in bags:
         try:
             with AnyReader([Path(bag)], default_typestore=typestore(with_spanvla_msgs=True)) as reader:
@@ -48,14 +84,24 @@ def read_run(bags, cameras=("front_left", "front", "front_right")) -> RunLog:
                     typ, topic = conn.msgtype, conn.topic
                     cam = next((c for c in cameras if f"rgb_{c}/" in topic), None)
                     if cam and typ.startswith("sensor_msgs/msg/") and "Image" in typ:
-                        m = reader.deserialize(raw, typ)
+                        m: Any = reader.deserialize(raw, typ)
+                        t_img = _t(m.header.stamp)
+                        for_keys = wanted(t_img)
+                        if keys is not None and not (for_keys and any(
+                                kept.get((cam, k), (-math.inf,))[0] < t_img for k in for_keys)):
+                            continue
                         data = bytes(m.data) if typ.endswith("CompressedImage") else \
                             decode_rgb(m.encoding, m.height, m.width, m.step, m.data)
-                        log.images[cam].append((_t(m.header.stamp), data))
+                        if keys is None:
+                            log.images[cam].append((t_img, data))
+                        for k in for_keys:
+                            if kept.get((cam, k), (-math.inf,))[0] < t_img:
+                                kept[(cam, k)] = (t_img, data)
                     elif typ == "nav_msgs/msg/Odometry":
                         m = reader.deserialize(raw, typ)
                         p = m.pose.pose
-                        log.odom.append((_t(m.header.stamp), p.position.x, p.position.y, _yaw(p.orientation)))
+                        log.odom.append((_t(m.header.stamp), p.position.x, p.position.y,
+                                         yaw_from_quat(p.orientation)))
                     elif typ == "nav_msgs/msg/Path":
                         m = reader.deserialize(raw, typ)
                         xy = np.array([(q.pose.position.x, q.pose.position.y) for q in m.poses]).reshape(-1, 2)
@@ -72,10 +118,12 @@ def read_run(bags, cameras=("front_left", "front", "front_right")) -> RunLog:
                     elif typ == "visualization_msgs/msg/MarkerArray" and "agents" in topic:
                         m = reader.deserialize(raw, typ)
                         t = _t(m.markers[0].header.stamp) if m.markers else 0.0
-                        log.agents.append((t, [(k.pose.position.x, k.pose.position.y, _yaw(k.pose.orientation),
+                        log.agents.append((t, [(k.pose.position.x, k.pose.position.y, yaw_from_quat(k.pose.orientation),
                                                 k.scale.x, k.scale.y) for k in m.markers]))
         except Exception as exc:  # corrupt / truncated: keep what was read, say so on the figure
             log.errors.append(f"{Path(bag).name}: {type(exc).__name__}")
+    for (cam, _), frame in kept.items():
+        log.images[cam].append(frame)
     for v in (log.odom, log.plans, log.reasoning, log.agents, *log.images.values()):
         v.sort(key=lambda r: r[0])
     return log
@@ -106,14 +154,14 @@ def render_strip(log: RunLog, out: Path, rows: int = 6, title: str = "") -> Path
     if not log.plans:
         raise BagError("no plans (nav_msgs/Path in base_link) in the given bag(s): nothing to render")
     cams = list(log.images)
-    idx = np.unique(np.linspace(0, len(log.plans) - 1, min(rows, len(log.plans))).round().astype(int))
-    fig, axes = plt.subplots(len(idx), len(cams) + 2, figsize=(3.3 * (len(cams) + 2), 2.4 * len(idx)),
+    times = [t for t, _ in log.plans]
+    shown = [log.plans[times.index(k)] for k in keyframe_times(times, rows)]
+    fig, axes = plt.subplots(len(shown), len(cams) + 2, figsize=(3.3 * (len(cams) + 2), 2.4 * len(shown)),
                              gridspec_kw=dict(width_ratios=[1.75] * len(cams) + [1.6, 2.0]), squeeze=False)
-    for row, i in zip(axes, idx):
-        t, plan = log.plans[i]
+    for row, (t, plan) in zip(axes, shown):
         for ax, cam in zip(row, cams):
             ax.set_axis_off()
-            fr = _latest(log.images[cam], t, max_age=1.0)
+            fr = _latest(log.images[cam], t, max_age=FRAME_MAX_AGE_S)
             if fr is None:
                 ax.text(0.5, 0.5, f"{cam}: no frame", ha="center", va="center", transform=ax.transAxes)
                 continue
@@ -127,7 +175,7 @@ def render_strip(log: RunLog, out: Path, rows: int = 6, title: str = "") -> Path
             x0, y0, yaw = pose[1:4]
             # ego-centred, heading up: rotate world by (pi/2 - yaw) about the ego
             c, s = math.cos(math.pi / 2 - yaw), math.sin(math.pi / 2 - yaw)
-            def view(xy):
+            def view(xy, x0=x0, y0=y0, c=c, s=s):
                 d = np.asarray(xy, float)[:, :2] - (x0, y0)
                 return np.stack([d[:, 0] * c - d[:, 1] * s, d[:, 0] * s + d[:, 1] * c], 1)
             if log.route is not None and len(log.route):

@@ -12,9 +12,12 @@ import torch
 
 from .reasoner import ReasoningResult, VLMReasoner
 
+CODEBOOK_SPEEDS = np.linspace(0.0, 30.0, 16)          # m/s
+CODEBOOK_YAW_RATES = np.linspace(-0.8, 0.8, 16)      # rad/s
+
 
 class MotionCodebook:
-    def __init__(self, speeds=np.linspace(0.0, 30.0, 16), yaw_rates=np.linspace(-0.8, 0.8, 16), dt: float = 0.5):
+    def __init__(self, speeds=CODEBOOK_SPEEDS, yaw_rates=CODEBOOK_YAW_RATES, dt: float = 0.5):
         v, w = np.meshgrid(np.asarray(speeds, float), np.asarray(yaw_rates, float), indexing="ij")
         self.codes = np.stack([v.ravel(), w.ravel()], 1)  # (K, 2)
         self.dt = dt
@@ -28,7 +31,8 @@ class MotionCodebook:
         tokens, pose = [], np.zeros(3)
         for target in np.asarray(traj)[:, :3]:
             cands = np.stack([self._step(pose, v, w) for v, w in self.codes])
-            err = np.linalg.norm(cands[:, :2] - target[:2], axis=1) + np.abs(np.angle(np.exp(1j * (cands[:, 2] - target[2]))))
+            heading_err = np.abs(np.angle(np.exp(1j * (cands[:, 2] - target[2]))))
+            err = np.linalg.norm(cands[:, :2] - target[:2], axis=1) + heading_err
             k = int(err.argmin())
             tokens.append(k)
             pose = cands[k]
@@ -72,7 +76,7 @@ class ARActionDecoder:
     def decode_trajectory(self, result: ReasoningResult, num_points: int) -> tuple[np.ndarray, float]:
         """Greedy decode of num_points action tokens after the action token, restricted to the codebook.
         ``result`` must come from ``self.reasoner.reason(..., keep_cache=True)``. Returns (trajectory, seconds)."""
-        if result.cache is None:
+        if result.cache is None or result.last_logits is None:
             raise ValueError("reason() must be called with keep_cache=True")
         model, dev, K = self.reasoner.model, self.reasoner.device, len(self.codebook)
         cache, next_pos = result.cache, int(result.bridge.next_position[0])

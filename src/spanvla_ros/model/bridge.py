@@ -48,7 +48,7 @@ class BridgeSnapshot:
                 raise ValueError("bridge tensors must be detached and keys/values equally shaped")
 
     @classmethod
-    def from_cache(cls, cache, layer_ids, key_mask, next_position, **meta) -> "BridgeSnapshot":
+    def from_cache(cls, cache, layer_ids, key_mask, next_position, **meta) -> BridgeSnapshot:
         """Take the selected layers of a transformers Cache (DynamicCache.layers[i].keys/values)."""
         keys = tuple(cache.layers[i].keys.detach() for i in layer_ids)
         values = tuple(cache.layers[i].values.detach() for i in layer_ids)
@@ -73,19 +73,19 @@ class BridgeSnapshot:
         extra = () if self.front_features is None else (self.front_features,)
         return sum(t.numel() * t.element_size() for t in self.keys + self.values + extra)
 
-    def expand(self, n: int) -> "BridgeSnapshot":
+    def expand(self, n: int) -> BridgeSnapshot:
         """Repeat a batch-1 snapshot n times (GRPO groups, batched sampling) without copying memory."""
         if self.batch_size != 1:
             raise ValueError("expand() needs a batch-1 snapshot")
-        ex = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        ex = lambda t: t.expand(n, *t.shape[1:])
         return BridgeSnapshot(tuple(map(ex, self.keys)), tuple(map(ex, self.values)), ex(self.key_mask),
                               self.next_position.expand(n), self.layer_ids, self.stamp,
                               self.reasoning * n, self.latency_s, self.created_monotonic,
                               _maybe(ex, self.front_features))
 
-    def repeat_interleave(self, n: int) -> "BridgeSnapshot":
+    def repeat_interleave(self, n: int) -> BridgeSnapshot:
         """Each batch entry n times in a row (a GRPO group per scene); copies, unlike expand()."""
-        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        rep = lambda t: t.repeat_interleave(n, dim=0)
         return BridgeSnapshot(tuple(map(rep, self.keys)), tuple(map(rep, self.values)), rep(self.key_mask),
                               rep(self.next_position), self.layer_ids, self.stamp,
                               tuple(r for r in self.reasoning for _ in range(n)), self.latency_s,
@@ -106,7 +106,8 @@ def collate_bridges(items: list[BridgeSnapshot]) -> BridgeSnapshot:
     values = tuple(torch.cat([pad(b.values[i]) for b in items]) for i in range(items[0].num_layers))
     mask = torch.cat([torch.nn.functional.pad(b.key_mask, (0, S - b.key_mask.shape[1])) for b in items])
     pos = torch.cat([b.next_position for b in items])
-    front = None if any(b.front_features is None for b in items) else torch.cat([b.front_features for b in items])
+    fronts = [b.front_features for b in items]
+    front = None if any(f is None for f in fronts) else torch.cat([f for f in fronts if f is not None])
     return BridgeSnapshot(keys, values, mask, pos, items[0].layer_ids,
                           reasoning=tuple(r for b in items for r in b.reasoning), front_features=front)
 
@@ -120,7 +121,7 @@ def split_bridge(bridge: BridgeSnapshot) -> list[BridgeSnapshot]:
                                   tuple(v[i:i + 1, :, m].clone() for v in bridge.values), m[m][None].clone(),
                                   bridge.next_position[i:i + 1].clone(), bridge.layer_ids, bridge.stamp,
                                   bridge.reasoning[i:i + 1],
-                                  front_features=_maybe(lambda t: t[i:i + 1].clone(), bridge.front_features)))
+                                  front_features=_maybe(lambda t, i=i: t[i:i + 1].clone(), bridge.front_features)))
     return out
 
 

@@ -66,7 +66,7 @@ class SpanVLAConfig:
     # text, bridge and plan agree with what was perceived. The expert is trained on bridges made the same way.
     grounded_reasoning: bool = False
     ego_dim: int = 0                   # derived from commands + route lookahead + traffic lights (0 = derive)
-    vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (e.g. a Qwen2.5-VL-3B fine-tune)
+    vlm_path: str = "vlm"              # relative to the checkpoint directory, or absolute (a Qwen2.5-VL-3B fine-tune)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -91,7 +91,7 @@ class SpanVLAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpanVLAConfig":
+    def from_dict(cls, d: dict) -> SpanVLAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -112,5 +112,5 @@ class SpanVLAConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "SpanVLAConfig":
+    def load(cls, path: Path) -> SpanVLAConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))

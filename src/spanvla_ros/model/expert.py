@@ -86,6 +86,9 @@ class ExpertLayer(nn.Module):
 
 
 class FlowActionExpert(nn.Module):
+    light_mean: torch.Tensor
+    light_std: torch.Tensor
+
     def __init__(self, cfg: SpanVLAConfig, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope_theta: float, front_token_dim: int = 0, front_tokens: int = 0):
         super().__init__()
@@ -183,14 +186,19 @@ class FlowActionExpert(nn.Module):
     def conditioning(self, ego: torch.Tensor, percept: torch.Tensor | None) -> torch.Tensor:
         """The ego vector, plus the light probabilities (zero unless a stop line is ahead) for a light model, plus
         the lead features for a lead-perception model."""
+        if not (self.cfg.traffic_lights or self.cfg.lead_perception):
+            return ego
+        if percept is None:
+            raise ValueError("a perception model's conditioning needs its percept")
         parts, k = [ego], 0
         if self.cfg.traffic_lights:
             n = len(LIGHT_STATES)
-            parts.append(percept[:, :n].to(ego.dtype).expand(ego.shape[0], -1) * ego[:, -1:])   # ego[:, -1]: stop line ahead
+            stop_line_ahead = ego[:, -1:]
+            parts.append(percept[:, :n].to(ego.dtype).expand(ego.shape[0], -1) * stop_line_ahead)
             k = n
         if self.cfg.lead_perception:
             parts.append(percept[:, k:k + LEAD_FEATURES].to(ego.dtype).expand(ego.shape[0], -1))
-        return torch.cat(parts, -1) if len(parts) > 1 else ego
+        return torch.cat(parts, -1)
 
     def forward(self, bridge: BridgeSnapshot, x_t: torch.Tensor, t: torch.Tensor, ego: torch.Tensor,
                 percept: torch.Tensor | None = None) -> torch.Tensor:

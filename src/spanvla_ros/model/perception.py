@@ -50,6 +50,10 @@ def _position_features(rc: torch.Tensor) -> torch.Tensor:
 
 
 class LeadHead(nn.Module):
+    token_mean: torch.Tensor
+    token_std: torch.Tensor
+    token_position: torch.Tensor
+
     def __init__(self, token_dim: int, num_tokens: int, frames: int, hidden: int = 64):
         super().__init__()
         self.frames = frames

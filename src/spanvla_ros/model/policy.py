@@ -10,8 +10,9 @@ the VLM's head layout and layer count automatically.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ def vlm_config(preset: str, tokenizer):
     from transformers import Qwen2_5_VLConfig
 
     p = VLM_PRESETS[preset]
-    t, v = dict(p["text"]), p["vision"]
+    t: dict[str, Any] = dict(p["text"])
+    v = p["vision"]
     section, theta = t.pop("rope_section"), t.pop("rope_theta", 10000.0)
     vocab = max(len(tokenizer), t.pop("vocab_size", 0))
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in
@@ -84,7 +86,8 @@ def build_vlm(preset: str, tokenizer, cfg: SpanVLAConfig, seed: int = 0):
 
 
 class SpanVLAPolicy:
-    def __init__(self, cfg: SpanVLAConfig, reasoner: VLMReasoner, expert: FlowActionExpert, model_id: str = "untrained"):
+    def __init__(self, cfg: SpanVLAConfig, reasoner: VLMReasoner, expert: FlowActionExpert,
+                 model_id: str = "untrained"):
         self.cfg, self.reasoner, self.expert, self.model_id = cfg, reasoner, expert, model_id
 
     @staticmethod
@@ -93,7 +96,7 @@ class SpanVLAPolicy:
                                 reasoner.head_dim, reasoner.rope_theta, reasoner.front_token_dim, reasoner.front_tokens)
 
     @classmethod
-    def build(cls, cfg: SpanVLAConfig, tokenizer, preset: str = "tiny", seed: int = 0) -> "SpanVLAPolicy":
+    def build(cls, cfg: SpanVLAConfig, tokenizer, preset: str = "tiny", seed: int = 0) -> SpanVLAPolicy:
         reasoner = build_vlm(preset, tokenizer, cfg, seed)
         torch.manual_seed(seed + 1)
         return cls(cfg, reasoner, cls.make_expert(cfg, reasoner).eval(), model_id=f"untrained-{preset}")
@@ -101,7 +104,7 @@ class SpanVLAPolicy:
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
-                        **overrides) -> "SpanVLAPolicy":
+                        **overrides) -> SpanVLAPolicy:
         """``dtype`` is the VLM's (bfloat16 halves a large VLM's memory and time on a GPU); the action expert is
         small and stays float32, reading the bridge's keys/values in its own precision."""
         from safetensors.torch import load_file
@@ -161,9 +164,9 @@ class SpanVLAPolicy:
         """The facts the perception heads read from the front frames, in the reasoning text's own phrasing
         (data.scene_text): the light when a stop line is ahead, the lead vehicle when one is seen."""
         from ..data.scene_text import lead_clause, light_clause
+        from ..sim.types import VEHICLE_LENGTH_M
         from .config import LIGHT_STATES
         from .perception import CLOSING_SCALE_MPS, GAP_SCALE_M
-        from ..sim.types import VEHICLE_LENGTH_M
         from .route import STOP_SCALE_M
 
         ego = torch.from_numpy(self.ego_vector(speed, 0.0, 0.0, self.cfg.commands[0], route))[None]

@@ -9,9 +9,9 @@ insists on a video processor, which needs torchvision (not installable beside th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -134,13 +134,13 @@ class VLMReasoner:
             raise ValueError(f"each image must be an HxWx3 uint8 array, got {getattr(img, 'shape', type(img))}")
         size = (self.cfg.image_width, self.cfg.image_height)
         pil = Image.fromarray(img)
-        return pil if pil.size == size else pil.resize(size, Image.BILINEAR)
+        return pil if pil.size == size else pil.resize(size, Image.Resampling.BILINEAR)
 
     def encode(self, images_per_sample: Sequence[Sequence[np.ndarray]], texts: Sequence[str]) -> dict:
         """Batch of samples -> model inputs with 3D RoPE positions. Right padding."""
         if len(images_per_sample) != len(texts):
             raise ValueError("one image list per text")
-        flat = []
+        flat: list[Image.Image] = []
         for imgs, text in zip(images_per_sample, texts):
             if len(imgs) != self.cfg.num_images:
                 raise ValueError(f"expected {self.cfg.num_images} images ({len(self.cfg.cameras)} cameras x "

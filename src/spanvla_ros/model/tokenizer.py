@@ -2,7 +2,7 @@
 with Qwen2.5-VL's special tokens, so the checkpoint loads through AutoTokenizer like a real Qwen one."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<|action|>"]

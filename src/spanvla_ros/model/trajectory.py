@@ -70,5 +70,7 @@ def ego_state_vector(speed: float, accel: float, yaw_rate: float, command: str, 
     onehot = np.zeros(len(commands), np.float32)
     if command in commands:
         onehot[commands.index(command)] = 1.0
-    parts = [[speed / 10.0, accel / 3.0, yaw_rate], onehot] + ([route] if route is not None else [])
+    parts: list[np.ndarray] = [np.array([speed / 10.0, accel / 3.0, yaw_rate], np.float32), onehot]
+    if route is not None:
+        parts.append(route)
     return np.concatenate(parts).astype(np.float32)

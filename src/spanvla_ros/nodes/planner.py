@@ -11,21 +11,21 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import Any
 
 import numpy as np
-import rclpy
 import torch
-from nav_msgs.msg import Odometry, Path
 from geometry_msgs.msg import PoseStamped
+from nav_msgs.msg import Odometry, Path
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
-from transforms3d.euler import euler2quat, quat2euler
+from transforms3d.euler import euler2quat
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.config import resolve_share_path
-from spanvla_ros.data.bag_io import path_xy
+from spanvla_ros.data.bag_io import path_xy, yaw_from_quat
 from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
@@ -100,7 +100,7 @@ class PlannerNode(Node):
                         path_topic="/spanvla/path", reasoning_topic="/spanvla/reasoning",
                         reasoning_text_topic="/spanvla/reasoning_text", status_topic="/spanvla/plan_status",
                         markers_topic="/spanvla/markers")
-        self.params = {k: self.declare_parameter(k, v).value for k, v in defaults.items()}
+        self.params: dict[str, Any] = {k: self.declare_parameter(k, v).value for k, v in defaults.items()}
         return self.params
 
     # ------------------------------------------------------------------ inputs
@@ -128,8 +128,7 @@ class PlannerNode(Node):
         self.core.add_image(camera, stamp_to_sec(msg.header.stamp), img)
 
     def _on_odom(self, msg: Odometry) -> None:
-        q = msg.pose.pose.orientation
-        yaw = quat2euler((q.w, q.x, q.y, q.z))[2]
+        yaw = yaw_from_quat(msg.pose.pose.orientation)
         v = msg.twist.twist.linear
         if not self.core.add_odometry(stamp_to_sec(msg.header.stamp), msg.pose.pose.position.x,
                                       msg.pose.pose.position.y, yaw, math.hypot(v.x, v.y), msg.header.frame_id,
@@ -148,14 +147,16 @@ class PlannerNode(Node):
         if error:
             self._bad("route", error, counted=True)
         else:
-            self.get_logger().info(f"route: {len(self.core.route_xy)} poses in frame {msg.header.frame_id!r}")
+            n = 0 if self.core.route_xy is None else len(self.core.route_xy)
+            self.get_logger().info(f"route: {n} poses in frame {msg.header.frame_id!r}")
 
     def _on_stop_lines(self, msg: Path) -> None:
         error = self.core.set_stop_lines(path_xy(msg), msg.header.frame_id)
         if error:
             self._bad("stop_lines", error, counted=True)
         else:
-            self.get_logger().info(f"stop lines: {len(self.core.stop_xy)} on the route, frame {msg.header.frame_id!r}")
+            n = 0 if self.core.stop_xy is None else len(self.core.stop_xy)
+            self.get_logger().info(f"stop lines: {n} on the route, frame {msg.header.frame_id!r}")
 
     def _on_command(self, msg: String) -> None:
         error = self.core.set_command(msg.data)
@@ -207,7 +208,7 @@ class PlannerNode(Node):
             return
         self.expert_latencies.append(plan.expert_latency_s)
         header_stamp = sec_to_stamp(plan.stamp)
-        self.pub_path.publish(self._path_msg(plan.traj, header_stamp))
+        self.pub_path.publish(self._path_msg(plan.traj, plan.stamp))
         st = PlanStatus()
         st.header.stamp, st.header.frame_id = header_stamp, self.params["base_frame"]
         st.bridge_age = float(plan.bridge_age) if math.isfinite(plan.bridge_age) else -1.0
@@ -221,12 +222,15 @@ class PlannerNode(Node):
         self.pub_status.publish(st)
         self.pub_markers.publish(self._markers(plan.traj, header_stamp, plan.degraded))
 
-    def _path_msg(self, traj: np.ndarray, stamp) -> Path:
+    def _path_msg(self, traj: np.ndarray, stamp: float) -> Path:
+        """The plan in the base frame at its input time; each pose stamped with the time it is for (the plan's
+        steps are ``dt`` apart), so the Path is time-parameterised on its own."""
         path = Path()
-        path.header.stamp, path.header.frame_id = stamp, self.params["base_frame"]
-        for x, y, h, _ in traj:
+        path.header.stamp, path.header.frame_id = sec_to_stamp(stamp), self.params["base_frame"]
+        for k, (x, y, h, _) in enumerate(traj):
             ps = PoseStamped()
-            ps.header = path.header
+            ps.header.stamp = sec_to_stamp(stamp + (k + 1) * self.policy.cfg.dt)
+            ps.header.frame_id = path.header.frame_id
             ps.pose.position.x, ps.pose.position.y = float(x), float(y)
             w, qx, qy, qz = euler2quat(0.0, 0.0, float(h))
             ps.pose.orientation.w, ps.pose.orientation.x, ps.pose.orientation.y, ps.pose.orientation.z = w, qx, qy, qz
@@ -238,7 +242,8 @@ class PlannerNode(Node):
         line.header.stamp, line.header.frame_id = stamp, self.params["base_frame"]
         line.ns, line.id, line.type, line.action = "plan", 0, Marker.LINE_STRIP, Marker.ADD
         line.scale.x = 0.3
-        line.color.r, line.color.g, line.color.b, line.color.a = (1.0, 0.5, 0.0, 1.0) if degraded else (0.1, 1.0, 0.1, 1.0)
+        rgba = (1.0, 0.5, 0.0, 1.0) if degraded else (0.1, 1.0, 0.1, 1.0)
+        line.color.r, line.color.g, line.color.b, line.color.a = rgba
         line.pose.orientation.w = 1.0
         for x, y, _, _ in traj:
             pt = PoseStamped().pose.position

@@ -1,8 +1,8 @@
 """sim_bridge: the simulator side of the closed loop, on carla-ros-bridge topic names.
 
 Publishes per camera sensor_msgs/Image + CameraInfo, nav_msgs/Odometry, the ground-truth route and its stop lines
-(nav_msgs/Path, transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where it is
-installed, else as geometry_msgs/TransformStamped on /sim/tf and /sim/tf_static (tf2_msgs has no wheel here).
+(nav_msgs/Path, transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where
+it is installed, else as geometry_msgs/TransformStamped on /sim/tf and /sim/tf_static (tf2_msgs has no wheel here).
 Subscribes to the planned nav_msgs/Path and tracks it with pure pursuit + PI speed control at control rate.
 The simulator steps at ``sim_rate_hz`` in real time; when an episode ends the next seed starts.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
+from typing import Any
 
 import numpy as np
 from geometry_msgs.msg import TransformStamped
@@ -19,9 +20,9 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
-from transforms3d.euler import quat2euler
 from visualization_msgs.msg import Marker, MarkerArray
 
+from spanvla_ros.data.bag_io import yaw_from_quat
 from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
@@ -49,16 +50,19 @@ class SimBridgeNode(Node):
                  camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
                                 "/carla/ego_vehicle/rgb_front_right/image"],
                  odom_topic="/carla/ego_vehicle/odometry", route_topic="/carla/ego_vehicle/route",
-                 stop_lines_topic="/carla/ego_vehicle/stop_lines", agents_topic="/sim/agents", command_topic="/spanvla/command", path_topic="/spanvla/path",
+                 stop_lines_topic="/carla/ego_vehicle/stop_lines", agents_topic="/sim/agents",
+                 command_topic="/spanvla/command", path_topic="/spanvla/path",
                  base_frame="base_link", map_frame="map")
-        self.p = p = {k: self.declare_parameter(k, v).value for k, v in d.items()}
+        self.p: dict[str, Any] = {k: self.declare_parameter(k, v).value for k, v in d.items()}
+        p = self.p
         self.backend = backend or make_backend(p["backend"])
         self.tracker = PathTracker()
         self.counters: Counter = Counter()
         self.episodes: list[dict] = []
         self.cam_pubs = {c: self.create_publisher(Image, t, qos_profile_sensor_data)
                          for c, t in zip(p["camera_names"], p["camera_topics"])}
-        self.info_pubs = {c: self.create_publisher(CameraInfo, t.rsplit("/", 1)[0] + "/camera_info", qos_profile_sensor_data)
+        self.info_pubs = {c: self.create_publisher(CameraInfo, t.rsplit("/", 1)[0] + "/camera_info",
+                                                   qos_profile_sensor_data)
                           for c, t in zip(p["camera_names"], p["camera_topics"])}
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.odom_pub = self.create_publisher(Odometry, p["odom_topic"], 20)
@@ -68,8 +72,10 @@ class SimBridgeNode(Node):
         self.agents_pub = self.create_publisher(MarkerArray, p["agents_topic"], 5)
         self._tf = self._make_tf_publishers(latched)
         self.create_subscription(Path, p["path_topic"], self._on_path, 5)
-        self._plan = None            # (path (N,4) ego frame at plan time, plan pose, receipt monotonic)
-        self._poses = deque(maxlen=200)   # (stamp, x, y, yaw) to place plans made from older odometry
+        # (path (N,4) ego frame at plan time, plan pose, receipt monotonic)
+        self._plan: tuple[np.ndarray, tuple[float, float, float], float] | None = None
+        # (stamp, x, y, yaw) to place plans made from older odometry
+        self._poses: deque[tuple[float, float, float, float]] = deque(maxlen=200)
         self.control = Control(0.0, 0.0)
         self._episode_index = 0
         self._start_episode()
@@ -93,7 +99,8 @@ class SimBridgeNode(Node):
     def _transform(self, stamp, parent, child, x, y, z, yaw) -> TransformStamped:
         tf = TransformStamped()
         tf.header.stamp, tf.header.frame_id, tf.child_frame_id = stamp, parent, child
-        tf.transform.translation.x, tf.transform.translation.y, tf.transform.translation.z = float(x), float(y), float(z)
+        t = tf.transform.translation
+        t.x, t.y, t.z = float(x), float(y), float(z)
         tf.transform.rotation.w, tf.transform.rotation.z = math.cos(yaw / 2), math.sin(yaw / 2)
         return tf
 
@@ -107,14 +114,15 @@ class SimBridgeNode(Node):
         self.tracker.reset()
         self._plan, self.control = None, Control(0.0, 0.0)
         self._wall0 = time.time() - self.obs.t
-        self._flags_seen = Counter()
+        self._flags_seen: Counter[str] = Counter()
         self.get_logger().info(f"episode {self._episode_index}: {self.scenario} seed {self.seed} ({self.obs.command})")
         stamp = sec_to_stamp(self._stamp())
         self.route_pub.publish(xy_path_msg(self.backend.route_xy[::2], p["map_frame"], stamp))
         self.stop_lines_pub.publish(xy_path_msg(self.backend.stop_lines_xy, p["map_frame"], stamp))
         self.cmd_pub.publish(String(data=self.obs.command))
         for cam in getattr(self.backend.rig, "cameras", ()):
-            self._send_tf(self._transform(stamp, p["base_frame"], f"{cam.name}_camera", cam.x, 0.0, cam.z, cam.yaw), True)
+            tf = self._transform(stamp, p["base_frame"], f"{cam.name}_camera", cam.x, 0.0, cam.z, cam.yaw)
+            self._send_tf(tf, True)
         self._publish(self.obs)
 
     def _stamp(self) -> float:
@@ -122,9 +130,10 @@ class SimBridgeNode(Node):
 
     def _finish_episode(self) -> None:
         o = self.obs
+        seen = self._flags_seen
         self.episodes.append(dict(scenario=self.scenario, seed=self.seed, t=o.t, route_completion=o.route_completion,
-                                  collision=bool(self._flags_seen["collision"]), off_road=self._flags_seen["off_road"] > 0,
-                                  red_light=bool(self._flags_seen["red_light"]), wrong_way=self._flags_seen["wrong_way"] > 0))
+                                  collision=bool(seen["collision"]), off_road=seen["off_road"] > 0,
+                                  red_light=bool(seen["red_light"]), wrong_way=seen["wrong_way"] > 0))
         self.get_logger().info(f"episode done: {self.episodes[-1]}")
         self._episode_index += 1
         self.counters["episodes"] += 1
@@ -138,11 +147,10 @@ class SimBridgeNode(Node):
         if len(msg.poses) < 2:
             self.counters["bad_path"] += 1
             return
-        arr = []
+        rows = []
         for ps in msg.poses:
-            q = ps.pose.orientation
-            arr.append((ps.pose.position.x, ps.pose.position.y, quat2euler((q.w, q.x, q.y, q.z))[2]))
-        arr = np.array(arr)
+            rows.append((ps.pose.position.x, ps.pose.position.y, yaw_from_quat(ps.pose.orientation)))
+        arr = np.array(rows)
         dt = 0.5
         seg = np.linalg.norm(np.diff(np.vstack([[0, 0], arr[:, :2]]), axis=0), axis=1) / dt
         path = np.c_[arr, seg]

@@ -20,8 +20,8 @@ import dataclasses
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class PlannerParams:
     fresh_perception: bool
 
     @classmethod
-    def from_mapping(cls, params: Mapping) -> "PlannerParams":
+    def from_mapping(cls, params: Mapping) -> PlannerParams:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in params]
         if missing:
             raise KeyError(f"planner parameters missing: {missing}")

@@ -61,8 +61,8 @@ class BagRecorderNode(Node):
 
 
 def drive_topics(planner: dict, sim: dict | None) -> list[tuple[str, str, str]]:
-    """What a drive run records: inputs (cameras, odometry, command, route and its stop lines, and the simulator's agents when it
-    runs) and the planner's outputs, topic names from params/spanvla.yaml."""
+    """What a drive run records: inputs (cameras, odometry, command, route and its stop lines, and the simulator's
+    agents when it runs) and the planner's outputs, topic names from params/spanvla.yaml."""
     topics = [(t, "sensor_msgs/msg/Image", "sensor") for t in planner["camera_topics"]]
     topics += [(planner["odom_topic"], "nav_msgs/msg/Odometry", "default"),
                (planner["command_topic"], "std_msgs/msg/String", "latched"),

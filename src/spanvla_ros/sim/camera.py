@@ -62,7 +62,7 @@ class BevTexture:
             poly = np.concatenate([left, right[::-1]])
             draw.polygon([tuple(p) for p in self.to_px(poly)], fill=ASPHALT)
         lw = max(1, int(round(0.15 / self.res)))
-        for centre, left, right, types in lanes_ego:
+        for _centre, left, right, types in lanes_ego:
             for edge, kind in ((left, types[0]), (right, types[1])):
                 if kind == 0:
                     continue

@@ -15,6 +15,7 @@ import math
 import os
 import queue
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class CarlaBackend:
                  route_length_m: float = 300.0, duration_s: float = 60.0, carla_module=None, timeout_s: float = 10.0):
         self.carla = carla_module or __import__("carla")
         self.host = host or os.environ.get("CARLA_HOST", "localhost")
-        self.port = int(port or os.environ.get("CARLA_PORT", 2000))
+        self.port = int(port or os.environ.get("CARLA_PORT", "2000"))
         self.client = self.carla.Client(self.host, self.port)
         self.client.set_timeout(timeout_s)
         self.world = self.client.load_world(town) if town else self.client.get_world()
@@ -46,7 +47,10 @@ class CarlaBackend:
         self.dt, self.num_traffic = control_dt, num_traffic
         self.route_length, self.duration = route_length_m, duration_s
         self._original_settings = self.world.get_settings()
-        self._actors, self._queues = [], {}
+        self._actors: list[Any] = []
+        self._queues: dict[str, Any] = {}
+        self._prev: tuple[float, float] | None = None   # (yaw, speed) of the last observation
+        self.route: Any = None                           # shapely LineString of the episode's route, once reset
         self.tm = self.client.get_trafficmanager()
 
     # ------------------------------------------------------------------ setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -54,13 +55,15 @@ def _ego_class():
             back there or, finding a route that does not start at the current road, take a random exit."""
             self.external = None
             self.target_lane_index = self.lane_index
-            roads = [r[:2] for r in (self.route or [])]
+            route: list = list(getattr(self, "route", None) or [])
+            roads = [r[:2] for r in route]
             if self.lane_index[:2] in roads:
-                self.route = self.route[roads.index(self.lane_index[:2]):]
+                self.route = route[roads.index(self.lane_index[:2]):]
 
         def idm_to_stop(self, gap: float) -> float:
             v, v0 = max(self.speed, 0.0), max(self.target_speed, 1.0)
-            s_star = self.DISTANCE_WANTED + v * self.TIME_WANTED + v * v / (2 * math.sqrt(self.COMFORT_ACC_MAX * -self.COMFORT_ACC_MIN))
+            braking = 2 * math.sqrt(self.COMFORT_ACC_MAX * -self.COMFORT_ACC_MIN)
+            s_star = self.DISTANCE_WANTED + v * self.TIME_WANTED + v * v / braking
             return float(self.COMFORT_ACC_MAX * (1 - (v / v0) ** 4 - (s_star / max(gap, 0.1)) ** 2))
 
     return EgoVehicle
@@ -81,8 +84,11 @@ class HighwayEnvBackend:
         self.rig = CameraRig(cameras)
         self.cameras = tuple(c.name for c in cameras)
         self.dt, self.substeps, self.render_images = control_dt, substeps, render
-        self._envs: dict[str, object] = {}
-        self.scenario: Scenario | None = None
+        self._envs: dict[str, Any] = {}
+        # set by reset(); a backend is stepped only after it
+        self.scenario: Scenario
+        self.light_pose: tuple[float, float, float] | None = None
+        self._vid: dict[int, int] = {}
 
     # ------------------------------------------------------------------ episode
     def reset(self, scenario: str | Scenario, seed: int) -> Observation:
@@ -117,7 +123,7 @@ class HighwayEnvBackend:
         self._light_offset = float(self.rng.uniform(0, sum(d for _, d in LIGHT_CYCLE)))
         ego.stop_distance = self._stop_distance if sc.traffic_light else None
         self._red_violation = False
-        self._vid = {}
+        self._vid.clear()
         return self._observe()
 
     def _build_route(self, sc: Scenario) -> None:
@@ -125,7 +131,9 @@ class HighwayEnvBackend:
         lane_index = ego.lane_index
         lane = net.get_lane(lane_index)
         s = max(0.0, lane.local_coordinates(ego.position)[0])
-        pts, self.stop_s, total = [], None, 0.0
+        pts: list[np.ndarray] = []
+        self.stop_s: float | None = None
+        total = 0.0
         for _ in range(20):
             ss = np.arange(s, lane.length, 1.0)
             pts.extend(lane.position(x, 0.0) for x in ss)
@@ -134,7 +142,8 @@ class HighwayEnvBackend:
                 self.stop_s = total   # the approach lane ends at the stop line
             if total >= sc.route_length_m + 20:
                 break
-            nxt = net.next_lane(lane_index, route=list(ego.route or []) or None, position=lane.position(lane.length, 0.0), np_random=self.rng)
+            nxt = net.next_lane(lane_index, route=list(ego.route or []) or None,
+                                position=lane.position(lane.length, 0.0), np_random=self.rng)
             if nxt == lane_index:
                 break
             lane_index, lane, s = nxt, net.get_lane(nxt), 0.0
@@ -242,7 +251,7 @@ class HighwayEnvBackend:
             self._red_violation = True
         return self._observe()
 
-    def fork(self) -> "HighwayEnvBackend":
+    def fork(self) -> HighwayEnvBackend:
         """An independent copy of the running episode (road, traffic, signal, event state) without rendering: what
         the expert would do from this exact state can be rolled out on it (DAgger labels) without touching this one."""
         memo = {id(self.rig): self.rig, id(self._envs): {}}
@@ -292,7 +301,7 @@ class HighwayEnvBackend:
         light = None
         if self.light_pose is not None:
             light = TrafficLight(self.light_pose[0], self.light_pose[1], self.light_pose[2], self.light_state(),
-                                 self.stop_s)
+                                 self.stop_s if self.stop_s is not None else math.nan)
         flags = self._flags()
         images = self.render(es, agents, light) if self.render_images else {}
         prog = self.progress()

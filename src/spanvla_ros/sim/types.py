@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 VEHICLE_LENGTH_M = 5.0   # highway-env's vehicle length, also the default for agents of unknown size
 VEHICLE_WIDTH_M = 2.0
 

@@ -47,7 +47,7 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
                 continue   # a frame is missing from the bag: skip the sample rather than pad silently
             m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
             m["bag_path"] = str((data_dir / bag).resolve())   # identifies the episode across dataset copies
-            out.append(Sample(m, imgs))
+            out.append(Sample(m, [i for i in imgs if i is not None]))
     return out
 
 
@@ -91,7 +91,6 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
 
     from ..model.route import hindsight_lane_route
     from ..model.trajectory import to_world
-
     from ..sim.scenarios import get
 
     for s in samples:

@@ -2,8 +2,8 @@
 frozen), GRPO post-training of the action expert with r = PDMS - w_N*r_neg + w_R*r_rec - l_C*r_cot.
 
 Runs on CPU here; under `torchrun --nproc_per_node N` the same code trains data-parallel (gloo/nccl process
-group, each rank taking its shard of every epoch, gradients averaged across ranks before each step). Checkpoints after each stage (resume picks up the last finished
-stage), CSV logs (step, stage, loss, reward terms) next to them.
+group, each rank taking its shard of every epoch, gradients averaged across ranks before each step). Checkpoints
+after each stage (resume picks up the last finished stage), CSV logs (step, stage, loss, reward terms) next to them.
 """
 from __future__ import annotations
 
@@ -24,10 +24,19 @@ import torch
 from ..data.scene_text import light_token_weight
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
+from ..model.perception import lead_targets_tensor
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
 from ..model.trajectory import normalise
-from ..model.perception import lead_targets_tensor
-from .dataset import Sample, attach_routes, drop_off_route_labels, light_label, load_samples, relabel_signal_stops, scene_maps, score_plan
+from .dataset import (
+    Sample,
+    attach_routes,
+    drop_off_route_labels,
+    light_label,
+    load_samples,
+    relabel_signal_stops,
+    scene_maps,
+    score_plan,
+)
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -389,7 +398,7 @@ def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights
 
     cfg = SpanVLAConfig(flow_init=flow_init, traffic_lights=route and lights, lead_perception=lead,
                         light_frames=light_frames if route and lights else 1,
-                        **({} if route else dict(route_lookahead_m=())))
+                        **({} if route else {"route_lookahead_m": ()}))  # type: ignore[arg-type]
     corpus = list(tokenizer_corpus(cfg, seed=seed)) + [s.meta["reasoning"] for s in samples]
     tok = train_tokenizer(corpus)
     return SpanVLAPolicy.build(cfg, tok, preset="tiny", seed=seed)
