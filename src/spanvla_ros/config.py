@@ -58,11 +58,52 @@ def load_params_file(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
+SCHEMA_FILE = "spanvla.schema.yaml"
+_PY_TYPES: dict[str, type | tuple[type, ...]] = {"bool": bool, "int": int, "double": (int, float), "string": str}
+
+
+def param_schema(node_name: str) -> dict[str, dict[str, Any]]:
+    """params/spanvla.schema.yaml's entries for ``node_name``: name -> {type, description, read_only?, range?,
+    choices?}."""
+    with open(resolve_share_path(Path("params") / SCHEMA_FILE)) as f:
+        schema = yaml.safe_load(f)
+    if node_name not in schema:
+        raise KeyError(f"{SCHEMA_FILE} has no section for node {node_name!r}")
+    return schema[node_name]
+
+
+def schema_problems(schema: dict[str, dict[str, Any]], params: dict[str, Any]) -> list[str]:
+    """What is wrong with ``params`` against ``schema``: missing, unknown, wrong type, out of range, not a choice."""
+    problems = [f"{k}: missing" for k in schema if k not in params]
+    problems += [f"{k}: not in the schema" for k in params if k not in schema]
+    for k, spec in schema.items():
+        if k not in params:
+            continue
+        v, typ = params[k], spec["type"]
+        if typ == "string_array":
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, _PY_TYPES[typ]) and not (typ != "bool" and isinstance(v, bool))
+        if not ok:
+            problems.append(f"{k}: expected {typ}, got {v!r}")
+            continue
+        lo_hi = spec.get("range")
+        if lo_hi and not lo_hi[0] <= v <= lo_hi[1]:
+            problems.append(f"{k}: {v!r} outside [{lo_hi[0]}, {lo_hi[1]}]")
+        if "choices" in spec and v not in spec["choices"]:
+            problems.append(f"{k}: {v!r} not one of {spec['choices']}")
+    return problems
+
+
 def node_params(node_name: str, path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Parameters of ``node_name`` with the ``/**`` section underneath (node values win), as ROS merges them."""
+    """Parameters of ``node_name`` with the ``/**`` section underneath (node values win), as ROS merges them,
+    checked against the schema (ValueError listing every problem)."""
     data = load_params_file(path)
     merged: dict[str, Any] = {}
     for key in ("/**", node_name, "/" + node_name):
         section = data.get(key) or {}
         merged.update(section.get("ros__parameters", {}) or {})
+    problems = schema_problems(param_schema(node_name), merged)
+    if problems:
+        raise ValueError(f"{path or default_params_path()}: {node_name}: " + "; ".join(problems))
     return merged

@@ -8,6 +8,7 @@ the GIL and starved the sensor callbacks to a few Hz on this 2-core machine.)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -31,6 +33,7 @@ from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.planning.core import PlannerCore, PlannerParams
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
+from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
@@ -86,22 +89,24 @@ class PlannerNode(Node):
                                f"expert {p['control_rate_hz']} Hz, bridge layers {self.policy.reasoner.layer_ids}, "
                                f"fresh perception {'on' if self.core.fresh else 'off'}")
 
-    def _declare_params(self) -> dict:
-        defaults = dict(camera_names=["front", "front_left", "front_right"],
-                        camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
-                                       "/carla/ego_vehicle/rgb_front_right/image"],
-                        odom_topic="/carla/ego_vehicle/odometry", command_topic="/spanvla/command",
-                        route_topic="/carla/ego_vehicle/route", stop_lines_topic="/carla/ego_vehicle/stop_lines",
-                        base_frame="base_link", image_transport="raw", checkpoint="", device="cpu", dtype="float32",
-                        reasoner_rate_hz=1.0,
-                        control_rate_hz=20.0, history_frames=4, history_rate_hz=2.0, max_camera_skew_s=0.05,
-                        odom_timeout_s=0.5, bridge_stale_s=2.5, flow_steps=5, max_new_tokens=40,
-                        fresh_perception=True, torch_threads=2,
-                        path_topic="/spanvla/path", reasoning_topic="/spanvla/reasoning",
-                        reasoning_text_topic="/spanvla/reasoning_text", status_topic="/spanvla/plan_status",
-                        markers_topic="/spanvla/markers")
-        self.params: dict[str, Any] = {k: self.declare_parameter(k, v).value for k, v in defaults.items()}
+    def _declare_params(self) -> dict[str, Any]:
+        """From params/spanvla.schema.yaml (descriptors, no defaults: the params file gives every value); changes
+        at run time are checked against the schema and applied where the node can take them (not read-only)."""
+        self.params = declare_from_schema(self, "spanvla_planner")
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         return self.params
+
+    def _check_parameters(self, changes) -> SetParametersResult:
+        reason = check_changes("spanvla_planner", self.params, changes)
+        return SetParametersResult(successful=not reason, reason=reason)
+
+    def _apply_parameters(self, changes) -> None:
+        self.params.update({p.name: p.value for p in changes})
+        fields = {f.name for f in dataclasses.fields(PlannerParams)}
+        self.core.params = dataclasses.replace(self.core.params, **{p.name: p.value for p in changes
+                                                                   if p.name in fields})
+        self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in changes))
 
     # ------------------------------------------------------------------ inputs
     def _warn(self, key: str, message: str) -> None:
@@ -166,16 +171,16 @@ class PlannerNode(Node):
     def destroy_node(self):
         # the reasoner stops at its next decode step; a prefill (seconds for a 3B-class VLM on a CPU) is not
         # interruptible, so wait for it rather than let the interpreter exit with the thread inside torch
-        self._stop.set()
-        self._reasoner_thread.join()
+        if hasattr(self, "_reasoner_thread"):   # absent when construction failed (e.g. a missing parameter)
+            self._stop.set()
+            self._reasoner_thread.join()
         return super().destroy_node()
 
     # ------------------------------------------------------------------ reasoner (low rate, own thread)
     def _reasoner_loop(self) -> None:
-        period = 1.0 / self.params["reasoner_rate_hz"]
-        next_t = time.monotonic() + period
+        next_t = time.monotonic() + 1.0 / self.params["reasoner_rate_hz"]
         while not self._stop.wait(max(0.0, next_t - time.monotonic())):
-            next_t = max(next_t + period, time.monotonic())
+            next_t = max(next_t + 1.0 / self.params["reasoner_rate_hz"], time.monotonic())   # may be set at run time
             try:
                 self._reason()
             except ReasoningCancelled:

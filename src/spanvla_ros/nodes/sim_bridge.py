@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from geometry_msgs.msg import TransformStamped
 from nav_msgs.msg import Odometry, Path
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -25,6 +26,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from spanvla_ros.data.bag_io import yaw_from_quat
 from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.messages import xy_path_msg
+from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 from spanvla_ros.sim.controller import PathTracker, path_to_current_frame
 from spanvla_ros.sim.types import Control
@@ -43,17 +45,12 @@ def make_backend(name: str, **kw):
 class SimBridgeNode(Node):
     def __init__(self, name: str = "sim_bridge", backend=None):
         super().__init__(name)
-        d = dict(backend="highway_env", scenarios=["highway", "cut_in", "lead_brake", "merge", "roundabout",
-                                                   "intersection_straight"],
-                 seed=10_000, sim_rate_hz=10.0, control_rate_hz=20.0, plan_timeout_s=1.0, max_episodes=0,
-                 camera_names=["front", "front_left", "front_right"],
-                 camera_topics=["/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front_left/image",
-                                "/carla/ego_vehicle/rgb_front_right/image"],
-                 odom_topic="/carla/ego_vehicle/odometry", route_topic="/carla/ego_vehicle/route",
-                 stop_lines_topic="/carla/ego_vehicle/stop_lines", agents_topic="/sim/agents",
-                 command_topic="/spanvla/command", path_topic="/spanvla/path",
-                 base_frame="base_link", map_frame="map")
-        self.p: dict[str, Any] = {k: self.declare_parameter(k, v).value for k, v in d.items()}
+        # from params/spanvla.schema.yaml: descriptors, no defaults (the params file gives every value)
+        self.p: dict[str, Any] = declare_from_schema(self, "sim_bridge")
+        self.add_on_set_parameters_callback(
+            lambda changes: SetParametersResult(successful=not (r := check_changes("sim_bridge", self.p, changes)),
+                                                reason=r))
+        self.add_post_set_parameters_callback(lambda changes: self.p.update({c.name: c.value for c in changes}))
         p = self.p
         self.backend = backend or make_backend(p["backend"])
         self.tracker = PathTracker()

@@ -1,0 +1,71 @@
+"""Parameters come from params/spanvla.yaml, checked against params/spanvla.schema.yaml: the ROS-free tools
+refuse a params file that breaks the schema; the nodes declare typed, ranged, read-only-where-needed parameters
+without defaults, refuse run-time changes the schema forbids and apply the ones it allows."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO, requires_msgs, requires_ros
+
+PARAMS = REPO / "params" / "spanvla.yaml"
+
+
+def _edited(tmp_path, node: str, **changes):
+    data = yaml.safe_load(PARAMS.read_text())
+    for k, v in changes.items():
+        if v is None:
+            data[node]["ros__parameters"].pop(k)
+        else:
+            data[node]["ros__parameters"][k] = v
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_the_shipped_params_file_follows_the_schema_and_a_broken_one_is_refused(tmp_path):
+    from spanvla_ros.config import node_params, param_schema
+
+    for node in ("spanvla_planner", "sim_bridge"):
+        assert set(node_params(node, PARAMS)) == set(param_schema(node))
+    for broken in (dict(flow_steps=0), dict(dtype="int8"), dict(reasoner_rate_hz="fast"), dict(bridge_stale_s=None),
+                   dict(no_such_parameter=1)):
+        with pytest.raises(ValueError) as err:
+            node_params("spanvla_planner", _edited(tmp_path, "spanvla_planner", **broken))
+        assert next(iter(broken)) in str(err.value)        # names the parameter
+
+
+@requires_ros
+@requires_msgs
+def test_planner_parameters_are_declared_from_the_schema_and_changed_at_run_time(tmp_path):
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from spanvla_ros.nodes.planner import PlannerNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(PARAMS)])
+    node = PlannerNode(context=ctx)
+    try:
+        descriptor = node.describe_parameter("flow_steps")
+        assert descriptor.integer_range[0].from_value == 1 and not descriptor.read_only
+        assert node.describe_parameter("checkpoint").read_only
+        ok = node.set_parameters([Parameter("bridge_stale_s", value=4.0), Parameter("flow_steps", value=8)])
+        assert all(r.successful for r in ok)
+        assert node.core.params.bridge_stale_s == 4.0 and node.core.params.flow_steps == 8
+        for bad in (Parameter("flow_steps", value=0), Parameter("checkpoint", value="/elsewhere"),
+                    Parameter("reasoner_rate_hz", value="fast")):
+            assert not node.set_parameters([bad])[0].successful
+        assert node.core.params.flow_steps == 8 and node.params["checkpoint"] == ""
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    missing = _edited(tmp_path, "spanvla_planner", odom_timeout_s=None)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(missing)])
+    try:
+        with pytest.raises(ValueError) as err:
+            PlannerNode(context=ctx)
+        assert "odom_timeout_s" in str(err.value)
+    finally:
+        rclpy.shutdown(context=ctx)
