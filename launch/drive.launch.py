@@ -1,40 +1,47 @@
-"""ros2 launch spanvla_ros drive.launch.py [params_file:=...] [rviz:=true] [checkpoint:=...]
+"""ros2 launch spanvla_ros drive.launch.py [sim:=true|false] [checkpoint:=DIR] [params_file:=FILE] [rviz:=true]
+                                         [duration:=S] [record:=DIR]
 
-Starts the composed driving process (reasoner + action expert sharing the KV bridge in one process, plus
-the simulator/sensor source) with params/spanvla.yaml, and optionally RViz with rviz/spanvla.rviz.
-The same composition runs without `ros2 launch` as the console script `spanvla-drive`: both run
-spanvla_ros.cli.drive (the ROS executable lib/spanvla_ros/spanvla_drive wraps it), so they cannot drift apart.
-Each run is recorded (MCAP bag of inputs and plans) with a rendered view next to it under `record`.
+sim:=true (default) starts the composed driving process: the highway-env simulator on carla-ros-bridge topic
+names plus the planner (reasoner + action expert sharing the KV bridge in one process). sim:=false starts the
+planner alone, for carla-ros-bridge or a car publishing the topics of the params file. checkpoint:= overrides
+the params file's checkpoint; rviz:=true adds RViz with rviz/spanvla.rviz. The same composition runs without
+`ros2 launch` as the console script `spanvla-drive` (spanvla_ros.cli.drive; these arguments become its command
+line through spanvla_ros.cli.drive.launch_command_line, so the two cannot drift apart). Each run is recorded
+(MCAP bag of inputs and plans) with a rendered view next to it under `record`.
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from spanvla_ros.cli.drive import launch_command_line
+
+
+def _drive(context):
+    value = {k: LaunchConfiguration(k).perform(context) for k in ("params_file", "sim", "checkpoint", "duration",
+                                                                   "record")}
+    return [Node(package="spanvla_ros", executable="spanvla_drive", name="spanvla_drive", output="screen",
+                 parameters=[value["params_file"]], arguments=launch_command_line(**value))]
+
 
 def generate_launch_description():
     share = get_package_share_directory("spanvla_ros")
-    params_file = LaunchConfiguration("params_file")
     return LaunchDescription([
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "params", "spanvla.yaml"),
                               description="ROS 2 parameter file for every spanvla_ros node"),
+        DeclareLaunchArgument("sim", default_value="true",
+                              description="true: simulator + planner; false: planner alone (bridge or car)"),
+        DeclareLaunchArgument("checkpoint", default_value="",
+                              description="checkpoint directory (empty: the params file's)"),
         DeclareLaunchArgument("rviz", default_value="false", description="also start RViz"),
         DeclareLaunchArgument("duration", default_value="0", description="seconds to run (0 = until stopped)"),
         DeclareLaunchArgument("record", default_value="runs/{time}",
                               description="run directory for the MCAP bag and run_view.png ({time}: start time)"),
-        Node(
-            package="spanvla_ros",
-            executable="spanvla_drive",
-            name="spanvla_drive",
-            output="screen",
-            parameters=[params_file],
-            arguments=["--params-file", params_file, "--duration", LaunchConfiguration("duration"),
-                       "--record", LaunchConfiguration("record")],
-        ),
+        OpaqueFunction(function=_drive),
         Node(
             package="rviz2",
             executable="rviz2",

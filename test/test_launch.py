@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,16 +29,24 @@ def test_launch_file_with_launch_pytest():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     ld = mod.generate_launch_description()
-    names = [getattr(e, "node_executable", None) for e in ld.entities]
-    assert "spanvla_drive" in names and launch_pytest is not None
+    declared = {e.name for e in ld.entities if type(e).__name__ == "DeclareLaunchArgument"}
+    from spanvla_ros.cli.drive import LAUNCH_ARGUMENTS
+    assert declared == set(LAUNCH_ARGUMENTS) and launch_pytest.__name__ == "launch_pytest"
 
 
 def test_launch_file_contract():
+    from spanvla_ros.cli.drive import LAUNCH_ARGUMENTS
+
     tree = ast.parse(LAUNCH_FILE.read_text())
-    calls = {n.func.id: n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    assert {"LaunchDescription", "Node", "DeclareLaunchArgument"} <= set(calls)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert {"LaunchDescription", "Node", "DeclareLaunchArgument", "launch_command_line"} <= {c.func.id for c in calls}
+    declared = {c.args[0].value for c in calls if c.func.id == "DeclareLaunchArgument"}
+    assert declared == set(LAUNCH_ARGUMENTS)
+    # the docstring documents exactly what is declared
+    documented = set(re.findall(r"\[(\w+):=", ast.get_docstring(tree) or ""))
+    assert documented == declared
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert {"spanvla_ros", "spanvla_drive", "spanvla.yaml", "spanvla.rviz", "rviz2", "--params-file"} <= strings
+    assert {"spanvla_ros", "spanvla_drive", "spanvla.yaml", "spanvla.rviz", "rviz2"} <= strings
     # everything the launch file points at exists and is installed by CMakeLists.txt
     assert (REPO / "params" / "spanvla.yaml").is_file() and (REPO / "rviz" / "spanvla.rviz").is_file()
     assert os.access(REPO / "scripts" / "ros" / "spanvla_drive", os.X_OK)
@@ -108,3 +117,15 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     assert len(log.plans) >= len(paths) * 0.8 and len(log.reasoning) >= 2 and log.route is not None
     assert all(log.images[c] for c in log.images) and log.odom and log.agents
     assert (tmp_path / "run" / "run_view.png").stat().st_size > 50_000
+
+
+def test_launch_arguments_become_the_drive_command_line():
+    """What drive.launch.py hands spanvla_drive, checked through the same function (launch has no wheel here)."""
+    from spanvla_ros.cli.drive import launch_command_line
+
+    sim = launch_command_line("/p.yaml", "true", "", "0", "runs/{time}")
+    assert sim == ["--params-file", "/p.yaml", "--duration", "0", "--record", "runs/{time}"]
+    planner_only = launch_command_line("/p.yaml", "False", "/ckpt", "30", "runs/x")
+    assert "--no-sim" in planner_only and planner_only[-2:] == ["--set", "spanvla_planner.checkpoint=/ckpt"]
+    with pytest.raises(ValueError):
+        launch_command_line("/p.yaml", "maybe", "", "0", "runs/x")

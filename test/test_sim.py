@@ -256,3 +256,20 @@ def test_carla_backend_against_a_real_server():
         assert obs.ego.speed > 0.5 and set(obs.images) == {"front", "front_left", "front_right"}
     finally:
         b.close()
+
+
+def test_carla_backend_under_the_closed_loop_and_its_vehicle_steering():
+    """The closed loop runs on the CARLA backend (the common SimBackend interface: scenario name, target speed),
+    steering maps onto the vehicle's own maximum wheel angle, and the world is restored after."""
+    import math
+
+    from helpers.fake_carla import MAX_STEER_DEG
+    from spanvla_ros.eval.closed_loop import ConstantVelocityDriver, run_episode
+
+    b, world = _fake_backend(control_dt=0.1, duration_s=2.0)
+    r = run_episode(b, ConstantVelocityDriver(), "town", 3)
+    assert r.scenario == "town" and r.duration_s > 0 and b.target_speed_mps > 0
+    b.step(Control(0.0, math.radians(MAX_STEER_DEG)))
+    assert [e for e in world.log if e[0] == "control"][-1][3] == pytest.approx(-1.0)   # full left lock, no more
+    b.close()
+    assert not world.settings.synchronous_mode and not world.actors

@@ -67,6 +67,9 @@ class Map:
         return Waypoint(loc.x, min(max(lane, 0), 1))
 
 
+MAX_STEER_DEG = 55.0   # not CARLA's common 70: a backend that assumes 70 steers this car wrongly
+
+
 class Actor:
     _next_id = 1
 
@@ -107,6 +110,10 @@ class Actor:
     def apply_control(self, ctrl):
         self.controls.append(ctrl)
         self.world.log.append(("control", self.id, ctrl.throttle, ctrl.steer, ctrl.brake))
+
+    def get_physics_control(self):
+        """Like carla.VehiclePhysicsControl: the front wheels' max steer angle in degrees (vehicle-specific)."""
+        return SimpleNamespace(wheels=[SimpleNamespace(max_steer_angle=MAX_STEER_DEG)] * 4)
 
     def is_at_traffic_light(self):
         return False

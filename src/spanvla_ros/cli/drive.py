@@ -63,6 +63,23 @@ def _render_view(run_dir, title: str) -> None:
         print(f"[spanvla-drive] no run view: {exc}")
 
 
+LAUNCH_ARGUMENTS = ("params_file", "sim", "checkpoint", "duration", "record", "rviz")
+
+
+def launch_command_line(params_file: str, sim: str, checkpoint: str, duration: str, record: str) -> list[str]:
+    """drive.launch.py's arguments as this program's command line (the launch file calls this, so the two
+    cannot disagree): ``sim:=false`` runs the planner alone (carla-ros-bridge or a car provides the topics),
+    ``checkpoint:=DIR`` overrides the params file's."""
+    if sim.strip().lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"sim:={sim!r}: expected true or false")
+    args = ["--params-file", params_file, "--duration", duration, "--record", record]
+    if sim.strip().lower() in ("false", "0"):
+        args.append("--no-sim")
+    if checkpoint:
+        args += ["--set", f"spanvla_planner.checkpoint={checkpoint}"]
+    return args
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params-file", default=str(default_params_path()))

@@ -17,6 +17,7 @@ class SceneFacts:
     lead_closing: float = 0.0              # m/s, > 0 when the gap shrinks
     cut_in_side: str | None = None         # "left" | "right"
     cut_in_gap: float | None = None
+    cut_in_closing: float = 0.0            # m/s, > 0 when the cutting-in car's gap shrinks
     merging_side: str | None = None
     light: str | None = None
     light_dist: float | None = None
@@ -44,16 +45,23 @@ def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, 
                 f.lead_gap, f.lead_closing = lon - 5.0, v0 - v_lon
         elif 0 < lon < 30 and 1.8 <= abs(lat) < 5.5 and lat * v_lat < -0.4:
             f.cut_in_side, f.cut_in_gap = ("left" if lat > 0 else "right"), lon - 5.0
+            f.cut_in_closing = v0 - v_lon
         elif scenario.startswith("merge") and -15 < lon < 50 and lat < -3.0:
             f.merging_side = "right"
     return f
 
 
 def perception_facts(f: SceneFacts) -> dict:
-    """The facts a camera-only planner should perceive, as stored with each sample (JSON; None = absent)."""
+    """The facts a camera-only planner should perceive, as stored with each sample (JSON; None = absent). The lead
+    is the vehicle the ego must keep its gap to: the nearest one in its lane or, if nearer, one moving into it
+    (a cut-in is a lead from the moment it moves across, not from when it is in the lane: by then the gap is
+    gone)."""
     def r(x):
         return None if x is None else round(float(x), 3)
-    return dict(lead_gap=r(f.lead_gap), lead_closing=r(f.lead_closing if f.lead_gap is not None else None),
+    gap, closing = f.lead_gap, f.lead_closing
+    if f.cut_in_gap is not None and (gap is None or f.cut_in_gap < gap):
+        gap, closing = f.cut_in_gap, f.cut_in_closing
+    return dict(lead_gap=r(gap), lead_closing=r(closing if gap is not None else None),
                 light=f.light, light_dist=r(f.light_dist))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..data.sensor_buffers import EgoHistory
 from ..model.trajectory import to_world
 from ..sim.controller import PathTracker
-from ..sim.types import Control, Observation
+from ..sim.types import Control, Observation, SimBackend
 from .pdm import score
 
 PENALTY = dict(collision=0.60, red_light=0.70, off_road=0.65, wrong_way=0.70)
@@ -213,10 +213,10 @@ def _cv_agents(obs: Observation, horizon: int, dt: float):
     return out, [(a.length, a.width) for a in obs.agents]
 
 
-def run_episode(backend, driver, scenario, seed: int, score_every_s: float = 1.0) -> EpisodeResult:
+def run_episode(backend: SimBackend, driver, scenario, seed: int, score_every_s: float = 1.0) -> EpisodeResult:
     """One episode of ``scenario`` (a name or a sim.scenarios.Scenario) with ``seed``."""
     obs = backend.reset(scenario, seed)
-    scenario = backend.scenario.name
+    scenario = backend.scenario_name
     driver.reset(obs, backend)
     scene = backend.scene_map()
     seen = dict(collision=False, off_road=False, red_light=False, wrong_way=False)
@@ -228,7 +228,7 @@ def run_episode(backend, driver, scenario, seed: int, score_every_s: float = 1.0
             e = obs.ego
             pose = (e.x, e.y, e.heading, e.speed)
             agents, sizes = _cv_agents(obs, len(plan), 0.5)
-            ref = max(5.0, backend.scenario.ego_target_speed * 0.5 * len(plan) * 0.8)
+            ref = max(5.0, backend.target_speed_mps * 0.5 * len(plan) * 0.8)
             r = score(to_world(pose, plan), pose, agents, scene, 0.5, ref, backend.light_timeline(0.5 * len(plan), 0.5),
                       agent_sizes=sizes)
             scores.append((r.PDMS, r.EPDMS))

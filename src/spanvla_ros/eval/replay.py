@@ -100,9 +100,11 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     ``params_file``; ``remap`` maps the bag's names onto them. Latched topics (command, route, stop lines) are
     played whenever they were recorded, also before ``start_s``: they are state, not a stream."""
     import rclpy
+    from builtin_interfaces.msg import Time
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
     from rclpy.serialization import deserialize_message
+    from rosgraph_msgs.msg import Clock
 
     from ..config import node_params
     from ..nodes.planner import PlannerNode
@@ -127,7 +129,9 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
             target[topic] += "/compressed"
     compressed = any(typ.endswith("CompressedImage") for topic, typ in kinds.items()
                      if inputs[target[topic]] == "camera")
-    overrides = ["-p", f"spanvla_planner:image_transport:={'compressed' if compressed else 'raw'}"]
+    # the planner runs on the bag's time (/clock from the player): staleness means what it meant on the car
+    overrides = ["-p", f"spanvla_planner:image_transport:={'compressed' if compressed else 'raw'}",
+                 "-p", "spanvla_planner:use_sim_time:=true"]
     if checkpoint:
         overrides += ["-p", f"spanvla_planner:checkpoint:={checkpoint}"]
     ctx = rclpy.Context()
@@ -140,6 +144,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
             qos = (qos_profile_sensor_data if "Image" in typ else
                    QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL) if typ in LATCHED_TYPES else 20)
             pubs[topic], types[topic] = player.create_publisher(rclpy_type(typ), target[topic], qos), rclpy_type(typ)
+    clock_pub = player.create_publisher(Clock, "/clock", 10)
     recorder = PlanRecorder(player, pp)
     executors = []
     for n in (planner, player):
@@ -154,7 +159,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in pubs.values()):
         time.sleep(0.05)
     odom: list[tuple[float, float, float, float, float]] = []
-    published, t_first, t_wall0 = 0, None, None
+    published, t_first, t_wall0, last_clock = 0, None, None, -1
     for t_ns, topic, typ, raw in stream:
         if topic not in pubs:
             continue
@@ -170,6 +175,9 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
         if delay > 0:
             time.sleep(delay)
         msg = deserialize_message(raw, types[topic])
+        if t_ns > last_clock:
+            last_clock = t_ns
+            clock_pub.publish(Clock(clock=Time(sec=t_ns // 1_000_000_000, nanosec=t_ns % 1_000_000_000)))
         pubs[topic].publish(msg)
         published += 1
         if inputs[target[topic]] == "odometry":

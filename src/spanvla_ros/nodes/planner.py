@@ -108,6 +108,11 @@ class PlannerNode(Node):
                                                                    if p.name in fields})
         self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in changes))
 
+    def _now(self) -> float:
+        """The node's clock in seconds: wall time, or the bag's / simulator's time under use_sim_time (/clock),
+        so odometry staleness is judged on the time the data was recorded in."""
+        return self.get_clock().now().nanoseconds * 1e-9
+
     # ------------------------------------------------------------------ inputs
     def _warn(self, key: str, message: str) -> None:
         """The core's warnings, throttled per kind (rclpy throttles per call site, which would let one kind
@@ -137,7 +142,7 @@ class PlannerNode(Node):
         v = msg.twist.twist.linear
         if not self.core.add_odometry(stamp_to_sec(msg.header.stamp), msg.pose.pose.position.x,
                                       msg.pose.pose.position.y, yaw, math.hypot(v.x, v.y), msg.header.frame_id,
-                                      time.monotonic()):
+                                      self._now()):
             self.bad_messages += 1
             self.get_logger().warning("dropped message (odometry): non-finite pose or twist", throttle_duration_sec=2.0)
             return
@@ -208,7 +213,7 @@ class PlannerNode(Node):
     # ------------------------------------------------------------------ action expert (control rate)
     def _control(self) -> None:
         self._last_plan_monotonic = time.monotonic()
-        plan = self.core.plan(time.monotonic())
+        plan = self.core.plan(self._now())
         if plan is None:
             return
         self.expert_latencies.append(plan.expert_latency_s)

@@ -80,6 +80,14 @@ class SimBridgeNode(Node):
         self.create_timer(1.0 / p["control_rate_hz"], self._control_tick)
 
     # ------------------------------------------------------------------ frames
+    def destroy_node(self):
+        # a CARLA world keeps the ego, its sensors and the traffic, and stays in synchronous mode with nobody
+        # ticking it, unless the backend restores it
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+        return super().destroy_node()
+
     def _make_tf_publishers(self, latched):
         try:
             from tf2_ros import StaticTransformBroadcaster, TransformBroadcaster

@@ -22,7 +22,8 @@ import numpy as np
 from .camera import DEFAULT_CAMERAS, CameraSpec
 from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight
 
-MAX_STEER_RAD = math.radians(70.0)   # CARLA's default max front-wheel angle for most vehicles
+DEFAULT_MAX_STEER_RAD = math.radians(70.0)   # used only when the vehicle does not report its own
+DEFAULT_SPEED_LIMIT_KMH = 30.0
 
 
 class CarlaSyncError(RuntimeError):
@@ -50,8 +51,16 @@ class CarlaBackend:
         self._actors: list[Any] = []
         self._queues: dict[str, Any] = {}
         self._prev: tuple[float, float] | None = None   # (yaw, speed) of the last observation
+        self.ego: Any = None
+        self.max_steer_rad = DEFAULT_MAX_STEER_RAD
         self.route: Any = None                           # shapely LineString of the episode's route, once reset
         self.tm = self.client.get_trafficmanager()
+
+    @property
+    def target_speed_mps(self) -> float:
+        """The ego's current speed limit (the Traffic Manager drives at it), else 30 km/h (towns' default)."""
+        limit = self.ego.get_speed_limit() if self.ego is not None and hasattr(self.ego, "get_speed_limit") else 0.0
+        return (limit or DEFAULT_SPEED_LIMIT_KMH) / 3.6
 
     # ------------------------------------------------------------------ setup
     def _sync(self, on: bool) -> None:
@@ -74,6 +83,10 @@ class CarlaBackend:
         ego_tf = spawns[int(rng.integers(len(spawns)))]
         self.ego = self.world.spawn_actor(lib.find("vehicle.lincoln.mkz_2020"), ego_tf)
         self._actors.append(self.ego)
+        # steer in [-1, 1] maps onto the vehicle's own maximum front-wheel angle (degrees in its physics control)
+        wheels = getattr(self.ego.get_physics_control(), "wheels", None) if hasattr(self.ego, "get_physics_control") \
+            else None
+        self.max_steer_rad = math.radians(wheels[0].max_steer_angle) if wheels else DEFAULT_MAX_STEER_RAD
         for cam in self.camera_specs:
             bp = lib.find("sensor.camera.rgb")
             bp.set_attribute("image_size_x", str(cam.width))
@@ -160,9 +173,9 @@ class CarlaBackend:
         else:
             self.ego.set_autopilot(False, self.tm.get_port())
             acc = float(control.acceleration)
+            steer = float(np.clip(-control.steering / self.max_steer_rad, -1.0, 1.0))   # CARLA: right > 0
             self.ego.apply_control(c.VehicleControl(throttle=float(np.clip(acc / 3.0, 0.0, 1.0)),
-                                                    brake=float(np.clip(-acc / 8.0, 0.0, 1.0)),
-                                                    steer=float(np.clip(-control.steering / MAX_STEER_RAD, -1.0, 1.0))))
+                                                    brake=float(np.clip(-acc / 8.0, 0.0, 1.0)), steer=steer))
         self.frame = self.world.tick()
         self.t = round(self.t + self.dt, 6)
         return self._observe(self._collect(self.frame))

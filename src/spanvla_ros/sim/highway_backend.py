@@ -90,6 +90,14 @@ class HighwayEnvBackend:
         self.light_pose: tuple[float, float, float] | None = None
         self._vid: dict[int, int] = {}
 
+    @property
+    def scenario_name(self) -> str:
+        return self.scenario.name
+
+    @property
+    def target_speed_mps(self) -> float:
+        return self.scenario.ego_target_speed
+
     # ------------------------------------------------------------------ episode
     def reset(self, scenario: str | Scenario, seed: int) -> Observation:
         import gymnasium as gym

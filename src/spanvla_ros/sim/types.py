@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -88,3 +89,29 @@ class Observation:
     @property
     def route_completion(self) -> float:
         return float(np.clip(self.route_progress / max(self.route_length, 1e-6), 0.0, 1.0))
+
+
+class SimBackend(Protocol):
+    """What the closed loop, the simulator bridge node and data generation use of a simulator (highway-env,
+    CARLA): one episode at a time, stepped in lockstep at ``dt``, in the world frame of this module's types."""
+
+    dt: float
+    cameras: tuple[str, ...]
+
+    @property
+    def scenario_name(self) -> str: ...
+
+    @property
+    def target_speed_mps(self) -> float:
+        """The speed the expert drives at where nothing holds it back (the progress reference of scoring)."""
+        ...
+
+    def reset(self, scenario, seed: int) -> Observation: ...
+
+    def step(self, control: Control | None = None) -> Observation: ...
+
+    def scene_map(self): ...
+
+    def light_timeline(self, horizon_s: float, dt: float) -> dict: ...
+
+    def close(self) -> None: ...

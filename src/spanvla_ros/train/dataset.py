@@ -132,16 +132,16 @@ def drop_off_route_labels(samples: list[Sample]) -> tuple[list[Sample], int]:
 
 
 def backfill_facts(sample: Sample, scene) -> None:
-    """meta["facts"] for a sample generated before they were stored, from what it did store: the other agents at
-    the sample time (the first row of their logged futures), the signal state and the episode's route."""
+    """meta["facts"] from what the sample stores: the other agents at the sample time (the first row of their
+    logged futures), the signal state and the episode's route; derived again for every sample so that the
+    labels follow data.scene_text.perception_facts as it is now (also for datasets generated before it changed,
+    or before facts were stored at all)."""
     from shapely.geometry import Point
 
     from ..data.scene_text import facts_from_state, perception_facts
     from ..sim.types import VEHICLE_LENGTH_M
 
     m = sample.meta
-    if m.get("facts") is not None:
-        return
     now = np.asarray(m["agents_future"], np.float64)
     agents = [(i, *row) for i, row in enumerate(now[0])] if now.size else []
     agents = [a for a in agents if abs(a[1]) < 1e5]          # 1e6 marks an agent absent at that time
