@@ -405,3 +405,34 @@ def test_a_bfloat16_vlm_feeds_the_float32_expert(policy, tmp_path):
     assert traj.dtype == np.float32 and np.isfinite(traj).all() and np.abs(traj - full).max() < 1.0
     with pytest.raises(ValueError, match="dtype"):
         SpanVLAPolicy.from_pretrained(tmp_path / "ckpt", dtype="int8")
+
+
+def test_lora_sft_trains_adapters_on_the_language_model_and_merges_them(tokenizer, tmp_path):
+    """SFT stage 1 with --lora-rank: peft adapters on the language model's attention; after merging, the VLM is a
+    plain Hugging Face model again, its attention weights moved, its vision tower and MLPs did not, and the loss
+    on the trained text fell."""
+    pytest.importorskip("peft", reason="peft is not installed")
+    from pathlib import Path
+
+    from spanvla_ros.train.dataset import Sample
+    from spanvla_ros.train.trainer import CsvLog, prompts, sft_reasoning
+
+    policy = SpanVLAPolicy.build(SpanVLAConfig(), tokenizer, seed=4)
+    text = "lead vehicle 20 meters ahead, gap is safe, so maintain speed and keep the lane."
+    samples = [Sample(dict(command="follow lane", speed=8.0, accel=0.0, past=PAST.tolist(), reasoning=text),
+                      frames(seed=k)) for k in range(4)]
+    before = {k: v.clone() for k, v in policy.reasoner.model.state_dict().items()}
+
+    def loss():
+        with torch.no_grad():
+            return float(policy.reasoner.teacher_forced([s.images for s in samples], prompts(policy, samples),
+                                                        [text] * 4, with_bridge=False)[0])
+
+    l0 = loss()
+    sft_reasoning(policy, samples, epochs=6, batch=2, lr=5e-3, log=CsvLog(Path(tmp_path / "log.csv")), lora_rank=4)
+    after = policy.reasoner.model.state_dict()
+    assert type(policy.reasoner.model).__name__ == "Qwen2_5_VLForConditionalGeneration" and set(after) == set(before)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in moved)
+    assert not any("visual" in k or "mlp" in k for k in moved)
+    assert loss() < l0

@@ -51,27 +51,50 @@ def dist_info():
 
 
 def optimizer_step(opt, params, loss, max_norm: float = 1.0) -> None:
-    """backward + gradient all-reduce across ranks (torchrun) + clipping + step.
-
-    The losses call custom methods (teacher_forced, flow_loss, Euler rollouts) rather than one forward(), which
-    DistributedDataParallel's hooks would not see; averaging the gradients explicitly is what DDP does."""
+    """backward (under DistributedDataParallel the gradients are averaged across ranks during it) + clipping +
+    step."""
     params = [p for p in params if p.requires_grad]
     opt.zero_grad()
     loss.backward()
-    _, world = dist_info()
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
 
 
+class LossModule(torch.nn.Module):
+    """The losses call the model's own methods (teacher_forced, flow_loss, Euler rollouts), not one forward();
+    routing each loss through this forward lets DistributedDataParallel reduce the gradients of every parameter
+    it touches."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, loss_fn, *args):
+        return loss_fn(*args)
+
+
+def distributed(module: torch.nn.Module):
+    """``loss = run(loss_fn, *args)``: loss_fn(*args) through DistributedDataParallel when torchrun started
+    several ranks (gloo on CPU, nccl on GPU), directly otherwise."""
+    if dist_info()[1] == 1:
+        return lambda loss_fn, *args: loss_fn(*args)
+    return torch.nn.parallel.DistributedDataParallel(LossModule(module), find_unused_parameters=True)
+
+
 def shard(n: int, epoch: int, seed: int) -> np.ndarray:
+    """This rank's samples of an epoch: one permutation for all ranks, rank r takes every world-th from r (so
+    per-rank batches of B / world make the same global batches as one process with batch B), cut to a multiple
+    of the world size so that every rank runs the same number of steps."""
     rank, world = dist_info()
     order = np.random.default_rng(seed + epoch).permutation(n)
-    return order[rank::world]
+    return order[: len(order) - len(order) % world][rank::world]
+
+
+def per_rank_batch(batch: int) -> int:
+    world = dist_info()[1]
+    if batch % world:
+        raise ValueError(f"batch {batch} is the global batch: it must divide by the {world} ranks")
+    return batch // world
 
 
 class CsvLog:
@@ -138,6 +161,8 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
     from tqdm import tqdm
 
     module.train()
+    run = distributed(module)
+    batch = per_rank_batch(batch)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.01)
     total = epochs * math.ceil(len(shard(len(samples), 0, seed)) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=pct_start)
@@ -146,7 +171,7 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
     for ep in range(epochs):
         idx = shard(len(samples), ep, seed)
         for b0 in range(0, len(idx), batch):
-            loss = batch_loss(idx[b0:b0 + batch])
+            loss = run(batch_loss, idx[b0:b0 + batch])
             optimizer_step(opt, module.parameters(), loss)
             sched.step()
             step += 1
@@ -156,8 +181,38 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
     module.eval()
 
 
-def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light_weight: float = 1.0):
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]   # the language model's attention (the vision tower's are
+                                                          # named qkv / proj: it stays as it is)
+
+
+def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light_weight: float = 1.0,
+                  lora_rank: int = 0):
+    """SFT stage 1: reasoning cross-entropy. ``lora_rank > 0`` trains LoRA adapters (peft) on the language model's
+    attention instead of every weight, then merges them, so the checkpoint stays a plain Hugging Face model (the
+    way a Qwen2.5-VL-3B fine-tune fits one GPU)."""
     weights = policy.reasoner.vocab_weights(light_token_weight(light_weight)) if light_weight != 1.0 else None
+    if lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        # in place (no PeftModel wrapper), so the reasoner's own calls into the model keep working
+        model = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                   target_modules=LORA_TARGETS), policy.reasoner.model)
+        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        try:
+            sft_reasoning(policy, samples, epochs, batch, lr, log, seed, light_weight)
+        finally:
+            for name, mod in list(model.named_modules()):
+                if isinstance(mod, LoraLayer):
+                    mod.merge()
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(model.get_submodule(parent), leaf, mod.get_base_layer())
+            for n, p in model.named_parameters():
+                p.requires_grad_(trainable.get(n, True))
+            model.eval()
+        return
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
@@ -235,16 +290,18 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     expert = policy.expert
     heads = perception_parameters(expert)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
+    run, batch = distributed(expert), per_rank_batch(batch)
+
+    def batch_loss(ii):
+        bs = [samples[i] for i in ii]
+        front = torch.cat([fronts[i] for i in ii])
+        return perception_loss(policy, bs, expert.light_logits(front), expert.lead_raw(front, ego_tensor(policy, bs)))
+
     step = 0
-    for _ in tqdm(range(epochs), desc="perception heads", disable=dist_info()[0] != 0):
-        order = rng.permutation(len(samples))
+    for ep in tqdm(range(epochs), desc="perception heads", disable=dist_info()[0] != 0):
+        order = shard(len(samples), ep, seed)
         for b0 in range(0, len(order), batch):
-            ii = order[b0:b0 + batch]
-            bs = [samples[i] for i in ii]
-            front = torch.cat([fronts[i] for i in ii])
-            ego = ego_tensor(policy, bs)
-            loss = perception_loss(policy, bs, expert.light_logits(front), expert.lead_raw(front, ego))
+            loss = run(batch_loss, order[b0:b0 + batch])
             optimizer_step(opt, heads, loss)
             step += 1
             log.log("heads", step, loss=loss.item())
@@ -353,42 +410,54 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
          tag, use_neg, use_rec, w_neg=0.5, w_rec=0.5, l_cot=0.05, seed=0, metric="PDMS"):
     expert = policy.expert
     opt = torch.optim.AdamW(expert.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    rank, world = dist_info()
+    gen = torch.Generator().manual_seed(seed + rank)   # each rank rolls out its own groups
+    rng = np.random.default_rng(seed)                  # the same draw of samples on every rank
+    run = distributed(expert)
     from tqdm import tqdm
     steps = policy.cfg.flow_steps
     dt = 1.0 / steps
     std = step_std * math.sqrt(dt)
-    for it in tqdm(range(iters), desc=f"{tag} (GRPO)", disable=dist_info()[0] != 0):
-        ii = rng.choice(len(samples), size=batch, replace=False)
-        bs = [samples[i] for i in ii]
-        br = collate_bridges([bridges[i] for i in ii]).repeat_interleave(group)
-        a_his = his_tensor(policy, bs).repeat_interleave(group, 0)
-        ego = ego_tensor(policy, bs).repeat_interleave(group, 0)
-        # rollout with Gaussian Euler steps; log-probs under the current expert, KL to the SFT reference
-        expert.train()
-        x = expert.initial_state(normalise(a_his, policy.cfg.action_scale), gen)
-        logp = torch.zeros(x.shape[0])
-        kl = torch.zeros(x.shape[0])
-        for k in range(steps):
-            t = torch.full((x.shape[0],), k * dt)
-            mean = x + expert(br, x, t, ego) * dt
-            with torch.no_grad():
-                mean_ref = x + ref_expert(br, x, t, ego) * dt
-            x_next = (mean + std * torch.randn(mean.shape, generator=gen)).detach()
-            logp = logp + (-0.5 * ((x_next - mean) / std) ** 2).flatten(1).sum(-1)
-            kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
-            x = x_next
-        trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
-        R = np.concatenate([rewards(s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
-                                    w_neg, w_rec, l_cot, use_neg, use_rec, metric) for j, s in enumerate(bs)])
-        Rg = R.reshape(batch, group)
-        adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
-        adv_t = torch.from_numpy(adv.reshape(-1)).float()
-        loss = -(adv_t * logp).mean() / (steps * x[0].numel()) + beta * kl.mean() / (steps * x[0].numel())
+    for it in tqdm(range(iters), desc=f"{tag} (GRPO)", disable=rank != 0):
+        ii = rng.choice(len(samples), size=batch, replace=False)[rank::world]   # batch is global
+        loss, R, kl = run(_grpo_loss, policy, ref_expert, [samples[i] for i in ii], [bridges[i] for i in ii], scenes,
+                          group, gen, std, beta, (w_neg, w_rec, l_cot, use_neg, use_rec, metric))
         optimizer_step(opt, expert.parameters(), loss)
         log.log(tag, it, loss=loss.item(), reward=R.mean(), kl=kl.mean().item())
     expert.eval()
+
+
+def _grpo_loss(policy, ref_expert, bs, bridges, scenes, group, gen, std, beta, reward_args):
+    """One GRPO step's loss on these samples: ``group`` stochastic Euler rollouts each, group-normalised rewards as
+    advantages, KL to the SFT reference. Returns (loss, rewards, per-rollout KL)."""
+    expert, steps = policy.expert, policy.cfg.flow_steps
+    dt = 1.0 / steps
+    batch = len(bs)
+    br = collate_bridges(bridges).repeat_interleave(group)
+    a_his = his_tensor(policy, bs).repeat_interleave(group, 0)
+    ego = ego_tensor(policy, bs).repeat_interleave(group, 0)
+    # rollout with Gaussian Euler steps; log-probs under the current expert, KL to the SFT reference
+    expert.train()
+    x = expert.initial_state(normalise(a_his, policy.cfg.action_scale), gen)
+    logp = torch.zeros(x.shape[0])
+    kl = torch.zeros(x.shape[0])
+    for k in range(steps):
+        t = torch.full((x.shape[0],), k * dt)
+        mean = x + expert(br, x, t, ego) * dt
+        with torch.no_grad():
+            mean_ref = x + ref_expert(br, x, t, ego) * dt
+        x_next = (mean + std * torch.randn(mean.shape, generator=gen)).detach()
+        logp = logp + (-0.5 * ((x_next - mean) / std) ** 2).flatten(1).sum(-1)
+        kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
+        x = x_next
+    trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
+    R = np.concatenate([rewards(s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
+                                *reward_args) for j, s in enumerate(bs)])
+    Rg = R.reshape(batch, group)
+    adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
+    adv_t = torch.from_numpy(adv.reshape(-1)).float()
+    loss = -(adv_t * logp).mean() / (steps * x[0].numel()) + beta * kl.mean() / (steps * x[0].numel())
+    return loss, R, kl
 
 
 def build_initial(samples, flow_init: str, seed: int, route: bool = True, lights: bool = False,
@@ -427,6 +496,9 @@ def main(argv=None) -> int:
                     help="spanvla-generate-data output(s); several are concatenated (e.g. extra intersection seeds)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--sft-epochs", type=int, default=10)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="SFT stage 1 trains LoRA adapters of this rank (peft) on the VLM's attention, then merges "
+                         "them (0: full fine-tune)")
     ap.add_argument("--flow-epochs", type=int, default=30)
     ap.add_argument("--grpo-iters", type=int, default=40, help="per GRPO stage (warm-up and each branch)")
     ap.add_argument("--grpo-lr", type=float, default=5e-5)
@@ -519,7 +591,8 @@ def main(argv=None) -> int:
             load_perception_heads(policy, a.heads_from)
         if a.more_sft_epochs:
             t0 = time.time()
-            sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight)
+            sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight,
+                          a.lora_rank)
             print(f"VLM from {a.vlm_from}, SFT stage 1 continued {a.more_sft_epochs} epochs: {time.time() - t0:.0f} s; "
                   f"fresh expert (flow_init={a.flow_init})")
         else:
@@ -528,7 +601,7 @@ def main(argv=None) -> int:
         policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights,
                                lead=a.lead_perception, light_frames=a.light_frames)
         t0 = time.time()
-        sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight)
+        sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight, a.lora_rank)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
