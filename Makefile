@@ -3,7 +3,10 @@ SHELL := /bin/bash
 .ONESHELL:
 .SHELLFLAGS := -eo pipefail -c
 ENV := source .venv/env.sh
-COLCON_BUILD := colcon build --base-paths . --event-handlers console_cohesion- summary+ \
+# interfaces/: standard message packages the PyPI ROS wheels lack (tf2_msgs, diagnostic_msgs), built only if missing
+MISSING_MSGS := $$(for p in tf2_msgs diagnostic_msgs; do env -u PYTHONPATH .venv/bin/python -c "import $$p" 2>/dev/null \
+	|| echo interfaces/$$p; done)
+COLCON_BUILD := colcon build --base-paths . $(MISSING_MSGS) --event-handlers console_cohesion- summary+ \
 	--cmake-args -DPython3_EXECUTABLE=$$(readlink -f .venv)/bin/python -DBUILD_TESTING=ON
 DEMO_ARGS ?= --episodes 3 --duration 120
 

@@ -67,9 +67,13 @@ def test_params_file_is_the_single_source():
 @requires_msgs
 @pytest.mark.dds
 def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tmp_path):
+    import json
+
     import rclpy
     from nav_msgs.msg import Path as PathMsg
     from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+    from tf2_msgs.msg import TFMessage
 
     from helpers.ros_wait import spin_until
     from spanvla_ros.msg import PlanStatus, Reasoning
@@ -84,9 +88,13 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     node.create_subscription(PathMsg, "/spanvla/path", paths.append, 50)
     node.create_subscription(Reasoning, "/spanvla/reasoning", reasoning.append, 10)
     node.create_subscription(PlanStatus, "/spanvla/plan_status", status.append, 50)
+    tf, tf_static = [], []
+    node.create_subscription(TFMessage, "/tf", lambda m: tf.extend(m.transforms), 200)
+    node.create_subscription(TFMessage, "/tf_static", lambda m: tf_static.append(m.transforms),
+                             QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     proc = subprocess.Popen([sys.executable, "-m", "spanvla_ros.cli.drive", "--params-file",
                              str(REPO / "params" / "spanvla.yaml"), "--duration", "60",
-                             "--record", str(tmp_path / "run")],
+                             "--record", str(tmp_path / "run"), "--json", str(tmp_path / "drive.json")],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ok = spin_until(ex, lambda: len(reasoning) >= 2 and sum(not s.degraded for s in status) >= 10, 60.0)
@@ -110,7 +118,12 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     assert all(s.degraded_reason for s in status if s.degraded)
     # every plan is stamped with its input (odometry) time, and reasoning with its frames' time
     assert stamp_to_sec(reasoning[-1].header.stamp) <= stamp_to_sec(paths[-1].header.stamp) + 0.5
-    assert "plans published" in out
+    assert json.loads((tmp_path / "drive.json").read_text())["counters"]["plans_published"] >= len(paths)
+    # frames on /tf and /tf_static as tf2_msgs/TFMessage: the ego in the map, the cameras on the ego
+    assert any(t.header.frame_id == "map" and t.child_frame_id == "base_link" for t in tf)
+    assert tf_static and {t.child_frame_id for t in tf_static[-1]} >= {"front_camera", "front_left_camera",
+                                                                       "front_right_camera"}
+    assert all(t.header.frame_id == "base_link" for t in tf_static[-1])
     # the run was recorded (inputs and outputs, MCAP) and rendered next to the bag
     from spanvla_ros.eval.run_view import read_run
     log = read_run([tmp_path / "run" / "bag"])

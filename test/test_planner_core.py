@@ -101,3 +101,12 @@ def test_a_reasoner_run_stops_at_the_next_decode_step_when_cancelled(policy, par
         core.reason(cancel=cancel_after_three)
     assert len(steps) == 4 and core.counters["reasoner_runs"] == 0   # asked before each step; none after True
     assert core.reason(cancel=lambda: False) is not None and core.counters["reasoner_runs"] == 1
+
+
+def test_a_backlog_of_old_odometry_does_not_make_plans(policy, params):
+    """Odometry that arrives now but was stamped long ago (a queue drained late) is as stale as none."""
+    core = PlannerCore(policy, params, CAMS)
+    feed(core, 0.0, 1.6)
+    assert core.plan(now=1.6) is not None
+    core.add_odometry(1.7, 17.0, 0.0, 0.0, 10.0, "map", received=5.0)   # received now, stamped 3.3 s ago
+    assert core.plan(now=5.0) is None and core.counters["plans_withheld_stale_odometry"] == 1

@@ -45,10 +45,14 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = rclpy.create_node("planner_observer", context=ctx)
-    paths, reasoning, status = [], [], []
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    paths, reasoning, status, diagnostics = [], [], [], []
     node.create_subscription(PathMsg, "/spanvla/path", lambda m: paths.append((time.time(), m)), 100)
     node.create_subscription(Reasoning, "/spanvla/reasoning", lambda m: reasoning.append((time.time(), m)), 20)
     node.create_subscription(PlanStatus, "/spanvla/plan_status", lambda m: status.append((time.time(), m)), 100)
+    node.create_subscription(DiagnosticArray, "/diagnostics",
+                             lambda m: diagnostics.extend((time.time(), s) for s in m.status), 50)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     publisher = None
@@ -63,7 +67,7 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
         while publisher.poll() is None:
             ex.spin_once(timeout_sec=0.02)
         sent = json.loads(publisher.stdout.read().strip().splitlines()[-1])
-        end = time.monotonic() + 2.0
+        end = time.monotonic() + 3.0   # the last plans, then at least one health report on stale odometry
         while time.monotonic() < end:
             ex.spin_once(timeout_sec=0.02)
         planner.send_signal(signal.SIGTERM)
@@ -132,3 +136,15 @@ def test_planner_under_live_inputs(subprocess_env, tmp_path):
     after = [t for t, _ in paths if t > sent["odom_stop"] + ODOM_TIMEOUT_S + 0.3]
     assert not after, f"{len(after)} plans published on stale odometry"
     assert counters["plans_withheld_stale_odometry"] > 0
+
+    # health on /diagnostics: OK while planning from live inputs (with the input rates), a warning once the bridge is
+    # stale, an error once odometry stopped
+    mine = [(t, s) for t, s in diagnostics if s.name.startswith("spanvla_planner")]
+    live = [s for t, s in mine if sent["t0"] + 3.0 < t < sent["cameras_stop"]]
+    assert any(s.level == DiagnosticStatus.OK for s in live), [s.message for s in live]
+    rates = {kv.key: float(kv.value) for kv in live[-1].values if kv.key.endswith("rate (Hz)")}
+    assert 10.0 <= rates["odometry rate (Hz)"] <= 30.0 and 2.0 <= rates["front rate (Hz)"] <= 15.0
+    stale = [s for t, s in mine if sent["cameras_stop"] + STALE_S + 0.5 < t < sent["odom_stop"] - 0.1]
+    assert stale and all(s.level == DiagnosticStatus.WARN for s in stale)
+    stopped = [s for t, s in mine if t > sent["odom_stop"] + ODOM_TIMEOUT_S + 1.1]
+    assert stopped and all(s.level == DiagnosticStatus.ERROR for s in stopped)

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -31,12 +32,13 @@ from spanvla_ros.data.bag_io import path_xy, yaw_from_quat
 from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
-from spanvla_ros.planning.core import PlannerCore, PlannerParams
+from spanvla_ros.planning.core import Plan, PlannerCore, PlannerParams
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
+DIAGNOSTICS_PERIOD_S = 1.0
 
 
 class PlannerNode(Node):
@@ -82,6 +84,13 @@ class PlannerNode(Node):
         self._period = 1.0 / p["control_rate_hz"]
         self._last_plan_monotonic = -math.inf
         self.create_timer(self._period, lambda: self._maybe_plan(1.25))
+        # health the standard way (diagnostic_msgs on /diagnostics, 1 Hz): input rates, plan state, bridge age
+        from diagnostic_msgs.msg import DiagnosticArray
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._received: Counter = Counter()
+        self._last_plan: Plan | None = None
+        self._diagnostics_t = self._now()
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
         self._stop = threading.Event()
         self._reasoner_thread = threading.Thread(target=self._reasoner_loop, name="spanvla_reasoner", daemon=True)
         self._reasoner_thread.start()
@@ -107,6 +116,37 @@ class PlannerNode(Node):
         self.core.params = dataclasses.replace(self.core.params, **{p.name: p.value for p in changes
                                                                    if p.name in fields})
         self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in changes))
+
+    def _publish_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+        now = self._now()
+        span = max(now - self._diagnostics_t, 1e-6)
+        self._diagnostics_t = now
+        plan, c = self._last_plan, self.counters
+        if not self.core.odometry_fresh(now):
+            level, message = DiagnosticStatus.ERROR, "not planning: odometry stale or missing"
+        elif plan is None:
+            level, message = DiagnosticStatus.WARN, "no plan yet"
+        elif plan.degraded:
+            level, message = DiagnosticStatus.WARN, f"plans degraded: {plan.reason}"
+        else:
+            level, message = DiagnosticStatus.OK, "planning"
+        values: dict[str, object] = {f"{name} rate (Hz)": f"{self._received[name] / span:.1f}"
+                  for name in (*self.core.cameras, "odometry")}
+        values.update({"plans published": c["plans_published"], "plans degraded": c["plans_degraded"],
+                       "plans withheld (stale odometry)": c["plans_withheld_stale_odometry"],
+                       "reasoner runs": c["reasoner_runs"], "dropped messages": self.bad_messages,
+                       "bridge age (s)": f"{plan.bridge_age:.2f}" if plan else "-",
+                       "perception age (s)": f"{plan.perception_age:.2f}" if plan else "-",
+                       "model": self.policy.model_id})
+        self._received.clear()
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: planning", message=message,
+                                  hardware_id=self.params["device"],
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = sec_to_stamp(now)
+        self.pub_diagnostics.publish(msg)
 
     def _now(self) -> float:
         """The node's clock in seconds: wall time, or the bag's / simulator's time under use_sim_time (/clock),
@@ -136,6 +176,7 @@ class PlannerNode(Node):
             self._bad(exc.reason, f"{camera}: {exc}")
             return
         self.core.add_image(camera, stamp_to_sec(msg.header.stamp), img)
+        self._received[camera] += 1
 
     def _on_odom(self, msg: Odometry) -> None:
         yaw = yaw_from_quat(msg.pose.pose.orientation)
@@ -146,6 +187,7 @@ class PlannerNode(Node):
             self.bad_messages += 1
             self.get_logger().warning("dropped message (odometry): non-finite pose or twist", throttle_duration_sec=2.0)
             return
+        self._received["odometry"] += 1
         self._maybe_plan(0.5)
 
     def _maybe_plan(self, min_gap_periods: float) -> None:
@@ -216,6 +258,7 @@ class PlannerNode(Node):
         plan = self.core.plan(self._now())
         if plan is None:
             return
+        self._last_plan = plan
         self.expert_latencies.append(plan.expert_latency_s)
         header_stamp = sec_to_stamp(plan.stamp)
         self.pub_path.publish(self._path_msg(plan.traj, plan.stamp))

@@ -1,8 +1,8 @@
 """sim_bridge: the simulator side of the closed loop, on carla-ros-bridge topic names.
 
 Publishes per camera sensor_msgs/Image + CameraInfo, nav_msgs/Odometry, the ground-truth route and its stop lines
-(nav_msgs/Path, transient local), other agents (MarkerArray), the driving command, and frames: through tf2_ros where
-it is installed, else as geometry_msgs/TransformStamped on /sim/tf and /sim/tf_static (tf2_msgs has no wheel here).
+(nav_msgs/Path, transient local), other agents (MarkerArray), the driving command, and frames on /tf and /tf_static
+(map -> base_link -> cameras; through tf2_ros where it is installed, else tf2_msgs/TFMessage published directly).
 Subscribes to the planned nav_msgs/Path and tracks it with pure pursuit + PI speed control at control rate.
 The simulator steps at ``sim_rate_hz`` in real time; when an episode ends the next seed starts.
 """
@@ -67,6 +67,7 @@ class SimBridgeNode(Node):
         self.stop_lines_pub = self.create_publisher(Path, p["stop_lines_topic"], latched)
         self.cmd_pub = self.create_publisher(String, p["command_topic"], latched)
         self.agents_pub = self.create_publisher(MarkerArray, p["agents_topic"], 5)
+        self._static_tfs: dict[str, TransformStamped] = {}
         self._tf = self._make_tf_publishers(latched)
         self.create_subscription(Path, p["path_topic"], self._on_path, 5)
         # (path (N,4) ego frame at plan time, plan pose, receipt monotonic)
@@ -89,17 +90,27 @@ class SimBridgeNode(Node):
         return super().destroy_node()
 
     def _make_tf_publishers(self, latched):
+        """/tf and /tf_static as tf2 does it: through tf2_ros where it is installed, else tf2_msgs/TFMessage
+        published directly (the package's interfaces/ builds tf2_msgs where ROS does not provide it)."""
         try:
             from tf2_ros import StaticTransformBroadcaster, TransformBroadcaster
             return ("tf2", TransformBroadcaster(self), StaticTransformBroadcaster(self))
         except ImportError:
-            return ("topic", self.create_publisher(TransformStamped, "/sim/tf", 20),
-                    self.create_publisher(TransformStamped, "/sim/tf_static", latched))
+            from tf2_msgs.msg import TFMessage
+            return ("topic", self.create_publisher(TFMessage, "/tf", 100),
+                    self.create_publisher(TFMessage, "/tf_static", latched))
 
     def _send_tf(self, tf: TransformStamped, static: bool = False) -> None:
         kind, dyn, stat = self._tf
-        pub = stat if static else dyn
-        pub.sendTransform(tf) if kind == "tf2" else pub.publish(tf)
+        if kind == "tf2":
+            (stat if static else dyn).sendTransform(tf)
+            return
+        from tf2_msgs.msg import TFMessage
+        if static:   # one latched message holds every static frame, as tf2_ros's static broadcaster keeps it
+            self._static_tfs[tf.child_frame_id] = tf
+            stat.publish(TFMessage(transforms=list(self._static_tfs.values())))
+        else:
+            dyn.publish(TFMessage(transforms=[tf]))
 
     def _transform(self, stamp, parent, child, x, y, z, yaw) -> TransformStamped:
         tf = TransformStamped()

@@ -36,7 +36,7 @@ class PlannerParams:
     history_frames: int
     history_rate_hz: float
     max_camera_skew_s: float
-    odom_timeout_s: float          # odometry older than this (by the caller's clock): no plan
+    odom_timeout_s: float          # odometry received, or stamped, longer ago than this (caller's clock): no plan
     bridge_stale_s: float          # a bridge (or newest front frame) older than this: plan marked degraded
     flow_steps: int
     max_new_tokens: int
@@ -90,6 +90,7 @@ class PlannerCore:
         self.stop_frame = ""
         self.odom_frame = ""
         self._odom_received: float | None = None
+        self._odom_stamp = -math.inf
         self.counters: Counter = Counter()
         self.last_reasoning = ""
         self._warn = warn or (lambda key, msg: None)
@@ -105,7 +106,7 @@ class PlannerCore:
             self.counters["bad_odometry"] += 1
             return False
         self.ego.add(stamp, x, y, yaw, speed)
-        self.odom_frame, self._odom_received = frame, received
+        self.odom_frame, self._odom_received, self._odom_stamp = frame, received, stamp
         return True
 
     def set_route(self, xy: np.ndarray, frame: str) -> str | None:
@@ -162,7 +163,12 @@ class PlannerCore:
 
     # ------------------------------------------------------------------ action expert (control rate)
     def odometry_fresh(self, now: float) -> bool:
-        return self._odom_received is not None and now - self._odom_received <= self.params.odom_timeout_s
+        """Odometry arrived within the timeout and is itself that recent by its stamp: a stopped source and a
+        backlog of old messages (a loaded machine, a stalled transport) both stop plans. ``now`` is the caller's
+        clock, the stamps' time base (wall time on a car, the bag's or simulator's time otherwise)."""
+        timeout = self.params.odom_timeout_s
+        return (self._odom_received is not None and now - self._odom_received <= timeout
+                and now - self._odom_stamp <= timeout)
 
     def _route(self, for_plan: bool = True) -> np.ndarray | None:
         """The route if usable with the current odometry; a plan without one is counted and logged."""
