@@ -1,4 +1,5 @@
-"""Two processes exchange 3 x 640x360 rgb8 at 10 Hz plus the custom messages over real Fast DDS (loopback)."""
+"""Two processes exchange 3 cameras of rgb8 at 10 Hz plus the custom messages over real Fast DDS (loopback), with the
+shipped DDS profile: 640x360, and 1920x1080 (6.2 MB a frame, bigger than one transport message)."""
 from __future__ import annotations
 
 import subprocess
@@ -11,10 +12,10 @@ from conftest import requires_msgs, requires_ros
 
 pytestmark = [requires_ros, requires_msgs, pytest.mark.dds]
 HERE = Path(__file__).parent
-FRAMES = 30
 
 
-def test_images_and_custom_msgs_arrive_intact(subprocess_env):
+@pytest.mark.parametrize("width,height,frames", [(640, 360, 30), pytest.param(1920, 1080, 20, marks=pytest.mark.slow)])
+def test_images_and_custom_msgs_arrive_intact(subprocess_env, width, height, frames):
     import numpy as np
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -32,7 +33,7 @@ def test_images_and_custom_msgs_arrive_intact(subprocess_env):
     node = rclpy.create_node("frame_receiver", context=context)
     ex = SingleThreadedExecutor(context=context)
     ex.add_node(node)
-    qos = QoSProfile(depth=FRAMES, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+    qos = QoSProfile(depth=frames, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
     got = {c: [] for c in CAMERAS}
     reasoning, status = [], []
     for c in CAMERAS:
@@ -40,11 +41,12 @@ def test_images_and_custom_msgs_arrive_intact(subprocess_env):
     node.create_subscription(Reasoning, "/test/reasoning", reasoning.append, qos)
     node.create_subscription(PlanStatus, "/test/plan_status", status.append, qos)
 
-    proc = subprocess.Popen([sys.executable, str(HERE / "helpers" / "frame_publisher.py"), "--frames", str(FRAMES)],
+    proc = subprocess.Popen([sys.executable, str(HERE / "helpers" / "frame_publisher.py"), "--frames", str(frames),
+                             "--width", str(width), "--height", str(height)],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        done = spin_until(ex, lambda: all(len(v) == FRAMES for v in got.values())
-                          and len(reasoning) == FRAMES and len(status) == FRAMES, timeout=60.0)
+        done = spin_until(ex, lambda: all(len(v) == frames for v in got.values())
+                          and len(reasoning) == frames and len(status) == frames, timeout=60.0)
         out = proc.communicate(timeout=30)[0]
     finally:
         if proc.poll() is None:
@@ -57,10 +59,11 @@ def test_images_and_custom_msgs_arrive_intact(subprocess_env):
 
     for ci, c in enumerate(CAMERAS):
         for i, msg in enumerate(got[c]):
-            assert (msg.width, msg.height, msg.encoding, msg.header.frame_id) == (640, 360, "rgb8", f"{c}_camera")
+            assert (msg.width, msg.height, msg.encoding, msg.header.frame_id) == (width, height, "rgb8", f"{c}_camera")
             assert stamp_to_sec(msg.header.stamp) == pytest.approx(1000.0 + i * 0.1, abs=1e-6)
-            assert np.array_equal(decode_image_msg(msg), frame_pattern(ci, i, 360, 640)), f"{c} frame {i} corrupted"
-    assert [r.text for r in reasoning] == [f"frame {i}: lead vehicle slowing, keep distance" for i in range(FRAMES)]
+            sent = frame_pattern(ci, i, height, width)
+            assert np.array_equal(decode_image_msg(msg), sent), f"{c} frame {i} corrupted"
+    assert [r.text for r in reasoning] == [f"frame {i}: lead vehicle slowing, keep distance" for i in range(frames)]
     assert all(abs(r.generation_latency - 0.25) < 1e-6 and r.num_tokens == 12 for r in reasoning)
-    assert [s.degraded for s in status] == [i % 2 == 1 for i in range(FRAMES)]
-    assert [s.plans_published for s in status] == list(range(1, FRAMES + 1))
+    assert [s.degraded for s in status] == [i % 2 == 1 for i in range(frames)]
+    assert [s.plans_published for s in status] == list(range(1, frames + 1))
