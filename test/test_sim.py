@@ -273,3 +273,21 @@ def test_carla_backend_under_the_closed_loop_and_its_vehicle_steering():
     assert [e for e in world.log if e[0] == "control"][-1][3] == pytest.approx(-1.0)   # full left lock, no more
     b.close()
     assert not world.settings.synchronous_mode and not world.actors
+
+
+def test_the_command_follows_the_route_ahead():
+    """The driving command from the route's geometry (CARLA routes turn at junctions; highway-env scenarios set
+    theirs): a turn within the lookahead is a turn, a junction crossed straight is "go straight"."""
+    import numpy as np
+
+    from spanvla_ros.model.route import route_command
+
+    s = np.arange(0.0, 60.0, 2.0)
+    straight = np.c_[s, np.zeros_like(s)]
+    arc = np.linspace(0, np.pi / 2, 20)
+    left = np.vstack([straight, [60.0, 0.0] + 15.0 * np.c_[np.sin(arc), 1 - np.cos(arc)]])
+    right = left * [1.0, -1.0]
+    assert route_command(straight, 0.0) == "follow lane"
+    assert route_command(straight, 0.0, junction_s=np.array([30.0])) == "go straight"
+    assert route_command(left, 0.0) == "follow lane"           # the turn is beyond the lookahead
+    assert route_command(left, 30.0) == "turn left" and route_command(right, 30.0) == "turn right"

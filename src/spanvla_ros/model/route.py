@@ -121,3 +121,23 @@ def hindsight_lane_route(route_xy: np.ndarray, goal_xy, lane_width: float) -> np
 
     shifted = LineString(route_xy).offset_curve(lanes * lane_width)
     return np.asarray(shifted.coords, np.float64)
+
+
+TURN_RAD = math.radians(30.0)          # heading change along the route that makes a junction a turn
+COMMAND_LOOKAHEAD_M = 40.0
+
+
+def route_command(route_xy: np.ndarray, s: float, junction_s: np.ndarray | None = None,
+                  lookahead_m: float = COMMAND_LOOKAHEAD_M) -> str:
+    """The driving command at arc length ``s`` of the route (right-handed world frame): "turn left" / "turn right"
+    when the route's heading turns by more than TURN_RAD within ``lookahead_m``, "go straight" when it crosses a
+    junction (``junction_s``: arc lengths of junction points) without turning, else "follow lane"."""
+    cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route_xy, axis=0), axis=1))])
+    ahead = points_along(route_xy, np.linspace(s, s + lookahead_m, 17), cum)
+    heading = np.unwrap(np.arctan2(*np.diff(ahead, axis=0).T[::-1]))
+    turn = float(heading[-1] - heading[0])
+    if abs(turn) > TURN_RAD:
+        return "turn left" if turn > 0 else "turn right"
+    if junction_s is not None and np.any((junction_s >= s) & (junction_s <= s + lookahead_m)):
+        return "go straight"
+    return "follow lane"

@@ -192,7 +192,10 @@ class SimBridgeNode(Node):
     def _tick(self) -> None:
         if self.finished:
             return
+        command = self.obs.command
         self.obs = self.backend.step(self.control)
+        if self.obs.command != command:   # latched: republished when the route's next manoeuvre changes it
+            self.cmd_pub.publish(String(data=self.obs.command))
         for k, v in vars(self.obs.flags).items():
             self._flags_seen[k] += int(v)
         self._publish(self.obs)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..model.route import route_command
 from .camera import DEFAULT_CAMERAS, CameraSpec
 from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight
 
@@ -116,10 +117,12 @@ class CarlaBackend:
 
     def _build_route(self, cmap) -> None:
         wp = cmap.get_waypoint(self.ego.get_location())
-        pts, total = [], 0.0
+        pts, junctions, total = [], [], 0.0
         while total < self.route_length + 20:
             loc = wp.transform.location
             pts.append((loc.x, -loc.y))
+            if getattr(wp, "is_junction", False):
+                junctions.append(total)
             nxt = wp.next(2.0)
             if not nxt:
                 break
@@ -129,7 +132,8 @@ class CarlaBackend:
         self.route_xy = np.array(pts)
         self.route = LineString(self.route_xy) if len(pts) > 1 else None
         self.route_length_m = min(self.route_length, total)
-        self.command = "follow lane"
+        self._junction_s = np.array(junctions)
+        self.command = route_command(self.route_xy, 0.0, self._junction_s) if self.route is not None else "follow lane"
         self.stop_lines_xy = self._route_stop_lines()
 
     def _route_stop_lines(self) -> np.ndarray:
@@ -221,6 +225,7 @@ class CarlaBackend:
         if self.route is not None:
             from shapely.geometry import Point
             progress = float(self.route.project(Point(x, y)))
+            self.command = route_command(self.route_xy, progress, self._junction_s)
         flags = Flags(self._collided, off_road, wrong_way, self._red)
         done = self._collided or progress >= self.route_length_m or self.t >= self.duration
         return Observation(self.t, ego, agents, images, flags, self.command, progress, self.route_length_m, light, done,
