@@ -291,3 +291,35 @@ def test_the_command_follows_the_route_ahead():
     assert route_command(straight, 0.0, junction_s=np.array([30.0])) == "go straight"
     assert route_command(left, 0.0) == "follow lane"           # the turn is beyond the lookahead
     assert route_command(left, 30.0) == "turn left" and route_command(right, 30.0) == "turn right"
+
+
+def test_carla_red_light_is_crossing_the_stop_line_while_red():
+    """CARLA's criterion: crossing the stop line while the light is red. Stopping inside the trigger box before
+    the line (where the Traffic Manager and the expert stop) is not an infraction; an off light is not red; the
+    light the observation carries sits at the stop line, and scoring sees it (scene stop line, light timeline)."""
+    from helpers.fake_carla import TrafficLightState
+
+    def approach(state, brake_at_m):
+        b, world = _fake_backend(control_dt=0.1, duration_s=30.0)
+        b.reset("town", 1)
+        world.traffic_lights[0].x = b.ego.get_transform().location.x + 40.0   # 40 m ahead of the spawn
+        obs = b.reset("town", 1)
+        world.traffic_lights[0].state = state
+        seen = []
+        for _ in range(200):
+            to_line = world.traffic_lights[0].x - (b.ego.get_transform().location.x + b.ego.bounding_box.extent.x)
+            obs = b.step(Control(-6.0 if to_line < brake_at_m else 2.0, 0.0))
+            seen.append(obs.light)
+            if obs.done or b.ego.get_transform().location.x > world.traffic_lights[0].x + 10:
+                break
+        return b, obs, seen
+
+    b, obs, seen = approach(TrafficLightState.Red, brake_at_m=25.0)     # stops before the line, inside the box
+    assert not obs.flags.red_light
+    light = next(s for s in seen if s is not None)
+    assert light.state == "red" and abs(light.stop_s - b.scene_map().stop_s) < 1e-6
+    assert set(b.light_timeline(4.0, 0.5).values()) == {"red"}
+    b, obs, _ = approach(TrafficLightState.Red, brake_at_m=-100.0)      # drives through
+    assert obs.flags.red_light
+    b, obs, seen = approach(TrafficLightState.Off, brake_at_m=-100.0)   # an off light is not a red one
+    assert not obs.flags.red_light and all(s is None for s in seen)

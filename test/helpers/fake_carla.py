@@ -39,6 +39,7 @@ class LaneType:
 
 class TrafficLightState:
     Red, Yellow, Green = "TrafficLightState.Red", "TrafficLightState.Yellow", "TrafficLightState.Green"
+    Off, Unknown = "TrafficLightState.Off", "TrafficLightState.Unknown"
 
 
 class Waypoint:
@@ -115,11 +116,17 @@ class Actor:
         """Like carla.VehiclePhysicsControl: the front wheels' max steer angle in degrees (vehicle-specific)."""
         return SimpleNamespace(wheels=[SimpleNamespace(max_steer_angle=MAX_STEER_DEG)] * 4)
 
+    def _light_box(self):
+        """As in CARLA, a light's trigger box lies before its stop line (here the last 15 m of the approach)."""
+        front = self.tf.location.x + self.bounding_box.extent.x
+        return next((tl for tl in self.world.traffic_lights if 0.0 <= tl.x - front <= 15.0), None)
+
     def is_at_traffic_light(self):
-        return False
+        return self._light_box() is not None
 
     def get_traffic_light_state(self):
-        return TrafficLightState.Green
+        tl = self._light_box()
+        return tl.state if tl else TrafficLightState.Green
 
 
 class Blueprint:
@@ -151,7 +158,10 @@ class TrafficLight:
     type_id = "traffic.traffic_light"
 
     def __init__(self, x):
-        self.x = x
+        self.x, self.state = x, TrafficLightState.Green
+
+    def get_state(self):
+        return self.state
 
     def get_stop_waypoints(self):
         return [Waypoint(self.x, lane) for lane in (0, 1)]

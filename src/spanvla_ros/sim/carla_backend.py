@@ -25,6 +25,7 @@ from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLig
 
 DEFAULT_MAX_STEER_RAD = math.radians(70.0)   # used only when the vehicle does not report its own
 DEFAULT_SPEED_LIMIT_KMH = 30.0
+LIGHT_RANGE_M = 50.0   # a stop line this far ahead on the route puts its light in the observation
 
 
 class CarlaSyncError(RuntimeError):
@@ -103,6 +104,7 @@ class CarlaBackend:
                 v.set_autopilot(True, self.tm.get_port())
                 self._actors.append(v)
         self.t, self._collided, self._red = 0.0, False, False
+        self._bumper_s: float | None = None   # the front bumper's route arc length at the last observation
         self._prev = None
         self.frame = self.world.tick()
         self._build_route(cmap)
@@ -137,15 +139,28 @@ class CarlaBackend:
         self.stop_lines_xy = self._route_stop_lines()
 
     def _route_stop_lines(self) -> np.ndarray:
-        """Stop lines of the traffic lights whose stop waypoints lie on the route (within half a lane)."""
+        """Stop lines of the traffic lights whose stop waypoints lie on the route (within half a lane); keeps each
+        one's arc length and light (self._stops) for the red-light test and the light observation."""
         from shapely.geometry import Point
 
+        self._stops: list[tuple[float, Any]] = []
         if self.route is None:
             return np.zeros((0, 2))
-        pts = [(w.transform.location.x, -w.transform.location.y)
-               for tl in self.world.get_actors().filter("traffic.traffic_light*") for w in tl.get_stop_waypoints()]
-        on_route = [p for p in pts if self.route.distance(Point(p)) < 1.75]
+        on_route = []
+        for tl in self.world.get_actors().filter("traffic.traffic_light*"):
+            for w in tl.get_stop_waypoints():
+                p = (w.transform.location.x, -w.transform.location.y)
+                if self.route.distance(Point(p)) < 1.75:
+                    on_route.append(p)
+                    self._stops.append((float(self.route.project(Point(p))), tl))
+        self._stops.sort(key=lambda st: st[0])
         return np.array(sorted(on_route, key=lambda p: self.route.project(Point(p)))).reshape(-1, 2)
+
+    @staticmethod
+    def _light_state(tl) -> str | None:
+        """"red" / "yellow" / "green"; None for a light that is off or unknown (not an infraction to pass)."""
+        state = str(tl.get_state()).split(".")[-1].lower()
+        return state if state in ("red", "yellow", "green") else None
 
     # ------------------------------------------------------------------ stepping
     def _collect(self, frame: int) -> dict:
@@ -215,17 +230,24 @@ class CarlaBackend:
         wp = cmap.get_waypoint(tf.location, project_to_road=False, lane_type=c.LaneType.Driving)
         off_road = wp is None
         wrong_way = (not off_road) and math.cos(math.radians(wp.transform.rotation.yaw - tf.rotation.yaw)) < 0
-        light = None
-        if self.ego.is_at_traffic_light():
-            state = str(self.ego.get_traffic_light_state()).split(".")[-1].lower()
-            light = TrafficLight(x, y, yaw, state if state in ("red", "yellow", "green") else "red")
-            if light.state == "red" and speed > 1.0:
-                self._red = True
-        progress = 0.0
+        progress, light = 0.0, None
         if self.route is not None:
             from shapely.geometry import Point
             progress = float(self.route.project(Point(x, y)))
             self.command = route_command(self.route_xy, progress, self._junction_s)
+            # CARLA's RunningRedLightTest: the front bumper crosses a stop line while its light is red (not "inside
+            # the trigger box while red": that box lies before the line, where a correct stop happens)
+            bumper = progress + ext.x
+            for stop_s, tl in self._stops:
+                if self._bumper_s is not None and self._bumper_s < stop_s <= bumper \
+                        and self._light_state(tl) == "red":
+                    self._red = True
+            self._bumper_s = bumper
+            ahead = [(s, tl) for s, tl in self._stops if s >= bumper - 1.0]
+            state = self._light_state(ahead[0][1]) if ahead and ahead[0][0] - bumper < LIGHT_RANGE_M else None
+            if state is not None:
+                sx, sy = self.route.interpolate(ahead[0][0]).coords[0]
+                light = TrafficLight(sx, sy, yaw, state, ahead[0][0])
         flags = Flags(self._collided, off_road, wrong_way, self._red)
         done = self._collided or progress >= self.route_length_m or self.t >= self.duration
         return Observation(self.t, ego, agents, images, flags, self.command, progress, self.route_length_m, light, done,
@@ -254,10 +276,17 @@ class CarlaBackend:
                 ax, ay, bx, by = a.x, -a.y, b.x, -b.y
                 polys.append(Polygon([(ax + dx, ay + dy), (bx + dx, by + dy), (bx - dx, by - dy), (ax - dx, ay - dy)]))
                 lanes.append(Lane(LineString([(ax, ay), (bx, by)]), np.array([h, h]), w.lane_width))
-        return SceneMap(build_drivable(polys), lanes, self.route)
+        return SceneMap(build_drivable(polys), lanes, self.route, self._stops[0][0] if self._stops else None)
 
     def light_timeline(self, horizon_s: float, dt: float) -> dict:
-        return {}
+        """The next light's state over the horizon, held as it is now: CARLA does not expose a light's schedule to
+        a client, so a change within the horizon is not foreseen (PDM traffic-light compliance then scores the
+        plan against the light as seen)."""
+        ahead = [tl for s, tl in self._stops if self._bumper_s is None or s >= self._bumper_s - 1.0]
+        state = self._light_state(ahead[0]) if ahead else None
+        if state is None:
+            return {}
+        return {round(k * dt, 6): state for k in range(int(round(horizon_s / dt)) + 1)}
 
     def _destroy(self) -> None:
         for a in reversed(self._actors):
