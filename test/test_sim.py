@@ -323,3 +323,17 @@ def test_carla_red_light_is_crossing_the_stop_line_while_red():
     assert obs.flags.red_light
     b, obs, seen = approach(TrafficLightState.Off, brake_at_m=-100.0)   # an off light is not a red one
     assert not obs.flags.red_light and all(s is None for s in seen)
+
+
+def test_carla_wrong_way_is_not_judged_inside_junctions():
+    from helpers.fake_carla import JUNCTION_X
+
+    b, world = _fake_backend(control_dt=0.1)
+    b.reset("town", 0)
+    ego_tf = b.ego.get_transform()
+    ego_tf.rotation.yaw = 180.0                             # facing against the lane
+    ego_tf.location.x = JUNCTION_X[0] - 50.0
+    assert b.step(Control(0.0, 0.0)).flags.wrong_way
+    ego_tf.location.x = sum(JUNCTION_X) / 2                 # inside the junction: lanes overlap, no judgement
+    assert not b.step(Control(0.0, 0.0)).flags.wrong_way
+    b.close()

@@ -42,10 +42,14 @@ class TrafficLightState:
     Off, Unknown = "TrafficLightState.Off", "TrafficLightState.Unknown"
 
 
+JUNCTION_X = (600.0, 630.0)   # the straight road crosses a junction here
+
+
 class Waypoint:
     def __init__(self, x, lane):
         self.transform = Transform(Location(x, -3.5 * lane), Rotation(yaw=0.0))
         self.lane_width, self.lane_type, self.lane = 3.5, LaneType.Driving, lane
+        self.is_junction = JUNCTION_X[0] <= x <= JUNCTION_X[1]
 
     def next(self, d):
         return [Waypoint(self.transform.location.x + d, self.lane)] if self.transform.location.x < 1000 else []

@@ -229,7 +229,9 @@ class CarlaBackend:
         cmap = self.world.get_map()
         wp = cmap.get_waypoint(tf.location, project_to_road=False, lane_type=c.LaneType.Driving)
         off_road = wp is None
-        wrong_way = (not off_road) and math.cos(math.radians(wp.transform.rotation.yaw - tf.rotation.yaw)) < 0
+        # as CARLA's wrong-lane criterion: not inside junctions, where overlapping lanes give an arbitrary one
+        wrong_way = (not off_road and not getattr(wp, "is_junction", False)
+                     and math.cos(math.radians(wp.transform.rotation.yaw - tf.rotation.yaw)) < 0)
         progress, light = 0.0, None
         if self.route is not None:
             from shapely.geometry import Point
