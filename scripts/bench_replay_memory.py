@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Peak RSS of spanvla-replay against bag length: writes a 1-minute and a 5-minute foreign bag (3 x 640x480 JPEG
-cameras at 10 Hz, odometry at 20 Hz, other topic names: replayed with --remap), replays each in its own process
-(run view included) and prints bag size, replay time and peak RSS side by side. Streaming means the two RSS
+"""Peak RSS of spanvla-replay against bag length: writes a 1-minute and a 5-minute foreign bag (3 raw bgra8 320x240
+cameras at 10 Hz as carla-ros-bridge records them, odometry at 20 Hz, other topic names: replayed with --remap),
+replays each in its own process (run view included) and prints bag size, replay time and peak RSS side by side. Streaming means the two RSS
 figures are about equal. Usage (after `make build`, in `source .venv/env.sh`):
 
     python scripts/bench_replay_memory.py [--minutes 1 5] [--rate 4] [--out /tmp/replay_mem]
@@ -53,7 +53,7 @@ def main() -> int:
     for minutes in a.minutes:
         bag = a.out / f"foreign_{minutes:g}min"
         if not bag.exists():
-            write_foreign_bag(bag, seconds=60 * minutes, width=640, height=480, compressed=True)
+            write_foreign_bag(bag, seconds=60 * minutes, width=320, height=240, encoding="bgra8")
         size = sum(f.stat().st_size for f in bag.iterdir()) / 2**20
         cmd = [sys.executable, "-m", "spanvla_ros.eval.replay", str(bag), "--out", str(a.out / f"out_{minutes:g}"),
                "--rate", str(a.rate), "--remap", *remaps]

@@ -241,20 +241,27 @@ class FlowActionExpert(nn.Module):
 
     def sample(self, bridge: BridgeSnapshot, a_his: torch.Tensor, ego: torch.Tensor, steps: int | None = None,
                generator=None, step_std: float = 0.0, return_log_prob: bool = False,
-               front: torch.Tensor | None = None):
-        """Euler integration from t=0 to 1. ``step_std > 0`` makes each step Gaussian (x' ~ N(x + v dt, s^2 dt)),
-        the stochastic policy GRPO needs; with ``return_log_prob`` the summed log-density of the path is returned.
+               front: torch.Tensor | None = None, reference: FlowActionExpert | None = None):
+        """Euler integration from t=0 to 1 (the one integrator: planning, evaluation and GRPO). ``step_std > 0``
+        makes each step Gaussian (x' ~ N(x + v dt, s^2 dt)), the stochastic policy GRPO needs; with
+        ``return_log_prob`` the summed log-density of the path is returned, and with a ``reference`` expert also the
+        path's summed KL to it (GRPO's regulariser): (trajectory, log_prob[, kl]).
         ``front``: front-camera tokens fresher than the bridge's, for the perception heads."""
         steps = steps or self.cfg.flow_steps
         percept = self.percept(bridge if front is None else front, ego)
         x = self.initial_state(normalise(a_his, self.cfg.action_scale), generator)
         dt = 1.0 / steps
         log_prob = torch.zeros(x.shape[0], device=x.device)
+        kl = torch.zeros(x.shape[0], device=x.device)
         for i in range(steps):
             t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
             mean = x + self(bridge, x, t, ego, percept) * dt
             if step_std > 0:
                 std = step_std * math.sqrt(dt)
+                if reference is not None:
+                    with torch.no_grad():
+                        mean_ref = x + reference(bridge, x, t, ego) * dt
+                    kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
                 x = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if return_log_prob:
                     lp = -0.5 * ((x.detach() - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
@@ -263,4 +270,6 @@ class FlowActionExpert(nn.Module):
             else:
                 x = mean
         out = denormalise(x, self.cfg.action_scale)
+        if reference is not None:
+            return out, log_prob, kl
         return (out, log_prob) if return_log_prob else out

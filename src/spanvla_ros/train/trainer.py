@@ -26,7 +26,6 @@ from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.perception import lead_targets_tensor
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
-from ..model.trajectory import normalise
 from .dataset import (
     Sample,
     attach_routes,
@@ -415,48 +414,34 @@ def grpo(policy, ref_expert, samples, bridges, scenes, iters, batch, group, lr, 
     rng = np.random.default_rng(seed)                  # the same draw of samples on every rank
     run = distributed(expert)
     from tqdm import tqdm
-    steps = policy.cfg.flow_steps
-    dt = 1.0 / steps
-    std = step_std * math.sqrt(dt)
     for it in tqdm(range(iters), desc=f"{tag} (GRPO)", disable=rank != 0):
         ii = rng.choice(len(samples), size=batch, replace=False)[rank::world]   # batch is global
         loss, R, kl = run(_grpo_loss, policy, ref_expert, [samples[i] for i in ii], [bridges[i] for i in ii], scenes,
-                          group, gen, std, beta, (w_neg, w_rec, l_cot, use_neg, use_rec, metric))
+                          group, gen, step_std, beta, (w_neg, w_rec, l_cot, use_neg, use_rec, metric))
         optimizer_step(opt, expert.parameters(), loss)
         log.log(tag, it, loss=loss.item(), reward=R.mean(), kl=kl.mean().item())
     expert.eval()
 
 
-def _grpo_loss(policy, ref_expert, bs, bridges, scenes, group, gen, std, beta, reward_args):
+def _grpo_loss(policy, ref_expert, bs, bridges, scenes, group, gen, step_std, beta, reward_args):
     """One GRPO step's loss on these samples: ``group`` stochastic Euler rollouts each, group-normalised rewards as
     advantages, KL to the SFT reference. Returns (loss, rewards, per-rollout KL)."""
-    expert, steps = policy.expert, policy.cfg.flow_steps
-    dt = 1.0 / steps
-    batch = len(bs)
+    expert, steps, batch = policy.expert, policy.cfg.flow_steps, len(bs)
     br = collate_bridges(bridges).repeat_interleave(group)
     a_his = his_tensor(policy, bs).repeat_interleave(group, 0)
     ego = ego_tensor(policy, bs).repeat_interleave(group, 0)
-    # rollout with Gaussian Euler steps; log-probs under the current expert, KL to the SFT reference
+    # stochastic Euler rollouts of the expert's own integrator: log-probs under the current expert, KL to the SFT one
     expert.train()
-    x = expert.initial_state(normalise(a_his, policy.cfg.action_scale), gen)
-    logp = torch.zeros(x.shape[0])
-    kl = torch.zeros(x.shape[0])
-    for k in range(steps):
-        t = torch.full((x.shape[0],), k * dt)
-        mean = x + expert(br, x, t, ego) * dt
-        with torch.no_grad():
-            mean_ref = x + ref_expert(br, x, t, ego) * dt
-        x_next = (mean + std * torch.randn(mean.shape, generator=gen)).detach()
-        logp = logp + (-0.5 * ((x_next - mean) / std) ** 2).flatten(1).sum(-1)
-        kl = kl + (((mean - mean_ref) ** 2) / (2 * std ** 2)).flatten(1).sum(-1)
-        x = x_next
-    trajs = (x * torch.as_tensor(policy.cfg.action_scale)).detach().numpy()
+    out, logp, kl = expert.sample(br, a_his, ego, steps, generator=gen, step_std=step_std, return_log_prob=True,
+                                  reference=ref_expert)
+    trajs = out.detach().numpy()
     R = np.concatenate([rewards(s, trajs[j * group:(j + 1) * group], scenes[(s.meta["scenario"], s.meta["seed"])],
                                 *reward_args) for j, s in enumerate(bs)])
     Rg = R.reshape(batch, group)
     adv = (Rg - Rg.mean(1, keepdims=True)) / (Rg.std(1, keepdims=True) + 1e-4)
     adv_t = torch.from_numpy(adv.reshape(-1)).float()
-    loss = -(adv_t * logp).mean() / (steps * x[0].numel()) + beta * kl.mean() / (steps * x[0].numel())
+    per_path = steps * out[0].numel()
+    loss = -(adv_t * logp).mean() / per_path + beta * kl.mean() / per_path
     return loss, R, kl
 
 
