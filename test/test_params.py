@@ -69,3 +69,25 @@ def test_planner_parameters_are_declared_from_the_schema_and_changed_at_run_time
         assert "odom_timeout_s" in str(err.value)
     finally:
         rclpy.shutdown(context=ctx)
+
+
+@requires_ros
+@requires_msgs
+def test_the_simulator_steps_at_the_rate_the_bridge_ticks_it(tmp_path):
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    import rclpy
+
+    from spanvla_ros.nodes.sim_bridge import SimBridgeNode
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+
+    params = _edited(tmp_path, "sim_bridge", sim_rate_hz=20.0)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(params)])
+    try:
+        node = SimBridgeNode(context=ctx)
+        assert node.backend.dt == pytest.approx(0.05)               # built at the node's rate
+        node.destroy_node()
+        with pytest.raises(ValueError):                             # a backend stepping at another rate is refused
+            SimBridgeNode(context=ctx, backend=HighwayEnvBackend(control_dt=0.1, render=False))
+    finally:
+        rclpy.shutdown(context=ctx)

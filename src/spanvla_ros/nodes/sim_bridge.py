@@ -43,8 +43,8 @@ def make_backend(name: str, **kw):
 
 
 class SimBridgeNode(Node):
-    def __init__(self, name: str = "sim_bridge", backend=None):
-        super().__init__(name)
+    def __init__(self, name: str = "sim_bridge", backend=None, **node_kw):
+        super().__init__(name, **node_kw)
         # from params/spanvla.schema.yaml: descriptors, no defaults (the params file gives every value)
         self.p: dict[str, Any] = declare_from_schema(self, "sim_bridge")
         self.add_on_set_parameters_callback(
@@ -52,7 +52,12 @@ class SimBridgeNode(Node):
                                                 reason=r))
         self.add_post_set_parameters_callback(lambda changes: self.p.update({c.name: c.value for c in changes}))
         p = self.p
-        self.backend = backend or make_backend(p["backend"])
+        # the simulator steps at the rate the node ticks it, or stamps (wall time + sim time) drift apart
+        step = 1.0 / p["sim_rate_hz"]
+        self.backend = backend or make_backend(p["backend"], control_dt=step)
+        if abs(self.backend.dt - step) > 1e-9:
+            raise ValueError(f"sim_rate_hz {p['sim_rate_hz']} does not match the backend's step "
+                             f"{self.backend.dt} s: set one to the other")
         self.tracker = PathTracker()
         self.counters: Counter = Counter()
         self.episodes: list[dict] = []
