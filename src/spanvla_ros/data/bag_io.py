@@ -149,6 +149,14 @@ def yaw_from_quat(q) -> float:
     return math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
 
 
+def odometry_row(msg) -> tuple[float, float, float, float, float]:
+    """(stamp, x, y, yaw, speed) of a nav_msgs/Odometry (an rclpy message or a rosbags-deserialised one)."""
+    from ..ros.stamps import stamp_to_sec
+
+    p, v = msg.pose.pose.position, msg.twist.twist.linear
+    return stamp_to_sec(msg.header.stamp), p.x, p.y, yaw_from_quat(msg.pose.pose.orientation), math.hypot(v.x, v.y)
+
+
 class EpisodeBagWriter:
     def __init__(self, path: Path, cameras, storage: str = "mcap"):
         from rosbags.rosbag2 import StoragePlugin, Writer
@@ -297,10 +305,7 @@ def read_episode(path: Path, cameras) -> EpisodeLog:
                         log.images[cam_of[conn.topic]].append(
                             (hs, decode_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)))
                 elif conn.topic == ODOM_TOPIC:
-                    p = msg.pose.pose
-                    hs = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-                    odom.append((hs, p.position.x, p.position.y, yaw_from_quat(p.orientation),
-                                 math.hypot(msg.twist.twist.linear.x, msg.twist.twist.linear.y)))
+                    odom.append(odometry_row(msg))
                 elif conn.topic == AGENTS_TOPIC:
                     log.agents.append((t, [(m.id, m.pose.position.x, m.pose.position.y,
                                             yaw_from_quat(m.pose.orientation), float(m.text or 0.0), m.scale.x,

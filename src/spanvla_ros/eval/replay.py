@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import threading
@@ -26,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.bag_io import BagError, BagStream, EpisodeLog, read_episode, typestore, yaw_from_quat
+from ..data.bag_io import BagError, BagStream, EpisodeLog, odometry_row, read_episode, typestore, yaw_from_quat
+from ..model.config import SpanVLAConfig
 from .closed_loop import plan_displacement
 from .pdm import score
 from .plan_metrics import plan_vs_log
@@ -116,13 +116,12 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     inputs = planner_inputs(pp)
     stream = BagStream(bag)
     kinds = {topic: typ for topic, typ in stream.connections().items() if remap.get(topic, topic) in inputs}
-    mapped = [remap.get(topic, topic) for topic in kinds]
-    if not any(inputs[topic] == "camera" for topic in mapped) or pp["odom_topic"] not in mapped:
+    target = {topic: remap.get(topic, topic) for topic in kinds}   # the planner's name for each bag topic
+    if not any(inputs[t] == "camera" for t in target.values()) or pp["odom_topic"] not in target.values():
         raise BagError(f"nothing replayable in {bag}: the bag has none of the planner's camera topics or no "
                        f"{pp['odom_topic']} (topics from {params_file}; bag topics: "
                        f"{sorted(stream.connections())}; map others with --remap FROM:=TO)")
     stream.topics = set(kinds)
-    target = {topic: remap.get(topic, topic) for topic in kinds}
     for topic, typ in kinds.items():   # compressed frames go where image_transport puts them: <topic>/compressed
         if inputs[target[topic]] == "camera" and typ.endswith("CompressedImage") \
                 and not target[topic].endswith("/compressed"):
@@ -181,7 +180,7 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
         pubs[topic].publish(msg)
         published += 1
         if inputs[target[topic]] == "odometry":
-            odom.append(_odometry_row(msg))
+            odom.append(odometry_row(msg))
     time.sleep(settle_s)
     counters = dict(planner.counters)
     for ex in executors:
@@ -209,14 +208,6 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     return report
 
 
-def _odometry_row(msg) -> tuple[float, float, float, float, float]:
-    """(stamp, x, y, yaw, speed) of a nav_msgs/Odometry."""
-    from ..ros.stamps import stamp_to_sec
-
-    p, v = msg.pose.pose.position, msg.twist.twist.linear
-    return (stamp_to_sec(msg.header.stamp), p.x, p.y, yaw_from_quat(msg.pose.pose.orientation), math.hypot(v.x, v.y))
-
-
 def _interp_pose(odom: np.ndarray, t: float):
     ts = odom[:, 0]
     if t < ts[0] - 1e-3 or t > ts[-1] + 1e-3:
@@ -226,9 +217,6 @@ def _interp_pose(odom: np.ndarray, t: float):
                      np.interp(t, ts, odom[:, 4])])
 
 
-PLAN_DT_UNSTAMPED = 0.5   # step of plans whose poses all carry the Path's stamp (bags recorded before per-pose stamps)
-
-
 def _plan_poses(msg) -> tuple[np.ndarray, np.ndarray]:
     """(H, 3) x, y, heading of a Path's poses and (H,) the times they are for."""
     from ..ros.stamps import stamp_to_sec
@@ -236,8 +224,8 @@ def _plan_poses(msg) -> tuple[np.ndarray, np.ndarray]:
     xyh = np.array([(p.pose.position.x, p.pose.position.y, yaw_from_quat(p.pose.orientation)) for p in msg.poses])
     t0 = stamp_to_sec(msg.header.stamp)
     times = np.array([stamp_to_sec(p.header.stamp) for p in msg.poses])
-    if np.allclose(times, t0):
-        times = t0 + PLAN_DT_UNSTAMPED * np.arange(1, len(xyh) + 1)
+    if np.allclose(times, t0):   # poses all carry the Path's stamp (recorded before per-pose stamps): the model's step
+        times = t0 + SpanVLAConfig.dt * np.arange(1, len(xyh) + 1)
     return xyh, times
 
 

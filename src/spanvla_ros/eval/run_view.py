@@ -86,17 +86,16 @@ def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_fro
                     if cam and typ.startswith("sensor_msgs/msg/") and "Image" in typ:
                         m: Any = reader.deserialize(raw, typ)
                         t_img = _t(m.header.stamp)
-                        for_keys = wanted(t_img)
-                        if keys is not None and not (for_keys and any(
-                                kept.get((cam, k), (-math.inf,))[0] < t_img for k in for_keys)):
+                        # the keyframes this frame is newer for than what they hold
+                        newer = [k for k in wanted(t_img) if kept.get((cam, k), (-math.inf,))[0] < t_img]
+                        if keys is not None and not newer:
                             continue
                         data = bytes(m.data) if typ.endswith("CompressedImage") else \
                             decode_rgb(m.encoding, m.height, m.width, m.step, m.data)
                         if keys is None:
                             log.images[cam].append((t_img, data))
-                        for k in for_keys:
-                            if kept.get((cam, k), (-math.inf,))[0] < t_img:
-                                kept[(cam, k)] = (t_img, data)
+                        for k in newer:
+                            kept[(cam, k)] = (t_img, data)
                     elif typ == "nav_msgs/msg/Odometry":
                         m = reader.deserialize(raw, typ)
                         p = m.pose.pose

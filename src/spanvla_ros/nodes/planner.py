@@ -24,11 +24,10 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
-from transforms3d.euler import euler2quat
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.config import resolve_share_path
-from spanvla_ros.data.bag_io import path_xy, yaw_from_quat
+from spanvla_ros.data.bag_io import odometry_row, path_xy, quat_from_yaw
 from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
@@ -179,11 +178,7 @@ class PlannerNode(Node):
         self._received[camera] += 1
 
     def _on_odom(self, msg: Odometry) -> None:
-        yaw = yaw_from_quat(msg.pose.pose.orientation)
-        v = msg.twist.twist.linear
-        if not self.core.add_odometry(stamp_to_sec(msg.header.stamp), msg.pose.pose.position.x,
-                                      msg.pose.pose.position.y, yaw, math.hypot(v.x, v.y), msg.header.frame_id,
-                                      self._now()):
+        if not self.core.add_odometry(*odometry_row(msg), msg.header.frame_id, self._now()):
             self.bad_messages += 1
             self.get_logger().warning("dropped message (odometry): non-finite pose or twist", throttle_duration_sec=2.0)
             return
@@ -285,7 +280,7 @@ class PlannerNode(Node):
             ps.header.stamp = sec_to_stamp(stamp + (k + 1) * self.policy.cfg.dt)
             ps.header.frame_id = path.header.frame_id
             ps.pose.position.x, ps.pose.position.y = float(x), float(y)
-            w, qx, qy, qz = euler2quat(0.0, 0.0, float(h))
+            w, qx, qy, qz = quat_from_yaw(float(h))
             ps.pose.orientation.w, ps.pose.orientation.x, ps.pose.orientation.y, ps.pose.orientation.z = w, qx, qy, qz
             path.poses.append(ps)
         return path

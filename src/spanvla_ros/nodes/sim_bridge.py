@@ -8,7 +8,6 @@ The simulator steps at ``sim_rate_hz`` in real time; when an episode ends the ne
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, deque
 from typing import Any
@@ -23,7 +22,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 from visualization_msgs.msg import Marker, MarkerArray
 
-from spanvla_ros.data.bag_io import yaw_from_quat
+from spanvla_ros.data.bag_io import quat_from_yaw, yaw_from_quat
 from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
@@ -122,7 +121,8 @@ class SimBridgeNode(Node):
         tf.header.stamp, tf.header.frame_id, tf.child_frame_id = stamp, parent, child
         t = tf.transform.translation
         t.x, t.y, t.z = float(x), float(y), float(z)
-        tf.transform.rotation.w, tf.transform.rotation.z = math.cos(yaw / 2), math.sin(yaw / 2)
+        q = tf.transform.rotation
+        q.w, q.x, q.y, q.z = quat_from_yaw(yaw)
         return tf
 
     # ------------------------------------------------------------------ episodes
@@ -218,7 +218,8 @@ class SimBridgeNode(Node):
         odom = Odometry()
         odom.header.stamp, odom.header.frame_id, odom.child_frame_id = stamp, p["map_frame"], p["base_frame"]
         odom.pose.pose.position.x, odom.pose.pose.position.y = e.x, e.y
-        odom.pose.pose.orientation.w, odom.pose.pose.orientation.z = math.cos(e.heading / 2), math.sin(e.heading / 2)
+        q = odom.pose.pose.orientation
+        q.w, q.x, q.y, q.z = quat_from_yaw(e.heading)
         odom.twist.twist.linear.x, odom.twist.twist.angular.z = e.speed, e.yaw_rate
         self.odom_pub.publish(odom)
         self._send_tf(self._transform(stamp, p["map_frame"], p["base_frame"], e.x, e.y, 0.0, e.heading))
@@ -232,7 +233,8 @@ class SimBridgeNode(Node):
             m.header.stamp, m.header.frame_id = stamp, p["map_frame"]
             m.ns, m.id, m.type, m.action = "agents", int(a.id), Marker.CUBE, Marker.ADD
             m.pose.position.x, m.pose.position.y, m.pose.position.z = a.x, a.y, 0.75
-            m.pose.orientation.w, m.pose.orientation.z = math.cos(a.heading / 2), math.sin(a.heading / 2)
+            q = m.pose.orientation
+            q.w, q.x, q.y, q.z = quat_from_yaw(a.heading)
             m.scale.x, m.scale.y, m.scale.z = a.length, a.width, 1.5
             m.color.b, m.color.a = 0.9, 1.0
             m.lifetime.nanosec = 300_000_000

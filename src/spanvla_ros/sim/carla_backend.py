@@ -146,15 +146,19 @@ class CarlaBackend:
         self._stops: list[tuple[float, Any]] = []
         if self.route is None:
             return np.zeros((0, 2))
-        on_route = []
+        on_route = []   # (arc length, point, light)
         for tl in self.world.get_actors().filter("traffic.traffic_light*"):
             for w in tl.get_stop_waypoints():
                 p = (w.transform.location.x, -w.transform.location.y)
                 if self.route.distance(Point(p)) < 1.75:
-                    on_route.append(p)
-                    self._stops.append((float(self.route.project(Point(p))), tl))
-        self._stops.sort(key=lambda st: st[0])
-        return np.array(sorted(on_route, key=lambda p: self.route.project(Point(p)))).reshape(-1, 2)
+                    on_route.append((float(self.route.project(Point(p))), p, tl))
+        on_route.sort(key=lambda stop: stop[0])
+        self._stops = [(s, tl) for s, _, tl in on_route]
+        return np.array([p for _, p, _ in on_route]).reshape(-1, 2)
+
+    def _next_stop(self, bumper_s: float | None) -> tuple[float, Any] | None:
+        """The first route stop line (arc length, light) not yet passed by the front bumper."""
+        return next(((s, tl) for s, tl in self._stops if bumper_s is None or s >= bumper_s - 1.0), None)
 
     @staticmethod
     def _light_state(tl) -> str | None:
@@ -245,11 +249,11 @@ class CarlaBackend:
                         and self._light_state(tl) == "red":
                     self._red = True
             self._bumper_s = bumper
-            ahead = [(s, tl) for s, tl in self._stops if s >= bumper - 1.0]
-            state = self._light_state(ahead[0][1]) if ahead and ahead[0][0] - bumper < LIGHT_RANGE_M else None
-            if state is not None:
-                sx, sy = self.route.interpolate(ahead[0][0]).coords[0]
-                light = TrafficLight(sx, sy, yaw, state, ahead[0][0])
+            stop = self._next_stop(bumper)
+            state = self._light_state(stop[1]) if stop and stop[0] - bumper < LIGHT_RANGE_M else None
+            if stop and state is not None:
+                sx, sy = self.route.interpolate(stop[0]).coords[0]
+                light = TrafficLight(sx, sy, yaw, state, stop[0])
         flags = Flags(self._collided, off_road, wrong_way, self._red)
         done = self._collided or progress >= self.route_length_m or self.t >= self.duration
         return Observation(self.t, ego, agents, images, flags, self.command, progress, self.route_length_m, light, done,
@@ -284,8 +288,8 @@ class CarlaBackend:
         """The next light's state over the horizon, held as it is now: CARLA does not expose a light's schedule to
         a client, so a change within the horizon is not foreseen (PDM traffic-light compliance then scores the
         plan against the light as seen)."""
-        ahead = [tl for s, tl in self._stops if self._bumper_s is None or s >= self._bumper_s - 1.0]
-        state = self._light_state(ahead[0]) if ahead else None
+        stop = self._next_stop(self._bumper_s)
+        state = self._light_state(stop[1]) if stop else None
         if state is None:
             return {}
         return {round(k * dt, 6): state for k in range(int(round(horizon_s / dt)) + 1)}

@@ -5,6 +5,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
                 continue   # a frame is missing from the bag: skip the sample rather than pad silently
             m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
             m["bag_path"] = str((data_dir / bag).resolve())   # identifies the episode across dataset copies
-            out.append(Sample(m, [i for i in imgs if i is not None]))
+            out.append(Sample(m, cast(list[np.ndarray], imgs)))
     return out
 
 
@@ -95,7 +96,7 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
 
     for s in samples:
         scene = scenes[(s.meta["scenario"], s.meta["seed"])]
-        backfill_facts(s, scene)
+        derive_facts(s, scene)
         route = np.asarray(scene.route.coords)
         if get(s.meta["scenario"]).expert_changes_lanes:
             # only there does the expert leave the route's lane by choice; elsewhere a label that ends in another
@@ -131,7 +132,7 @@ def drop_off_route_labels(samples: list[Sample]) -> tuple[list[Sample], int]:
     return kept, len(samples) - len(kept)
 
 
-def backfill_facts(sample: Sample, scene) -> None:
+def derive_facts(sample: Sample, scene) -> None:
     """meta["facts"] from what the sample stores: the other agents at the sample time (the first row of their
     logged futures), the signal state and the episode's route; derived again for every sample so that the
     labels follow data.scene_text.perception_facts as it is now (also for datasets generated before it changed,
