@@ -88,7 +88,10 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     node.create_subscription(PathMsg, "/spanvla/path", paths.append, 50)
     node.create_subscription(Reasoning, "/spanvla/reasoning", reasoning.append, 10)
     node.create_subscription(PlanStatus, "/spanvla/plan_status", status.append, 50)
-    tf, tf_static = [], []
+    from rosgraph_msgs.msg import Clock
+
+    tf, tf_static, clock = [], [], []
+    node.create_subscription(Clock, "/clock", lambda m: clock.append(stamp_to_sec(m.clock)), 50)
     node.create_subscription(TFMessage, "/tf", lambda m: tf.extend(m.transforms), 200)
     node.create_subscription(TFMessage, "/tf_static", lambda m: tf_static.append(m.transforms),
                              QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
@@ -119,6 +122,8 @@ def test_composed_drive_process_publishes_plans_and_reasoning(subprocess_env, tm
     # every plan is stamped with its input (odometry) time, and reasoning with its frames' time
     assert stamp_to_sec(reasoning[-1].header.stamp) <= stamp_to_sec(paths[-1].header.stamp) + 0.5
     assert json.loads((tmp_path / "drive.json").read_text())["counters"]["plans_published"] >= len(paths)
+    # the simulation's clock on /clock (the planner runs on it): the same time base as the sensors' stamps
+    assert clock and abs(max(clock) - stamp_to_sec(paths[-1].header.stamp)) < 2.0
     # frames on /tf and /tf_static as tf2_msgs/TFMessage: the ego in the map, the cameras on the ego
     assert any(t.header.frame_id == "map" and t.child_frame_id == "base_link" for t in tf)
     assert tf_static and {t.child_frame_id for t in tf_static[-1]} >= {"front_camera", "front_left_camera",

@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     params_files = ["--params-file", a.params_file]
     if a.set:
         params_files += ["--params-file", _override_file(a.set)]
-    rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + ros_args)
+    # with the simulator, the planner runs on its clock (/clock): the age of the simulated sensors' stamps
+    sim_time = [] if a.no_sim else ["-p", "spanvla_planner:use_sim_time:=true"]
+    rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + sim_time + ros_args)
     nodes: list = []
     if not a.no_sim:
         from spanvla_ros.nodes.sim_bridge import SimBridgeNode

@@ -18,6 +18,7 @@ from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 from visualization_msgs.msg import Marker, MarkerArray
@@ -71,6 +72,7 @@ class SimBridgeNode(Node):
         self.stop_lines_pub = self.create_publisher(Path, p["stop_lines_topic"], latched)
         self.cmd_pub = self.create_publisher(String, p["command_topic"], latched)
         self.agents_pub = self.create_publisher(MarkerArray, p["agents_topic"], 5)
+        self.clock_pub = self.create_publisher(Clock, "/clock", 10)
         self._static_tfs: dict[str, TransformStamped] = {}
         self._tf = self._make_tf_publishers(latched)
         self.create_subscription(Path, p["path_topic"], self._on_path, 5)
@@ -213,6 +215,9 @@ class SimBridgeNode(Node):
         p = self.p
         t = self._stamp()
         stamp = sec_to_stamp(t)
+        # the simulation's clock, as carla-ros-bridge publishes it: nodes with use_sim_time judge the age of these
+        # stamps on it, not on a wall clock the simulation falls behind when the machine is loaded
+        self.clock_pub.publish(Clock(clock=stamp))
         e = obs.ego
         self._poses.append((t, e.x, e.y, e.heading))
         odom = Odometry()
