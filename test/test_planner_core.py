@@ -110,3 +110,31 @@ def test_a_backlog_of_old_odometry_does_not_make_plans(policy, params):
     assert core.plan(now=1.6) is not None
     core.add_odometry(1.7, 17.0, 0.0, 0.0, 10.0, "map", received=5.0)   # received now, stamped 3.3 s ago
     assert core.plan(now=5.0) is None and core.counters["plans_withheld_stale_odometry"] == 1
+
+
+def test_the_safety_envelope_acts_on_what_the_heads_perceive(policy, params, monkeypatch):
+    """The core runs the model's plan through the envelope with the heads' percept of the same plan: a stopped
+    lead perceived 15 m ahead at 10 m/s slows the plan short of it (marked, counted); with the envelope off, or the
+    lead not perceived, the model's plan is published as it is."""
+    import math
+
+    from spanvla_ros.model.perception import Percept
+
+    core = PlannerCore(policy, params, CAMS)
+    feed(core, 0.0, 1.6)
+    r = core.reason()
+    core.bridge.publish(r.bridge)
+    model_plan = policy.plan(r.bridge, *core.ego.state(4, 0.5)[:4], "follow lane")
+    model_plan[:, 0], model_plan[:, 3] = 10.0 * 0.5 * np.arange(1, 9), 10.0      # keep 10 m/s straight on
+    seen = {"percept": Percept(None, None, 0.9, 15.0, 10.0)}
+    monkeypatch.setattr(policy, "plan_perceived", lambda *a, **k: (model_plan.copy(), seen["percept"]))
+    limited = core.plan(now=1.6)
+    assert limited.limited_by.startswith("lead") and core.counters["plans_limited"] == 1
+    assert limited.traj[-1, 0] < 15.0 + params.envelope.ego_front_m and limited.traj[-1, 0] < model_plan[-1, 0]
+    seen["percept"] = Percept(None, None, 0.1, math.nan, math.nan)
+    assert np.array_equal(core.plan(now=1.6).traj, model_plan)
+    seen["percept"] = Percept(None, None, 0.9, 15.0, 10.0)
+    core.set_params(dataclasses.replace(params, envelope=dataclasses.replace(params.envelope,
+                                                                            safety_envelope=False)))
+    off = core.plan(now=1.6)
+    assert off.limited_by == "" and np.array_equal(off.traj, model_plan) and core.counters["plans_limited"] == 1

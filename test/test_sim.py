@@ -340,3 +340,138 @@ def test_carla_wrong_way_is_not_judged_inside_junctions():
     ego_tf.location.x = sum(JUNCTION_X) / 2                 # inside the junction: lanes overlap, no judgement
     assert not b.step(Control(0.0, 0.0)).flags.wrong_way
     b.close()
+
+
+def test_carla_expert_follows_the_route_through_junctions():
+    """With no control the Traffic Manager drives the ego (the expert); CARLA's picks junction branches at random
+    unless it is given the route (set_path), as the fake does: with the path, every seed crosses the junction on
+    the route, and the lane is kept (auto lane change off)."""
+    from helpers.fake_carla import JUNCTION_X
+
+    ends = []
+    for seed in range(4):
+        b, world = _fake_backend(control_dt=0.1, duration_s=200.0, route_length_m=800.0)
+        obs = b.reset("town", seed)
+        b.ego.get_transform().location.x = JUNCTION_X[0] - 10.0
+        for _ in range(100):
+            obs = b.step(None)
+        ends.append((obs.ego.x > JUNCTION_X[1], abs(obs.ego.heading) < 0.05, obs.flags.off_road))
+        assert ("tm_lane_change", b.ego.id, False) in world.log and abs(b.lateral_offset_m()) < 0.5
+        b.close()
+    assert ends == [(True, True, False)] * 4
+
+
+def test_carla_traffic_manager_without_the_route_leaves_it():
+    """The honest fake's Traffic Manager: without set_path, some seeds turn off at the junction (what the
+    backend's set_path prevents above)."""
+    from helpers import fake_carla
+    from helpers.fake_carla import JUNCTION_X
+
+    turned = 0
+    for seed in range(8):
+        world = fake_carla.World()
+        tm = fake_carla.TrafficManager(world)
+        tm.set_random_device_seed(seed)
+        world.settings.synchronous_mode, world.settings.fixed_delta_seconds = True, 0.1
+        car = world.spawn_actor(fake_carla.Blueprint("vehicle.audi.a2"),
+                                fake_carla.Transform(fake_carla.Location(JUNCTION_X[0] - 5.0, 0.0)))
+        car.set_autopilot(True)
+        car.speed = 10.0
+        for _ in range(20):
+            world.tick()
+        turned += car.get_transform().rotation.yaw != 0.0
+    assert 0 < turned < 8
+
+
+LEADERBOARD_1 = """<routes>
+  <route id="7" town="Town01">
+    <waypoint x="40.0" y="0.0" z="0.0" pitch="0.0" roll="0.0" yaw="0.0"/>
+    <waypoint x="140.0" y="0.0" z="0.0" pitch="0.0" roll="0.0" yaw="0.0"/>
+    <waypoint x="200.0" y="0.0" z="0.0" pitch="0.0" roll="0.0" yaw="0.0"/>
+  </route>
+</routes>"""
+
+BENCH2DRIVE = """<routes>
+  <route id="1711" town="Town12">
+    <weathers>
+      <weather route_percentage="0" cloudiness="5.0" precipitation="0.0" sun_altitude_angle="45.0"/>
+      <weather route_percentage="100" cloudiness="80.0" precipitation="30.0" sun_altitude_angle="10.0"/>
+    </weathers>
+    <waypoints>
+      <position x="40.0" y="3.5" z="0.0"/>
+      <position x="120.0" y="3.5" z="0.0"/>
+    </waypoints>
+    <scenarios>
+      <scenario name="Accident_1" type="Accident">
+        <trigger_point x="80.0" y="3.5" z="0.0" yaw="0.0"/>
+        <distance value="50"/>
+      </scenario>
+    </scenarios>
+  </route>
+</routes>"""
+
+
+def test_leaderboard_route_files_parse_in_both_layouts(tmp_path):
+    from spanvla_ros.sim.routes import load_routes, parse_routes
+
+    (r1,) = parse_routes(LEADERBOARD_1)
+    assert (r1.id, r1.town, len(r1.waypoints), r1.weather) == ("7", "Town01", 3, {})
+    (r2,) = parse_routes(BENCH2DRIVE)
+    assert r2.town == "Town12" and r2.waypoints[-1] == (120.0, 3.5, 0.0)
+    assert r2.weather == {"cloudiness": 5.0, "precipitation": 0.0, "sun_altitude_angle": 45.0}
+    assert [(s.type, s.trigger) for s in r2.scenarios] == [("Accident", (80.0, 3.5, 0.0))]
+    f = tmp_path / "routes.xml"
+    f.write_text(BENCH2DRIVE)
+    assert load_routes(f, "1711") == [r2]
+    with pytest.raises(ValueError, match="no route with id"):
+        load_routes(f, "3")
+    with pytest.raises(ValueError, match=">= 2"):
+        parse_routes('<routes><route id="1" town="T"><waypoint x="0" y="0" z="0"/></route></routes>')
+
+
+def test_a_leaderboard_route_is_driven_end_to_end_on_carla(tmp_path, monkeypatch):
+    """spanvla-closed-loop --backend carla --routes FILE against the fake server: the route's town is loaded, its
+    weather set, the ego starts at its first waypoint and the route ends at its last; the leaderboard's metrics
+    (driving score, route completion, infraction penalty, success rate) are reported."""
+    import json
+    import sys
+
+    from helpers import fake_carla
+    from spanvla_ros.eval.closed_loop import main
+
+    monkeypatch.setitem(sys.modules, "carla", fake_carla.module())
+    routes = tmp_path / "routes.xml"
+    routes.write_text(BENCH2DRIVE)
+    out = tmp_path / "cl.json"
+    assert main(["--driver", "expert", "--backend", "carla", "--routes", str(routes), "--seeds", "1",
+                 "--out", str(out)]) == 0
+    world = fake_carla.Client.last.world
+    assert ("load_world", "Town12") in world.log
+    weather = next(e[1] for e in world.log if e[0] == "weather")
+    assert weather.cloudiness == 5.0
+    data = json.loads(out.read_text())
+    (ep,) = data["episodes"]
+    assert ep["scenario"] == "route_1711" and ep["success"] and ep["infraction_penalty"] == 1.0
+    assert ep["route_completion"] >= 0.99 and data["summary"]["success_rate"] == 1.0
+    assert not world.settings.synchronous_mode and not world.actors          # the world restored after
+
+
+def test_data_generation_runs_on_carla(tmp_path, monkeypatch):
+    """spanvla-generate-data --backend carla: expert and recovery episodes and their samples come from the CARLA
+    backend like from highway-env (the lane offset and stop-line distance through the backend interface); DAgger
+    labels need a forkable world and are refused on CARLA."""
+    import sys
+
+    from helpers import fake_carla
+    from spanvla_ros.data.generate import main
+
+    monkeypatch.setitem(sys.modules, "carla", fake_carla.module())
+    assert main(["--out", str(tmp_path), "--scenarios", "town", "--seeds", "0", "--kinds", "expert,recovery",
+                 "--backend", "carla"]) == 0
+    import json
+    idx = json.loads((tmp_path / "index.json").read_text())
+    assert {e["kind"] for e in idx["episodes"]} == {"expert", "recovery"}
+    assert idx["samples"] and any(s["facts"]["light_dist"] is not None for s in idx["samples"])
+    with pytest.raises(ValueError, match="fork"):
+        main(["--out", str(tmp_path), "--scenarios", "town", "--seeds", "0", "--kinds", "dagger", "--policy", "x",
+              "--backend", "carla"])

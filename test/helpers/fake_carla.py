@@ -4,6 +4,7 @@ and a log of every call the tests assert on."""
 from __future__ import annotations
 
 import math
+import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,6 +63,8 @@ class Waypoint:
 
 
 class Map:
+    name = "Carla/Maps/Town01"
+
     def get_spawn_points(self):
         return [Transform(Location(10.0 + 30 * i, -3.5 * (i % 2)), Rotation()) for i in range(6)]
 
@@ -176,6 +179,7 @@ class World:
         self.settings, self.frame, self.actors, self.log = Settings(), 100, ActorList(), []
         self.traffic_lights = [TrafficLight(300.0)]
         self.collide_at_frame = None
+        self.tm: TrafficManager | None = None
 
     def get_settings(self):
         s = Settings()
@@ -188,6 +192,9 @@ class World:
 
     def get_map(self):
         return Map()
+
+    def set_weather(self, weather):
+        self.log.append(("weather", weather))
 
     def get_blueprint_library(self):
         return BlueprintLibrary()
@@ -214,9 +221,12 @@ class World:
                     a.tf.rotation.yaw += math.degrees(c.steer * 0.2 * dt)
                 elif a.autopilot:
                     a.speed = min(10.0, a.speed + 2.0 * dt)
+                x_before = a.tf.location.x
                 yaw = math.radians(a.tf.rotation.yaw)
                 a.tf.location.x += a.speed * math.cos(yaw) * dt
                 a.tf.location.y += a.speed * math.sin(yaw) * dt
+                if a.autopilot and self.tm is not None and x_before < JUNCTION_X[0] <= a.tf.location.x:
+                    self.tm.choose_branch(a)
         self.frame += 1
         self.log.append(("tick", self.frame))
         for a in list(self.actors):
@@ -236,14 +246,32 @@ class World:
 
 
 class TrafficManager:
+    """Like CARLA's: a vehicle on autopilot takes a random branch at a junction (here: straight on, or a right turn
+    off the road) unless set_path gave it locations past the junction; set_path and lane changes are logged."""
+
     def __init__(self, world):
-        self.world = world
+        self.world, self.paths, self.rng = world, {}, random.Random(0)
+        world.tm = self
 
     def set_synchronous_mode(self, on):
         self.world.log.append(("tm_sync", on))
 
     def set_random_device_seed(self, s):
-        pass
+        self.rng = random.Random(s)
+
+    def set_path(self, actor, path):
+        self.paths[actor.id] = [(loc.x, loc.y) for loc in path]
+        self.world.log.append(("tm_path", actor.id, len(path)))
+
+    def auto_lane_change(self, actor, enable):
+        self.world.log.append(("tm_lane_change", actor.id, enable))
+
+    def choose_branch(self, actor):
+        path = self.paths.get(actor.id, [])
+        if any(x > JUNCTION_X[1] and abs(y - actor.tf.location.y) < 1.75 for x, y in path):
+            return                                        # the path goes straight through
+        if self.rng.random() < 0.5:
+            actor.tf.rotation.yaw += 90.0                 # CARLA yaw is clockwise: a right turn
 
     def get_port(self):
         return 8000
@@ -263,12 +291,18 @@ class Client:
         return self.world
 
     def load_world(self, town):
+        self.world.log.append(("load_world", town))
         return self.world
 
     def get_trafficmanager(self, port=8000):
         return TrafficManager(self.world)
 
 
+class WeatherParameters(SimpleNamespace):
+    """carla.WeatherParameters takes its fields as keywords (cloudiness, precipitation, sun_altitude_angle, ...)."""
+
+
 def module():
     return SimpleNamespace(Client=Client, Location=Location, Rotation=Rotation, Transform=Transform,
-                           VehicleControl=VehicleControl, LaneType=LaneType, TrafficLightState=TrafficLightState)
+                           VehicleControl=VehicleControl, LaneType=LaneType, TrafficLightState=TrafficLightState,
+                           WeatherParameters=WeatherParameters)

@@ -15,6 +15,7 @@ import threading
 import time
 
 from spanvla_ros.config import default_params_path
+from spanvla_ros.sim.backends import BACKENDS
 
 
 def _pct(xs, q):
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
                     "run_view.png ({time} is replaced by the start time)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--json", default="", help="write the episodes' results, counters and latencies to this file")
+    ap.add_argument("--backend", default="", choices=["", *BACKENDS],
+                    help="simulator (default: sim_bridge.backend of the params file)")
+    ap.add_argument("--carla-host", default="", help="CARLA server host (sim_bridge.carla_host)")
+    ap.add_argument("--carla-port", type=int, default=0, help="CARLA server port (sim_bridge.carla_port)")
     a, ros_args = ap.parse_known_args(argv if argv is not None else sys.argv[1:])
 
     import rclpy
@@ -103,6 +108,9 @@ def main(argv=None) -> int:
     from spanvla_ros.nodes.planner import PlannerNode
     if a.episodes:
         a.set.append(f"sim_bridge.max_episodes={a.episodes}")
+    for key, value in (("backend", a.backend), ("carla_host", a.carla_host), ("carla_port", a.carla_port)):
+        if value:
+            a.set.append(f"sim_bridge.{key}={value}")
     params_files = ["--params-file", a.params_file]
     if a.set:
         params_files += ["--params-file", _override_file(a.set)]

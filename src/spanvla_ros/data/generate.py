@@ -45,6 +45,9 @@ class EpisodeJob:
     out_dir: str
     sample_every_s: float = 1.0
     policy: str = ""   # dagger: the checkpoint that drives
+    backend: str = "highway_env"
+    carla_host: str = ""
+    carla_port: int = 0
 
 
 def negative_candidates(speed: float) -> dict[str, np.ndarray]:
@@ -79,7 +82,7 @@ class EpisodeRecorder:
         writer.write_route(0.0, b.route_xy, b.command, b.stop_lines_xy)
         drift: tuple[float, float, float] | None = None
         if job.kind == "recovery":
-            t0 = float(rng.uniform(2.5, max(3.0, b.scenario.duration_s - 7.0)))
+            t0 = float(rng.uniform(2.5, max(3.0, b.duration_s - 7.0)))
             drift = (t0, t0 + float(rng.uniform(0.8, 1.4)), float(rng.choice([-1, 1]) * rng.uniform(0.012, 0.025)))
         self.drift = drift
         self.scene = b.scene_map()
@@ -89,7 +92,7 @@ class EpisodeRecorder:
             driver.reset(obs, b)
         self.steps.append(step_record(b, obs))
         writer.write_step(obs)
-        label_at = set(sample_indices(int(round(b.scenario.duration_s / b.dt)) + 1, b.dt, job.sample_every_s))
+        label_at = set(sample_indices(int(round(b.duration_s / b.dt)) + 1, b.dt, job.sample_every_s))
         while not obs.done:
             control = None
             if drift and drift[0] <= b.t < drift[1]:
@@ -140,16 +143,12 @@ def expert_rollout(backend, steps: int) -> list[dict]:
 
 def step_record(b, obs) -> dict:
     """What the sample builder needs of one simulator step."""
-    lane = b.road.network.get_lane(b.ego.lane_index)
-    lat = float(lane.local_coordinates(b.ego.position)[1])
-    light_dist = None
-    if b.stop_s is not None:
-        light_dist = b.stop_s - obs.route_progress - obs.ego.length / 2
     e = obs.ego
     return dict(t=obs.t, ego=(e.x, e.y, e.heading, e.speed), accel=e.accel, yaw_rate=e.yaw_rate,
                 agents=[(a.id, a.x, a.y, a.heading, a.speed, a.length, a.width) for a in obs.agents],
-                light=obs.light.state if obs.light else None, light_dist=light_dist, lateral=lat,
-                flags=obs.flags, progress=obs.route_progress)
+                light=obs.light.state if obs.light else None, light_dist=b.stop_line_distance_m(obs),
+                lateral=b.lateral_offset_m(),
+                flags=obs.flags, progress=obs.route_progress, route_length=obs.route_length)
 
 
 SAMPLE_KIND = {"expert": "positive", "recovery": "recovery", "dagger": "dagger"}
@@ -228,9 +227,9 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
 
 
 def run_job(job: EpisodeJob) -> dict:
-    from ..sim.highway_backend import HighwayEnvBackend
+    from ..sim.backends import make_backend
 
-    backend = HighwayEnvBackend()
+    backend = make_backend(job.backend, job.carla_host, job.carla_port)
     name = f"{job.scenario}_{job.seed:05d}_{job.kind}"
     bag_path = Path(job.out_dir) / "episodes" / name
     if bag_path.exists():
@@ -244,19 +243,28 @@ def run_job(job: EpisodeJob) -> dict:
     backend.close()
     return dict(episode=dict(name=name, scenario=job.scenario, seed=job.seed, kind=job.kind, bag=f"episodes/{name}",
                              duration_s=last["t"], collision=bool(last["flags"].collision),
-                             route_completion=last["progress"] / backend.route_length),
+                             route_completion=last["progress"] / last["route_length"]),
                 samples=samples)
 
 
 def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), workers: int = 1,
-             sample_every_s: float = 1.0, progress: bool = True, policy: str = "") -> dict:
+             sample_every_s: float = 1.0, progress: bool = True, policy: str = "", backend: str = "highway_env",
+             carla_host: str = "", carla_port: int = 0) -> dict:
+    """Episodes x kinds on ``backend``. On CARLA every episode runs on the one server given (workers would
+    drive the same world at once: one worker)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "dagger" in kinds and not policy:
         raise ValueError("dagger episodes need the checkpoint that drives (policy=...)")
-    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s, str(Path(policy).resolve()) if policy else "")
+    if backend == "carla" and workers > 1:
+        raise ValueError("CARLA: one worker per server (several would tick the same world)")
+    if "dagger" in kinds and backend != "highway_env":
+        raise ValueError("dagger labels roll the expert out on a copy of the running world, which only "
+                         "highway-env can make (a CARLA world cannot be forked)")
+    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s, str(Path(policy).resolve()) if policy else "",
+                       backend, carla_host, carla_port)
             for s in scenarios for seed in seeds for k in kinds]
     t0 = time.time()
     results = []
@@ -275,6 +283,7 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
 
 
 def main(argv=None) -> int:
+    from ..sim.backends import add_backend_arguments
     from ..sim.scenarios import SCENARIOS, parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,10 +294,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--sample-every", type=float, default=1.0)
     ap.add_argument("--policy", default="", help="checkpoint that drives the dagger episodes (--kinds dagger)")
+    add_backend_arguments(ap)
     a = ap.parse_args(argv)
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
     idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every,
-                   policy=a.policy)
+                   policy=a.policy, backend=a.backend, carla_host=a.carla_host, carla_port=a.carla_port)
     kinds: dict[str, int] = {}
     for s in idx["samples"]:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1

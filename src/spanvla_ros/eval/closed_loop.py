@@ -2,8 +2,10 @@
 evaluation runs faster than real time and is reproducible. The ROS graph (sim_bridge + spanvla_planner,
 `spanvla-drive`) runs the same policy, buffers and tracker in real time over DDS.
 
-Driving score, leaderboard-style: DS = route completion x 0.60^collisions x 0.70^red lights x 0.65^off-road
-x 0.70^wrong-way (CARLA leaderboard penalty factors; off-road and wrong-way stand in for its lane infractions).
+Driving score, leaderboard-style: DS = route completion x infraction penalty, the penalty 0.60 for a collision x
+0.70 for a red light x 0.65 off-road x 0.70 wrong-way (CARLA leaderboard factors; off-road and wrong-way stand in
+for its lane infractions), each counted once per route; success (Bench2Drive) = the route's end without an
+infraction. On CARLA, ``--routes`` drives a leaderboard / Bench2Drive route file (sim.routes).
 Per-plan PDM-style scores in closed loop use constant-velocity futures for other agents.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..sim.types import Control, Observation, SimBackend
 from .pdm import score
 
 PENALTY = dict(collision=0.60, red_light=0.70, off_road=0.65, wrong_way=0.70)
+ROUTE_DONE = 0.99     # route completion that counts as the end of the route (progress is measured to the metre)
 
 
 @dataclass
@@ -38,11 +41,21 @@ class EpisodeResult:
     reasoning: list = field(default_factory=list)
 
     @property
-    def driving_score(self) -> float:
+    def infraction_penalty(self) -> float:
+        """The leaderboard's infraction penalty: the product of the factors of the infractions that happened."""
         pen = 1.0
         for k, f in PENALTY.items():
             pen *= f if getattr(self, k) else 1.0
-        return self.route_completion * pen
+        return pen
+
+    @property
+    def driving_score(self) -> float:
+        return self.route_completion * self.infraction_penalty
+
+    @property
+    def success(self) -> bool:
+        """Bench2Drive's success: the route driven to its end without an infraction."""
+        return self.route_completion >= ROUTE_DONE and self.infraction_penalty == 1.0
 
     @classmethod
     def from_record(cls, e: dict) -> EpisodeResult:
@@ -53,6 +66,8 @@ class EpisodeResult:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["driving_score"] = self.driving_score
+        d["infraction_penalty"] = self.infraction_penalty
+        d["success"] = self.success
         d.pop("reasoning")
         return d
 
@@ -252,6 +267,8 @@ def summarise(results: list[EpisodeResult]) -> dict:
                 off_road_rate=float(np.mean([r.off_road for r in results])),
                 red_light_rate=float(np.mean([r.red_light for r in results])),
                 driving_score=float(np.mean([r.driving_score for r in results])),
+                infraction_penalty=float(np.mean([r.infraction_penalty for r in results])),
+                success_rate=float(np.mean([r.success for r in results])),
                 pdms=_nanmean([r.pdms for r in results]), epdms=_nanmean([r.epdms for r in results]),
                 plan_consistency_m=_nanmean([r.plan_consistency_m for r in results]))
 
@@ -269,7 +286,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ..sim.highway_backend import HighwayEnvBackend
+    from ..sim.backends import add_backend_arguments, backend_from_args
+    from ..sim.routes import load_routes
     from ..sim.scenarios import resolve
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -279,12 +297,18 @@ def main(argv=None) -> int:
                     help="'all', a comma list of built-in scenarios, or a YAML file of base scenarios + overrides "
                          "(sim.scenarios.load_scenarios)")
     ap.add_argument("--seeds", default="2", help="N (the first N held-out seeds), a:b (range) or a,b,c")
+    ap.add_argument("--routes", default="", help="CARLA leaderboard / Bench2Drive route file (XML): each route is "
+                    "driven once per seed instead of --scenarios (needs --backend carla)")
+    ap.add_argument("--route-ids", default="", help="comma list of the route file's route ids (default all)")
     ap.add_argument("--reason-every", type=float, default=1.0)
     ap.add_argument("--reasoner-latency", type=float, default=None,
                     help="sim seconds from a reasoner run's frames to its bridge being used (default: the run's "
                          "measured wall-clock latency)")
+    ap.add_argument("--params-file", type=Path, default=None,
+                    help="the planner's parameters (default: the package's params/spanvla.yaml)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
+    add_backend_arguments(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.driver == "spanvla":
@@ -293,16 +317,24 @@ def main(argv=None) -> int:
         checkpoint = resolve_share_path(a.checkpoint or "checkpoints/spanvla_default")
         driver: PlanningDriver | ExpertDriver = PolicyDriver(SpanVLAPolicy.from_pretrained(checkpoint),
                                                              a.reason_every,
-                                                             reasoner_latency_s=a.reasoner_latency)
+                                                             reasoner_latency_s=a.reasoner_latency,
+                                                             params_file=a.params_file)
     else:
         driver = ExpertDriver() if a.driver == "expert" else ConstantVelocityDriver()
-    backend = HighwayEnvBackend()
-    results = [run_episode(backend, driver, sc, s) for sc in resolve(a.scenarios) for s in seed_list(a.seeds)]
-    print("| scenario | seed | RC | collision | off-road | red light | DS | PDMS | EPDMS | plan consistency (m) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if a.routes and a.backend != "carla":
+        ap.error("--routes are CARLA leaderboard routes: add --backend carla")
+    scenarios = load_routes(a.routes, a.route_ids) if a.routes else resolve(a.scenarios)
+    backend = backend_from_args(a)
+    try:
+        results = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seed_list(a.seeds)]
+    finally:
+        backend.close()   # CARLA: actors destroyed and the world's settings restored, also after an error
+    print("| scenario | seed | RC | collision | off-road | red light | IP | DS | PDMS | EPDMS | plan consistency (m) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.scenario} | {r.seed} | {r.route_completion:.2f} | {r.collision} | {r.off_road} | {r.red_light} | "
-              f"{r.driving_score:.2f} | {r.pdms:.2f} | {r.epdms:.2f} | {r.plan_consistency_m:.2f} |")
+              f"{r.infraction_penalty:.2f} | {r.driving_score:.2f} | {r.pdms:.2f} | {r.epdms:.2f} | "
+              f"{r.plan_consistency_m:.2f} |")
     summ = summarise(results)
     print(json.dumps(summ))
     if a.out:

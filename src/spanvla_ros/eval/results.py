@@ -75,14 +75,16 @@ def reasoning_overlap(texts, refs) -> float:
     return float(np.mean(f1)) if f1 else float("nan")
 
 
-def closed_loop(driver, scenarios, seeds) -> dict:
-    from ..sim.highway_backend import HighwayEnvBackend
+def closed_loop(driver, scenarios, seeds, backend_args) -> dict:
+    from ..sim.backends import backend_from_args
     from .closed_loop import run_episode, summarise
 
-    backend = HighwayEnvBackend()
+    backend = backend_from_args(backend_args)
     torch.manual_seed(0)   # the noise-start expert samples: same draws for every row, reproducible
-    eps = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seeds]
-    backend.close()
+    try:
+        eps = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seeds]
+    finally:
+        backend.close()
     return dict(summary=summarise(eps), episodes=[e.as_dict() for e in eps])
 
 
@@ -138,7 +140,7 @@ def format_perception_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) -> dict:
+def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path, backend_args) -> dict:
     """The same model through the real ROS graph in real time (spanvla-drive: sim_bridge + spanvla_planner over
     DDS on loopback), one episode per scenario at ``seed``; the episodes are scored like the lockstep ones."""
     import os
@@ -150,7 +152,12 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path) 
     cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--episodes", str(len(scenarios)), "--no-record",
            "--json", str(report), "--set", f"spanvla_planner.checkpoint={Path(checkpoint).resolve()}",
            "--set", f"sim_bridge.seed={seed}",
-           "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]"]
+           "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]",
+           "--backend", backend_args.backend]
+    if backend_args.carla_host:
+        cmd += ["--carla-host", backend_args.carla_host]
+    if backend_args.carla_port:
+        cmd += ["--carla-port", str(backend_args.carla_port)]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120 + 60 * len(scenarios))
     if proc.returncode != 0 or not report.is_file():
@@ -166,6 +173,7 @@ def main(argv=None) -> int:
     from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PlanningDriver, PolicyDriver, seed_list
     from ..model.policy import SpanVLAPolicy
     from ..model.trajectory import history_trajectory
+    from ..sim.backends import add_backend_arguments
     from ..sim.scenarios import HELDOUT_SEEDS, resolve
     from ..train.dataset import attach_routes, load_samples, scene_maps
     from ..train.trainer import reason_all
@@ -191,6 +199,7 @@ def main(argv=None) -> int:
                          "episode per scenario at the first closed-loop seed")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
+    add_backend_arguments(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.time()
@@ -243,16 +252,17 @@ def main(argv=None) -> int:
                                  **reasoning_fact_accuracy(texts, [s.meta.get("facts") for s in samples])}
             driver = PolicyDriver(policy, 1.0, name=str(sub), reasoner_latency_s=a.reasoner_latency)
         if cl_seeds:
-            row["closed_loop"] = closed_loop(driver, scen, cl_seeds)
+            row["closed_loop"] = closed_loop(driver, scen, cl_seeds, a)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(format_table([row]).splitlines()[-1], f"({row['seconds']} s)", flush=True)
     if a.ros_graph and cl_seeds:
         name, _, path = a.ros_graph.partition("=")
-        rows.append(ros_graph_row(name, Path(path), scen, cl_seeds[0], a.out))
+        rows.append(ros_graph_row(name, Path(path), scen, cl_seeds[0], a.out, a))
         print(format_table([rows[-1]]).splitlines()[-1], flush=True)
     if cl_seeds and not a.no_expert:
-        rows.append(dict(name="reference: expert (IDM/MOBIL)", closed_loop=closed_loop(ExpertDriver(), scen, cl_seeds)))
+        rows.append(dict(name="reference: expert (IDM/MOBIL)",
+                         closed_loop=closed_loop(ExpertDriver(), scen, cl_seeds, a)))
         mark_completed(rows, rows[-1])
     table = format_table(rows) + "\n\n" + format_perception_table(rows)
     print(table)

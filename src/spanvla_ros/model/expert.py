@@ -241,14 +241,17 @@ class FlowActionExpert(nn.Module):
 
     def sample(self, bridge: BridgeSnapshot, a_his: torch.Tensor, ego: torch.Tensor, steps: int | None = None,
                generator=None, step_std: float = 0.0, return_log_prob: bool = False,
-               front: torch.Tensor | None = None, reference: FlowActionExpert | None = None):
+               front: torch.Tensor | None = None, reference: FlowActionExpert | None = None,
+               percept: torch.Tensor | None = None):
         """Euler integration from t=0 to 1 (the one integrator: planning, evaluation and GRPO). ``step_std > 0``
         makes each step Gaussian (x' ~ N(x + v dt, s^2 dt)), the stochastic policy GRPO needs; with
         ``return_log_prob`` the summed log-density of the path is returned, and with a ``reference`` expert also the
         path's summed KL to it (GRPO's regulariser): (trajectory, log_prob[, kl]).
-        ``front``: front-camera tokens fresher than the bridge's, for the perception heads."""
+        ``front``: front-camera tokens fresher than the bridge's, for the perception heads; ``percept``: their
+        outputs already computed (``percept_from``)."""
         steps = steps or self.cfg.flow_steps
-        percept = self.percept(bridge if front is None else front, ego)
+        if percept is None:
+            percept = self.percept(bridge if front is None else front, ego)
         x = self.initial_state(normalise(a_his, self.cfg.action_scale), generator)
         dt = 1.0 / steps
         log_prob = torch.zeros(x.shape[0], device=x.device)

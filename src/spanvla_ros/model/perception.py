@@ -18,6 +18,7 @@ action expert's conditioning, computed from the newest frames at control rate (S
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,18 @@ GAP_SCALE_M = 30.0
 CLOSING_SCALE_MPS = 10.0
 LEAD_FEATURES = 3            # P(lead), P * gap / GAP_SCALE_M, P * closing / CLOSING_SCALE_MPS
 POSITION_FREQS = 4
+
+
+@dataclass(frozen=True)
+class Percept:
+    """What the perception heads read from the newest front frames, in physical units (for the planner core's
+    safety envelope and for logging); None where the model has no such head or, for the light, no stop line is
+    ahead on the route."""
+    light: tuple[float, float, float] | None    # green, yellow, red probabilities
+    stop_line_m: float | None                   # along the route from the ego's centre to the next stop line
+    lead_probability: float | None
+    lead_gap_m: float                           # bumper to bumper
+    lead_closing_mps: float
 
 
 def lead_targets(facts: dict | None) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ the VLM's head layout and layer count automatically.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from .config import SpanVLAConfig
 from .errors import CheckpointError
 from .expert import FlowActionExpert
+from .perception import Percept
 from .reasoner import ReasoningResult, VLMReasoner
 from .route import route_features, stop_line_features
 from .trajectory import ego_state_vector, history_trajectory
@@ -209,11 +211,21 @@ class SpanVLAPolicy:
         """Whether the expert has perception heads on the front camera's tokens (traffic light, lead vehicle)."""
         return bool(self.cfg.traffic_lights or self.cfg.lead_perception)
 
-    @torch.inference_mode()
     def plan(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float, command: str,
              steps: int | None = None, horizon: int | None = None, route_xy: np.ndarray | None = None,
              pose=None, stop_xy: np.ndarray | None = None, front: torch.Tensor | None = None) -> np.ndarray:
-        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge.
+        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge (plan_perceived
+        without what the heads perceived)."""
+        return self.plan_perceived(bridge, past_xyh, speed, accel, yaw_rate, command, steps, horizon, route_xy,
+                                   pose, stop_xy, front)[0]
+
+    @torch.inference_mode()
+    def plan_perceived(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float,
+                       command: str, steps: int | None = None, horizon: int | None = None,
+                       route_xy: np.ndarray | None = None, pose=None, stop_xy: np.ndarray | None = None,
+                       front: torch.Tensor | None = None) -> tuple[np.ndarray, Percept | None]:
+        """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge, and what the
+        perception heads read (None for a model without them).
 
         ``route_xy`` (world polyline) and the ego's world ``pose`` (x, y, yaw) in the same frame give the route
         input; without them a route-conditioned model plans from the cameras alone. ``stop_xy``: the route's
@@ -224,10 +236,29 @@ class SpanVLAPolicy:
         do, instead of by a fresh sample of the flow's spread each time."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
-        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command,
-                                               self.route_input(route_xy, pose, stop_xy)))[None].to(dev)
+        route = self.route_input(route_xy, pose, stop_xy)
+        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(dev)
         gen = torch.Generator(device=dev).manual_seed(PLAN_NOISE_SEED)
-        return self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen, front=front)[0].cpu().numpy()
+        source = bridge if front is None else front
+        light, lead = self.expert.light_logits(source), self.expert.lead_raw(source, ego)
+        traj = self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen,
+                                  percept=self.expert.percept_from(light, lead))[0].cpu().numpy()
+        return traj, self._percept(light, lead, route)
+
+    def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None,
+                 route: np.ndarray | None) -> Percept | None:
+        from .perception import CLOSING_SCALE_MPS, GAP_SCALE_M
+        from .route import STOP_SCALE_M
+
+        if light is None and lead is None:
+            return None
+        stop_ahead = self.cfg.traffic_lights and route is not None and route[-1] > 0.5
+        probs = tuple(float(x) for x in torch.softmax(light[0].float(), -1)) if light is not None else None
+        return Percept(light=probs if stop_ahead else None,          # type: ignore[arg-type]
+                       stop_line_m=float(route[-2]) * STOP_SCALE_M if stop_ahead and route is not None else None,
+                       lead_probability=float(torch.sigmoid(lead[0, 0])) if lead is not None else None,
+                       lead_gap_m=float(lead[0, 1]) * GAP_SCALE_M if lead is not None else math.nan,
+                       lead_closing_mps=float(lead[0, 2]) * CLOSING_SCALE_MPS if lead is not None else math.nan)
 
 
 def state_digest(state: dict, prefixes: tuple[str, ...] = ("",)) -> str:

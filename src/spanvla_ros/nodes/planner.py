@@ -8,7 +8,6 @@ the GIL and starved the sensor callbacks to a few Hz on this 2-core machine.)
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
@@ -111,9 +110,7 @@ class PlannerNode(Node):
 
     def _apply_parameters(self, changes) -> None:
         self.params.update({p.name: p.value for p in changes})
-        fields = {f.name for f in dataclasses.fields(PlannerParams)}
-        self.core.params = dataclasses.replace(self.core.params, **{p.name: p.value for p in changes
-                                                                   if p.name in fields})
+        self.core.set_params(PlannerParams.from_mapping(self.params))
         self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in changes))
 
     def _publish_diagnostics(self) -> None:
@@ -134,6 +131,7 @@ class PlannerNode(Node):
         values: dict[str, object] = {f"{name} rate (Hz)": f"{self._received[name] / span:.1f}"
                   for name in (*self.core.cameras, "odometry")}
         values.update({"plans published": c["plans_published"], "plans degraded": c["plans_degraded"],
+                       "plans limited (safety envelope)": c["plans_limited"],
                        "plans withheld (stale odometry)": c["plans_withheld_stale_odometry"],
                        "reasoner runs": c["reasoner_runs"], "dropped messages": self.bad_messages,
                        "bridge age (s)": f"{plan.bridge_age:.2f}" if plan else "-",
@@ -266,6 +264,7 @@ class PlannerNode(Node):
         st.flow_steps = int(self.params["flow_steps"])
         st.route_used = plan.route_used
         st.degraded, st.degraded_reason = plan.degraded, plan.reason
+        st.limited_by = plan.limited_by
         st.plans_published, st.bad_messages = self.counters["plans_published"], self.bad_messages
         self.pub_status.publish(st)
         self.pub_markers.publish(self._markers(plan.traj, header_stamp, plan.degraded))

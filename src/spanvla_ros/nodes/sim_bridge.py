@@ -28,18 +28,9 @@ from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
+from spanvla_ros.sim.backends import make_backend
 from spanvla_ros.sim.controller import PathTracker, path_to_current_frame
 from spanvla_ros.sim.types import Control
-
-
-def make_backend(name: str, **kw):
-    if name == "highway_env":
-        from spanvla_ros.sim.highway_backend import HighwayEnvBackend
-        return HighwayEnvBackend(**kw)
-    if name == "carla":
-        from spanvla_ros.sim.carla_backend import CarlaBackend
-        return CarlaBackend(**kw)
-    raise ValueError(f"unknown simulator backend {name!r} (highway_env | carla)")
 
 
 class SimBridgeNode(Node):
@@ -54,7 +45,7 @@ class SimBridgeNode(Node):
         p = self.p
         # the simulator steps at the rate the node ticks it, or stamps (wall time + sim time) drift apart
         step = 1.0 / p["sim_rate_hz"]
-        self.backend = backend or make_backend(p["backend"], control_dt=step)
+        self.backend = backend or make_backend(p["backend"], p["carla_host"], p["carla_port"], control_dt=step)
         if abs(self.backend.dt - step) > 1e-9:
             raise ValueError(f"sim_rate_hz {p['sim_rate_hz']} does not match the backend's step "
                              f"{self.backend.dt} s: set one to the other")

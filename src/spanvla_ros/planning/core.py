@@ -8,6 +8,7 @@ logic that ships:
 * the reasoner's inputs and its bridge (LatestBridge: swapped whole, read without a lock);
 * fresh perception: the perception heads read the front camera's newest frames at every plan;
 * the route and its stop lines (used only in the odometry's frame), the driving command;
+* the safety envelope (planning.envelope): the plan slowed where the heads' lead or light says it cannot stop;
 * staleness: no plan from stale odometry, a plan from a stale bridge or stale front frames marked degraded;
 * counters of everything dropped, withheld or degraded.
 
@@ -27,8 +28,10 @@ import numpy as np
 
 from ..data.sensor_buffers import EgoHistory, FrameHistory
 from ..model.bridge import BridgeSnapshot, LatestBridge
+from ..model.perception import Percept
 from ..model.policy import FreshPerception, SpanVLAPolicy
 from ..model.reasoner import ReasoningResult
+from .envelope import EnvelopeParams, constrain
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,15 @@ class PlannerParams:
     flow_steps: int
     max_new_tokens: int
     fresh_perception: bool
+    envelope: EnvelopeParams
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> PlannerParams:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in params]
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "envelope"]
+        missing = [k for k in own if k not in params]
         if missing:
             raise KeyError(f"planner parameters missing: {missing}")
-        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{k: params[k] for k in own}, envelope=EnvelopeParams.from_mapping(params))
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Plan:
     perception_age: float          # stamp - the newest front frame the heads read (-1: no fresh perception)
     route_used: bool
     expert_latency_s: float
+    percept: Percept | None = None
+    limited_by: str = ""           # what the safety envelope slowed the model's plan for ("" if nothing)
 
 
 Warn = Callable[[str, str], None]   # (key for throttling, message)
@@ -94,6 +101,10 @@ class PlannerCore:
         self.counters: Counter = Counter()
         self.last_reasoning = ""
         self._warn = warn or (lambda key, msg: None)
+
+    def set_params(self, params: PlannerParams) -> None:
+        """New values for what can change at run time (the node's read-only parameters are refused before this)."""
+        self.params = params
 
     # ------------------------------------------------------------------ inputs
     def add_image(self, camera: str, stamp: float, image: np.ndarray) -> None:
@@ -211,6 +222,7 @@ class PlannerCore:
         bridge = self.bridge.latest()
         t0 = time.perf_counter()
         perception_age = -1.0
+        percept, limited_by = None, ""
         if bridge is None:
             traj = self.policy.history_init(past, speed)
             degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", math.inf
@@ -221,9 +233,12 @@ class PlannerCore:
                 if hist is not None:
                     front = self.fresh.tokens(*hist)
                     perception_age = stamp - hist[1][-1]
-            traj = self.policy.plan(bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps,
-                                    route_xy=route, pose=self.ego.latest_pose(),
-                                    stop_xy=self._stop_lines() if route is not None else None, front=front)
+            traj, percept = self.policy.plan_perceived(
+                bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
+                pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front)
+            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope)
+            if limited_by:
+                self.counters["plans_limited"] += 1
             age = stamp - bridge.stamp
             stale = self.params.bridge_stale_s
             reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
@@ -232,4 +247,4 @@ class PlannerCore:
         self.counters["plans_published"] += 1
         self.counters["plans_degraded"] += int(degraded)
         return Plan(traj, stamp, degraded, reason, bridge, age, perception_age,
-                    route is not None and bridge is not None, time.perf_counter() - t0)
+                    route is not None and bridge is not None, time.perf_counter() - t0, percept, limited_by)

@@ -21,11 +21,22 @@ import numpy as np
 
 from ..model.route import route_command
 from .camera import DEFAULT_CAMERAS, CameraSpec
+from .routes import RouteSpec
 from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight
 
 DEFAULT_MAX_STEER_RAD = math.radians(70.0)   # used only when the vehicle does not report its own
 DEFAULT_SPEED_LIMIT_KMH = 30.0
 LIGHT_RANGE_M = 50.0   # a stop line this far ahead on the route puts its light in the observation
+
+
+TM_PATH_EVERY = 5      # route points (2 m apart) per Traffic Manager path location
+ROUTE_WAYPOINT_REACHED_M = 3.0       # a route file's waypoint is passed when the lane route comes this near
+ROUTE_MIN_AVERAGE_SPEED_MPS = 2.0    # time allowed for a route file's route: its length at this average speed
+
+
+def to_carla_location(carla, x: float, y: float, z: float = 0.5):
+    """A right-handed (y left) world point as a carla.Location (left-handed: y right)."""
+    return carla.Location(x=float(x), y=float(-y), z=z)
 
 
 class CarlaSyncError(RuntimeError):
@@ -48,7 +59,8 @@ class CarlaBackend:
         self.camera_specs = cameras
         self.rig = SimpleNamespace(cameras=cameras)   # same shape as the highway backend's camera rig
         self.dt, self.num_traffic = control_dt, num_traffic
-        self.route_length, self.duration = route_length_m, duration_s
+        self.route_length, self._duration = route_length_m, duration_s
+        self._episode_duration = duration_s
         self._original_settings = self.world.get_settings()
         self._actors: list[Any] = []
         self._queues: dict[str, Any] = {}
@@ -64,6 +76,10 @@ class CarlaBackend:
         limit = self.ego.get_speed_limit() if self.ego is not None and hasattr(self.ego, "get_speed_limit") else 0.0
         return (limit or DEFAULT_SPEED_LIMIT_KMH) / 3.6
 
+    @property
+    def duration_s(self) -> float:
+        return self._episode_duration
+
     # ------------------------------------------------------------------ setup
     def _sync(self, on: bool) -> None:
         s = self.world.get_settings()
@@ -72,17 +88,30 @@ class CarlaBackend:
         self.world.apply_settings(s)
         self.tm.set_synchronous_mode(on)
 
-    def reset(self, scenario: str, seed: int) -> Observation:
+    def reset(self, scenario, seed: int) -> Observation:
+        """One episode: ``scenario`` a leaderboard route (sim.routes.RouteSpec: its town, weather, start and
+        waypoints) or a name (a random spawn point and the road ahead of it); ``seed`` places the traffic."""
         c = self.carla
         self._destroy()
+        route = scenario if isinstance(scenario, RouteSpec) else None
+        if route is not None and route.town and not self.world.get_map().name.endswith(route.town):
+            self.world = self.client.load_world(route.town)
         self._sync(True)
         self.tm.set_random_device_seed(seed)
-        self.scenario_name, self.seed = scenario, seed
+        self.scenario_name = route.name if route else str(getattr(scenario, "name", scenario))
+        self.seed = seed
         rng = np.random.default_rng(seed)
         cmap = self.world.get_map()
         spawns = cmap.get_spawn_points()
         lib = self.world.get_blueprint_library()
-        ego_tf = spawns[int(rng.integers(len(spawns)))]
+        if route is not None:
+            if route.weather:
+                self.world.set_weather(c.WeatherParameters(**route.weather))
+            start = cmap.get_waypoint(c.Location(*route.waypoints[0])).transform
+            loc = start.location
+            ego_tf = c.Transform(c.Location(x=loc.x, y=loc.y, z=loc.z + 0.5), start.rotation)
+        else:
+            ego_tf = spawns[int(rng.integers(len(spawns)))]
         self.ego = self.world.spawn_actor(lib.find("vehicle.lincoln.mkz_2020"), ego_tf)
         self._actors.append(self.ego)
         # steer in [-1, 1] maps onto the vehicle's own maximum front-wheel angle (degrees in its physics control)
@@ -97,7 +126,8 @@ class CarlaBackend:
             tf = c.Transform(c.Location(x=cam.x, z=cam.z), c.Rotation(yaw=-math.degrees(cam.yaw)))
             self._attach(cam.name, bp, tf)
         self._attach("collision", lib.find("sensor.other.collision"), c.Transform())
-        others = [s for i, s in enumerate(spawns) if s is not ego_tf]
+        others = [s for s in spawns if math.hypot(s.location.x - ego_tf.location.x,
+                                                   s.location.y - ego_tf.location.y) > 10.0]
         for i in rng.permutation(len(others))[: self.num_traffic]:
             v = self.world.try_spawn_actor(lib.find("vehicle.audi.a2"), others[int(i)])
             if v is not None:
@@ -107,7 +137,7 @@ class CarlaBackend:
         self._bumper_s: float | None = None   # the front bumper's route arc length at the last observation
         self._prev = None
         self.frame = self.world.tick()
-        self._build_route(cmap)
+        self._build_route(cmap, route)
         return self._observe(self._collect(self.frame))
 
     def _attach(self, name, bp, tf) -> None:
@@ -117,26 +147,48 @@ class CarlaBackend:
         self._queues[name] = q
         self._actors.append(sensor)
 
-    def _build_route(self, cmap) -> None:
+    def _build_route(self, cmap, spec: RouteSpec | None = None) -> None:
+        """The lane-level route from the ego's waypoint, 2 m apart: through a route file's waypoints (at each
+        branch the successor nearest the next one; done at the last), else straight on for route_length_m."""
         wp = cmap.get_waypoint(self.ego.get_location())
+        targets = [(x, y) for x, y, _ in spec.waypoints[1:]] if spec else []
+        limit = (sum(math.dist(a[:2], b[:2]) for a, b in zip(spec.waypoints, spec.waypoints[1:])) * 2 + 100
+                 if spec else self.route_length + 20)
+
+        def dist(w, target) -> float:
+            return math.hypot(w.transform.location.x - target[0], w.transform.location.y - target[1])
+
         pts, junctions, total = [], [], 0.0
-        while total < self.route_length + 20:
+        while total < limit:
             loc = wp.transform.location
             pts.append((loc.x, -loc.y))
             if getattr(wp, "is_junction", False):
                 junctions.append(total)
+            while targets and dist(wp, targets[0]) < ROUTE_WAYPOINT_REACHED_M:
+                targets.pop(0)
+            if spec and not targets:
+                break
             nxt = wp.next(2.0)
             if not nxt:
                 break
-            wp = nxt[0]
+            wp = min(nxt, key=lambda w: dist(w, targets[0])) if targets else nxt[0]
             total += 2.0
         from shapely.geometry import LineString
         self.route_xy = np.array(pts)
         self.route = LineString(self.route_xy) if len(pts) > 1 else None
-        self.route_length_m = min(self.route_length, total)
+        self.route_length_m = total if spec else min(self.route_length, total)
+        # a route file's route is as long as it is: the time allowed grows with it (at least the configured one)
+        self._episode_duration = max(self._duration, total / ROUTE_MIN_AVERAGE_SPEED_MPS) if spec \
+            else self._duration
         self._junction_s = np.array(junctions)
         self.command = route_command(self.route_xy, 0.0, self._junction_s) if self.route is not None else "follow lane"
         self.stop_lines_xy = self._route_stop_lines()
+        if self.route is not None:
+            # the Traffic Manager drives the expert (no control): it follows this route, not random junction
+            # branches, and keeps its lane (as the leaderboard's route following does)
+            self.tm.set_path(self.ego, [to_carla_location(self.carla, x, y) for x, y in
+                                        self.route_xy[::TM_PATH_EVERY]])
+            self.tm.auto_lane_change(self.ego, False)
 
     def _route_stop_lines(self) -> np.ndarray:
         """Stop lines of the traffic lights whose stop waypoints lie on the route (within half a lane); keeps each
@@ -255,7 +307,7 @@ class CarlaBackend:
                 sx, sy = self.route.interpolate(stop[0]).coords[0]
                 light = TrafficLight(sx, sy, yaw, state, stop[0])
         flags = Flags(self._collided, off_road, wrong_way, self._red)
-        done = self._collided or progress >= self.route_length_m or self.t >= self.duration
+        done = self._collided or progress >= self.route_length_m or self.t >= self.duration_s
         return Observation(self.t, ego, agents, images, flags, self.command, progress, self.route_length_m, light, done,
                            info={"frame": self.frame, "scenario": self.scenario_name, "seed": self.seed})
 
@@ -268,7 +320,7 @@ class CarlaBackend:
         cmap = self.world.get_map()
         polys, lanes = [], []
         for px, py in self.route_xy[::5]:
-            wp = cmap.get_waypoint(self.carla.Location(x=float(px), y=float(-py)))
+            wp = cmap.get_waypoint(to_carla_location(self.carla, px, py, 0.0))
             for w in (wp, wp.get_left_lane(), wp.get_right_lane()):
                 if w is None or w.lane_type != self.carla.LaneType.Driving:
                     continue
@@ -283,6 +335,20 @@ class CarlaBackend:
                 polys.append(Polygon([(ax + dx, ay + dy), (bx + dx, by + dy), (bx - dx, by - dy), (ax - dx, ay - dy)]))
                 lanes.append(Lane(LineString([(ax, ay), (bx, by)]), np.array([h, h]), w.lane_width))
         return SceneMap(build_drivable(polys), lanes, self.route, self._stops[0][0] if self._stops else None)
+
+    def lateral_offset_m(self) -> float:
+        tf = self.ego.get_transform()
+        wp = self.world.get_map().get_waypoint(tf.location)
+        if wp is None:
+            return 0.0
+        c = wp.transform.location
+        h = -math.radians(wp.transform.rotation.yaw)
+        dx, dy = tf.location.x - c.x, -(tf.location.y - c.y)
+        return -math.sin(h) * dx + math.cos(h) * dy
+
+    def stop_line_distance_m(self, obs: Observation) -> float | None:
+        stop = self._next_stop(self._bumper_s)
+        return None if stop is None or self._bumper_s is None else stop[0] - self._bumper_s
 
     def light_timeline(self, horizon_s: float, dt: float) -> dict:
         """The next light's state over the horizon, held as it is now: CARLA does not expose a light's schedule to

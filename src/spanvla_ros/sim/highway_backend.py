@@ -259,6 +259,17 @@ class HighwayEnvBackend:
             self._red_violation = True
         return self._observe()
 
+    @property
+    def duration_s(self) -> float:
+        return self.scenario.duration_s
+
+    def lateral_offset_m(self) -> float:
+        lane = self.road.network.get_lane(self.ego.lane_index)
+        return float(lane.local_coordinates(self.ego.position)[1])
+
+    def stop_line_distance_m(self, obs: Observation) -> float | None:
+        return None if self.stop_s is None else self.stop_s - obs.route_progress - obs.ego.length / 2
+
     def fork(self) -> HighwayEnvBackend:
         """An independent copy of the running episode (road, traffic, signal, event state) without rendering: what
         the expert would do from this exact state can be rolled out on it (DAgger labels) without touching this one."""
@@ -313,7 +324,7 @@ class HighwayEnvBackend:
         flags = self._flags()
         images = self.render(es, agents, light) if self.render_images else {}
         prog = self.progress()
-        done = flags.collision or prog >= self.route_length or self.t >= self.scenario.duration_s - 1e-6
+        done = flags.collision or prog >= self.route_length or self.t >= self.duration_s - 1e-6
         return Observation(self.t, es, agents, images, flags, self.command, prog, self.route_length, light, done,
                            info={"scenario": self.scenario.name, "seed": self.seed})
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -97,6 +97,11 @@ class SimBackend(Protocol):
 
     dt: float
     cameras: tuple[str, ...]
+    rig: Any                        # .cameras: the CameraSpecs the images are rendered with
+    # the episode's mission, set by reset(): route polyline, its stop lines (world points), the driving command
+    route_xy: np.ndarray
+    stop_lines_xy: np.ndarray
+    command: str
 
     @property
     def scenario_name(self) -> str: ...
@@ -106,6 +111,11 @@ class SimBackend(Protocol):
         """The speed the expert drives at where nothing holds it back (the progress reference of scoring)."""
         ...
 
+    @property
+    def duration_s(self) -> float:
+        """The episode's time limit."""
+        ...
+
     def reset(self, scenario, seed: int) -> Observation: ...
 
     def step(self, control: Control | None = None) -> Observation: ...
@@ -113,5 +123,13 @@ class SimBackend(Protocol):
     def scene_map(self): ...
 
     def light_timeline(self, horizon_s: float, dt: float) -> dict: ...
+
+    def lateral_offset_m(self) -> float:
+        """The ego's signed distance from its lane's centre line (left > 0)."""
+        ...
+
+    def stop_line_distance_m(self, obs: Observation) -> float | None:
+        """Front bumper to the next stop line on the route (None: none ahead)."""
+        ...
 
     def close(self) -> None: ...

@@ -1,0 +1,125 @@
+"""Safety envelope: the plan may not go where the model's own perception says it cannot stop in time.
+
+InterFuser's safety controller and Autoware's obstacle stop / cruise planners sit after the planner for the same
+reason: a learned trajectory can be wrong about the one thing that must not be wrong. Here the limits come from what
+the perception heads read in the newest front frames (the lead vehicle's gap and closing speed, the light's colour)
+and from the map (the route's stop lines): no simulator truth. A plan that respects every limit is returned as it
+is; otherwise its path is kept and its progress along the path is slowed to the fastest profile that does.
+
+The limit is a braking-distance rule (RSS's safe longitudinal distance): at every moment the ego must be able to
+stop, after ``reaction_time_s`` at its speed and then braking at ``brake_decel_mps2``, behind the point where the
+lead would stop braking at ``lead_brake_decel_mps2`` (plus ``standstill_gap_m``), or before a red / yellow stop line
+it can still stop at. A lead at the ego's speed binds only within about a second's gap (at 20 m/s with the shipped
+values: 23 m, where highway traffic keeps ~40 m), so a far car mistaken for the lead costs nothing.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..model.perception import Percept
+
+SUBSTEPS = 10
+
+
+@dataclass(frozen=True)
+class EnvelopeParams:
+    safety_envelope: bool
+    ego_front_m: float             # base_link (the plan's origin) to the front bumper
+    standstill_gap_m: float
+    reaction_time_s: float
+    brake_decel_mps2: float        # the braking the limit plans with for the ego
+    lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (harder than the ego's: RSS)
+    max_decel_mps2: float          # the hardest braking a limited plan may ask for
+    lead_min_probability: float
+    light_min_probability: float
+
+    @classmethod
+    def from_mapping(cls, params: Mapping) -> EnvelopeParams:
+        missing = [f.name for f in fields(cls) if f.name not in params]
+        if missing:
+            raise KeyError(f"safety envelope parameters missing: {missing}")
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Where the ego's centre must be able to stop by time t (metres along the plan's path): ``base + speed * t +
+    speed^2 / (2 decel)`` for a lead moving at ``speed``; ``base`` for a stop line."""
+    base: float
+    speed: float
+    cause: str
+
+    def at(self, t: float, lead_decel: float) -> float:
+        return self.base + self.speed * t + self.speed ** 2 / (2.0 * lead_decel)
+
+
+def limits(percept: Percept | None, speed: float, p: EnvelopeParams) -> list[Limit]:
+    """The limits the perceived scene sets on a plan starting at ``speed``."""
+    if percept is None:
+        return []
+    out = []
+    if percept.lead_probability is not None and percept.lead_probability >= p.lead_min_probability:
+        gap = max(0.0, percept.lead_gap_m)
+        lead_speed = max(0.0, speed - percept.lead_closing_mps)
+        out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
+                         f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))
+    if percept.light is not None and percept.stop_line_m is not None:
+        line = max(0.0, percept.stop_line_m - p.ego_front_m)      # front bumper to the stop line
+        _, yellow, red = percept.light
+        # red: stop wherever the car still can; yellow: only where a normal stop reaches the line
+        for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.brake_decel_mps2)):
+            if prob >= p.light_min_probability and speed ** 2 / (2.0 * decel) <= line + 0.5:
+                out.append(Limit(percept.stop_line_m - p.ego_front_m, 0.0, f"{colour} light, stop line {line:.1f} m"))
+                break
+    return out
+
+
+def allowed_speed(room: float, p: EnvelopeParams) -> float:
+    """Largest v with v * reaction + v^2 / (2 decel) <= room."""
+    if room <= 0.0:
+        return 0.0
+    b, rho = p.brake_decel_mps2, p.reaction_time_s
+    return b * (-rho + math.sqrt(rho * rho + 2.0 * room / b))
+
+
+def constrain(traj: np.ndarray, dt: float, speed: float, percept: Percept | None,
+              p: EnvelopeParams) -> tuple[np.ndarray, str]:
+    """(trajectory, cause): ``traj`` (H, 4) x, y, heading, speed in the ego frame, poses ``dt`` apart from +dt,
+    unchanged with cause "" when no limit binds; otherwise the same path at the limited progress."""
+    if not p.safety_envelope:
+        return traj, ""
+    active = limits(percept, speed, p)
+    if not active:
+        return traj, ""
+    path = np.vstack([[0.0, 0.0], traj[:, :2]])
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))])
+    plan_speed = np.diff(arc) / dt                                 # the plan's own progress, per interval
+    h = dt / SUBSTEPS
+    s, v, t = 0.0, float(speed), 0.0
+    s_out, v_out, cause = [], [], ""
+    for k in range(len(traj)):
+        for _ in range(SUBSTEPS):
+            binding = min(active, key=lambda lim: lim.at(t, p.lead_brake_decel_mps2))
+            cap = allowed_speed(binding.at(t, p.lead_brake_decel_mps2) - s, p)
+            target = float(plan_speed[k])
+            if cap < target:
+                target, cause = cap, cause or binding.cause
+            v = max(target, v - p.max_decel_mps2 * h) if target < v else target
+            s, t = s + v * h, t + h
+        s_out.append(s)
+        v_out.append(v)
+    if not cause:
+        return traj, ""
+    s_c = np.minimum(np.array(s_out), arc[-1])
+    heading = np.concatenate([[0.0], traj[:, 2]])
+    out = np.array(traj, dtype=np.float32, copy=True)
+    out[:, 0] = np.interp(s_c, arc, path[:, 0])
+    out[:, 1] = np.interp(s_c, arc, path[:, 1])
+    out[:, 2] = np.interp(s_c, arc, heading)
+    out[:, 3] = v_out
+    return out, cause
+

@@ -1,0 +1,92 @@
+"""The safety envelope: a plan is slowed only where the perceived lead or light says the car could not stop."""
+import math
+
+import numpy as np
+import pytest
+
+from spanvla_ros.config import node_params
+from spanvla_ros.model.perception import Percept
+from spanvla_ros.planning.envelope import EnvelopeParams, constrain
+
+DT = 0.5
+PARAMS = EnvelopeParams.from_mapping(node_params("spanvla_planner"))
+
+
+def straight(speed: float, horizon: int = 8) -> np.ndarray:
+    t = DT * np.arange(1, horizon + 1)
+    return np.stack([speed * t, 0 * t, 0 * t, np.full_like(t, speed)], 1).astype(np.float32)
+
+
+def lead(gap: float, closing: float, p: float = 0.9) -> Percept:
+    return Percept(light=None, stop_line_m=None, lead_probability=p, lead_gap_m=gap, lead_closing_mps=closing)
+
+
+def light(state: int, stop_line_m: float) -> Percept:
+    probs = [0.0, 0.0, 0.0]
+    probs[state] = 1.0
+    return Percept(light=tuple(probs), stop_line_m=stop_line_m, lead_probability=0.0,   # type: ignore[arg-type]
+                   lead_gap_m=math.nan, lead_closing_mps=math.nan)
+
+
+def progress(traj: np.ndarray) -> np.ndarray:
+    pts = np.vstack([[0.0, 0.0], traj[:, :2]])
+    return np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))
+
+
+@pytest.mark.parametrize("percept", [None, lead(40.0, 0.0), lead(30.0, 0.0), lead(6.0, 5.0, p=0.2),
+                                     light(0, 20.0), light(2, 8.0)])
+def test_plans_the_envelope_does_not_bind_are_returned_unchanged(percept):
+    """No perception, a lead keeping the ego's speed at a normal following gap (what a car mistaken for the lead
+    looks like), an unlikely lead, a green light, a red light too close to stop at from 20 m/s."""
+    plan = straight(20.0)
+    out, cause = constrain(plan, DT, 20.0, percept, PARAMS)
+    assert cause == "" and out is plan
+
+
+def test_a_stopped_lead_is_not_reached():
+    gap = 30.0
+    out, cause = constrain(straight(15.0), DT, 15.0, lead(gap, 15.0), PARAMS)
+    assert cause.startswith("lead")
+    s, stop = progress(out), gap + PARAMS.ego_front_m - PARAMS.standstill_gap_m   # the lead's rear, less the margin
+    assert stop - 5.0 < s[-1] <= stop + 1e-6                                        # closes up without reaching it
+    speeds = np.concatenate([[15.0], out[:, 3]])
+    assert np.all(np.diff(speeds) <= 1e-6)
+    assert np.all(-np.diff(speeds) / DT <= PARAMS.max_decel_mps2 + 1e-6)
+
+
+def test_a_braking_lead_slows_the_plan_by_how_fast_it_closes():
+    slower = [progress(constrain(straight(20.0), DT, 20.0, lead(15.0, c), PARAMS)[0])[-1] for c in (4.0, 8.0, 12.0)]
+    assert slower[0] > slower[1] > slower[2]
+    assert slower[0] < progress(straight(20.0))[-1]
+
+
+def test_red_and_yellow_stop_at_the_line_when_the_car_can():
+    for state in (1, 2):
+        out, cause = constrain(straight(12.0), DT, 12.0, light(state, 30.0), PARAMS)
+        assert cause.split()[0] in ("red", "yellow")
+        assert progress(out)[-1] <= 30.0 - PARAMS.ego_front_m + 1e-6
+    # from 20 m/s a yellow 30 m ahead needs 40 m at the planned braking: go on (no dilemma-zone stop)
+    assert constrain(straight(20.0), DT, 20.0, light(1, 30.0), PARAMS)[1] == ""
+    # a car stopped at the line stays stopped while red
+    out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS)
+    assert cause and progress(out)[-1] <= 0.3 + 1e-6
+
+
+def test_the_slowed_plan_keeps_the_path():
+    t = DT * np.arange(1, 9)
+    heading = 0.05 * t
+    curve = np.stack([10 * np.sin(heading) / 0.05, 10 * (1 - np.cos(heading)) / 0.05, heading,
+                      np.full_like(t, 10.0)], 1).astype(np.float32)
+    out, cause = constrain(curve, DT, 10.0, lead(12.0, 10.0), PARAMS)
+    assert cause
+    dense = np.linspace(0, 1, 2000)[:, None]
+    pts = np.vstack([[0.0, 0.0], curve[:, :2]])
+    poly = np.concatenate([pts[i] + dense * (pts[i + 1] - pts[i]) for i in range(len(pts) - 1)])
+    dist = np.min(np.linalg.norm(out[:, None, :2] - poly[None], axis=2), axis=1)
+    assert dist.max() < 0.05
+
+
+def test_switched_off_it_never_changes_a_plan():
+    off = EnvelopeParams(**{**PARAMS.__dict__, "safety_envelope": False})
+    plan = straight(15.0)
+    assert constrain(plan, DT, 15.0, lead(5.0, 15.0), off) == (plan, "")
