@@ -8,6 +8,11 @@ the params file's checkpoint; rviz:=true adds RViz with rviz/spanvla.rviz. The s
 `ros2 launch` as the console script `spanvla-drive` (spanvla_ros.cli.drive; these arguments become its command
 line through spanvla_ros.cli.drive.launch_command_line, so the two cannot drift apart). Each run is recorded
 (MCAP bag of inputs and plans) with a rendered view next to it under `record`.
+
+The planner's topics are node-relative (~/input/..., ~/output/...); spanvla_drive remaps them onto the params
+file's names on the wire (spanvla_ros.ros.topics) after any remapping given here, so a launch file that includes
+this one can point the planner elsewhere with the spanvla_drive Node's remappings, e.g.
+("spanvla_planner:~/input/odometry", "/localization/kinematic_state").
 """
 import os
 

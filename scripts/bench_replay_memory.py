@@ -38,7 +38,6 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float, int]:
 
 def main() -> int:
     from helpers.foreign_bag import remaps_to, write_foreign_bag
-
     from spanvla_ros.config import default_params_path, node_params
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +47,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     params = default_params_path()
-    remaps = remaps_to(node_params("spanvla_planner", params))
+    remaps = remaps_to(node_params("spanvla_planner", params)["camera_names"], node_params("topics", params))
     rows = []
     for minutes in a.minutes:
         bag = a.out / f"foreign_{minutes:g}min"

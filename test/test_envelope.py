@@ -33,7 +33,7 @@ def progress(traj: np.ndarray) -> np.ndarray:
     return np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))
 
 
-@pytest.mark.parametrize("percept", [None, lead(40.0, 0.0), lead(30.0, 0.0), lead(6.0, 5.0, p=0.2),
+@pytest.mark.parametrize("percept", [None, lead(40.0, 0.0), lead(16.0, 0.0), lead(6.0, 5.0, p=0.2),
                                      light(0, 20.0), light(2, 8.0)])
 def test_plans_the_envelope_does_not_bind_are_returned_unchanged(percept):
     """No perception, a lead keeping the ego's speed at a normal following gap (what a car mistaken for the lead

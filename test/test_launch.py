@@ -56,11 +56,14 @@ def test_launch_file_contract():
 
 def test_params_file_is_the_single_source():
     from spanvla_ros.config import node_params
+    from spanvla_ros.ros.topics import ODOMETRY, default_planner_remaps
 
-    planner = node_params("spanvla_planner", REPO / "params" / "spanvla.yaml")
-    assert planner["camera_topics"][0] == "/carla/ego_vehicle/rgb_front/image"  # from /**
+    params = REPO / "params" / "spanvla.yaml"
+    planner, wire = node_params("spanvla_planner", params), node_params("topics", params)
+    assert wire["camera_topics"][0] == "/carla/ego_vehicle/rgb_front/image"  # from /**
     assert planner["control_rate_hz"] >= 20 and planner["flow_steps"] == 5
-    assert node_params("sim_bridge", REPO / "params" / "spanvla.yaml")["odom_topic"] == planner["odom_topic"]
+    assert node_params("sim_bridge", params)["odom_topic"] == wire["odom_topic"]
+    assert (ODOMETRY, wire["odom_topic"]) in default_planner_remaps(params)   # the planner's default remap
 
 
 @requires_ros

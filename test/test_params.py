@@ -26,7 +26,7 @@ def _edited(tmp_path, node: str, **changes):
 def test_the_shipped_params_file_follows_the_schema_and_a_broken_one_is_refused(tmp_path):
     from spanvla_ros.config import node_params, param_schema
 
-    for node in ("spanvla_planner", "sim_bridge"):
+    for node in ("spanvla_planner", "sim_bridge", "topics"):
         assert set(node_params(node, PARAMS)) == set(param_schema(node))
     for broken in (dict(flow_steps=0), dict(dtype="int8"), dict(reasoner_rate_hz="fast"), dict(bridge_stale_s=None),
                    dict(no_such_parameter=1)):
@@ -42,11 +42,20 @@ def test_planner_parameters_are_declared_from_the_schema_and_changed_at_run_time
     from rclpy.parameter import Parameter
 
     from spanvla_ros.nodes.planner import PlannerNode
+    from spanvla_ros.ros.topics import default_planner_remaps, remap_arguments
 
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(PARAMS)])
+    user_remap = ["-r", "spanvla_planner:~/input/odometry:=/my_car/odom"]
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(PARAMS), *user_remap,
+                                  *remap_arguments(default_planner_remaps(PARAMS))])
     node = PlannerNode(context=ctx)
     try:
+        # node-relative topics (~/input, ~/output) on the params file's names on the wire; the user's remap wins
+        subscribed = {s.topic_name for s in node.subscriptions}
+        published = {p.topic_name for p in node.publishers}
+        assert "/my_car/odom" in subscribed and "/carla/ego_vehicle/odometry" not in subscribed
+        assert {"/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/route"} <= subscribed
+        assert {"/spanvla/path", "/spanvla/plan_status", "/spanvla/reasoning"} <= published
         descriptor = node.describe_parameter("flow_steps")
         assert descriptor.integer_range[0].from_value == 1 and not descriptor.read_only
         assert node.describe_parameter("checkpoint").read_only

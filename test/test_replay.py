@@ -124,7 +124,8 @@ def test_a_foreign_bag_replays_with_remaps_only(tmp_path):
     bag = write_foreign_bag(tmp_path / "foreign", seconds=8.0)
     with pytest.raises(BagError):                       # the planner's topic names are not in it
         replay(bag, params, tmp_path / "no_remap", rate=2.0)
-    remap = parse_remaps(remaps_to(node_params("spanvla_planner", params)))
+    remap = parse_remaps(remaps_to(node_params("spanvla_planner", params)["camera_names"],
+                                   node_params("topics", params)))
     rep = replay(bag, params, tmp_path / "out", rate=2.0, remap=remap, start_s=1.0, view=False)
     assert not rep["partial"] and rep["scenario"] is None and rep["plans"] > 5
     assert set(rep["topics"].values()) == set(remap.values())

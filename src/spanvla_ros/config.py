@@ -97,13 +97,17 @@ def schema_problems(schema: dict[str, dict[str, Any]], params: dict[str, Any]) -
 
 def node_params(node_name: str, path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Parameters of ``node_name`` with the ``/**`` section underneath (node values win), as ROS merges them,
-    checked against the schema (ValueError listing every problem)."""
+    checked against the schema (ValueError listing every problem). Of ``/**`` a node takes what its schema declares
+    (as a ROS node ignores values for parameters it does not declare); ``node_name="topics"`` gives the names on
+    the wire (spanvla_ros.ros.topics)."""
     data = load_params_file(path)
-    merged: dict[str, Any] = {}
-    for key in ("/**", node_name, "/" + node_name):
+    schema = param_schema(node_name)
+    merged: dict[str, Any] = {k: v for k, v in ((data.get("/**") or {}).get("ros__parameters") or {}).items()
+                              if k in schema}
+    for key in (node_name, "/" + node_name):
         section = data.get(key) or {}
         merged.update(section.get("ros__parameters", {}) or {})
-    problems = schema_problems(param_schema(node_name), merged)
+    problems = schema_problems(schema, merged)
     if problems:
         raise ValueError(f"{path or default_params_path()}: {node_name}: " + "; ".join(problems))
     return merged

@@ -77,9 +77,8 @@ def write_foreign_bag(path: Path, seconds: float, speed: float = 10.0, width: in
     return path
 
 
-def remaps_to(planner_params: dict) -> list[str]:
-    """--remap arguments that map this bag's topics onto the planner's (params file) input names (compressed
+def remaps_to(camera_names, wire: dict) -> list[str]:
+    """--remap arguments that map this bag's topics onto the params file's input names on the wire (compressed
     frames follow to <camera topic>/compressed on their own)."""
-    cams = dict(zip(planner_params["camera_names"], planner_params["camera_topics"]))
-    return [f"{FOREIGN_CAMERAS[c]}:={cams[c]}" for c in FOREIGN_CAMERAS] + \
-        [f"{FOREIGN_ODOM}:={planner_params['odom_topic']}"]
+    cams = dict(zip(camera_names, wire["camera_topics"]))
+    return [f"{FOREIGN_CAMERAS[c]}:={cams[c]}" for c in FOREIGN_CAMERAS] + [f"{FOREIGN_ODOM}:={wire['odom_topic']}"]

@@ -112,7 +112,8 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
     from spanvla_ros.msg import PlanStatus, Reasoning
     from spanvla_ros.ros.stamps import stamp_to_sec
 
-    params = node_params("spanvla_planner", params_file)
+    params = {**node_params("topics", params_file),
+              "camera_names": node_params("spanvla_planner", params_file)["camera_names"]}
     cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--no-sim", "--no-record", "--params-file",
            str(params_file), "--duration", str(duration + warmup + 30),
            "--set", f"spanvla_planner.reasoner_rate_hz={reasoner_hz}"]

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from spanvla_ros.config import default_params_path
+from spanvla_ros.config import default_params_path, node_params
 from spanvla_ros.sim.backends import BACKENDS
 
 
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from spanvla_ros.nodes.planner import PlannerNode
+    from spanvla_ros.ros.topics import default_planner_remaps, remap_arguments
     if a.episodes:
         a.set.append(f"sim_bridge.max_episodes={a.episodes}")
     for key, value in (("backend", a.backend), ("carla_host", a.carla_host), ("carla_port", a.carla_port)):
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
         params_files += ["--params-file", _override_file(a.set)]
     # with the simulator, the planner runs on its clock (/clock): the age of the simulated sensors' stamps
     sim_time = [] if a.no_sim else ["-p", "spanvla_planner:use_sim_time:=true"]
-    rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + sim_time + ros_args)
+    # the planner's node-relative topics onto the params file's names on the wire, after any remap of the user's
+    remaps = ["--ros-args", *remap_arguments(default_planner_remaps(a.params_file))]
+    rclpy.init(args=["spanvla_drive", "--ros-args"] + params_files + sim_time + ros_args + remaps)
     nodes: list = []
     if not a.no_sim:
         from spanvla_ros.nodes.sim_bridge import SimBridgeNode
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
 
         from spanvla_ros.ros.recorder import BagRecorderNode, drive_topics
         run_dir = Path(a.record.format(time=time.strftime("%Y%m%d-%H%M%S")))
-        recorder = BagRecorderNode(run_dir / "bag", drive_topics(planner.params, None if a.no_sim else nodes[0].p))
+        recorder = BagRecorderNode(run_dir / "bag", drive_topics(node_params("topics", a.params_file),
+                                                                 None if a.no_sim else nodes[0].p))
         nodes.append(recorder)
     # One executor thread per node: the source's rendering never delays the planner's control timer.
     executors = []

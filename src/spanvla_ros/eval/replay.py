@@ -39,7 +39,7 @@ LATCHED_TYPES = ("std_msgs/msg/String", "nav_msgs/msg/Path")   # command, route,
 class PlanRecorder:
     """Subscribes to the planner's outputs and keeps them (and their CDR bytes for the output bag)."""
 
-    def __init__(self, node, planner_params: dict):
+    def __init__(self, node, wire: dict):
         from nav_msgs.msg import Path as PathMsg
         from rclpy.serialization import serialize_message
 
@@ -48,9 +48,9 @@ class PlanRecorder:
         self._ser = serialize_message
         self.records: list[tuple[int, str, str, Any]] = []   # (receive ns, topic, typename, msg)
         self.lock = threading.Lock()
-        for topic, typ, name in ((planner_params["path_topic"], PathMsg, "nav_msgs/msg/Path"),
-                                 (planner_params["reasoning_topic"], Reasoning, "spanvla_ros/msg/Reasoning"),
-                                 (planner_params["status_topic"], PlanStatus, "spanvla_ros/msg/PlanStatus")):
+        for topic, typ, name in ((wire["path_topic"], PathMsg, "nav_msgs/msg/Path"),
+                                 (wire["reasoning_topic"], Reasoning, "spanvla_ros/msg/Reasoning"),
+                                 (wire["status_topic"], PlanStatus, "spanvla_ros/msg/PlanStatus")):
             node.create_subscription(typ, topic, lambda m, t=topic, n=name: self._on(t, n, m), 50)
 
     def _on(self, topic, name, msg):
@@ -84,7 +84,8 @@ def parse_remaps(items) -> dict[str, str]:
 
 
 def planner_inputs(pp: dict) -> dict[str, str]:
-    """The planner's input topics (params file) -> what each is: camera (raw and /compressed), odometry, ..."""
+    """The planner's input topics on the wire (config.node_params("topics")) -> what each is: camera (raw and
+    /compressed), odometry, ..."""
     topics = {pp["odom_topic"]: "odometry", pp["command_topic"]: "command", pp["route_topic"]: "route",
               pp["stop_lines_topic"]: "stop_lines"}
     for t in pp["camera_topics"]:
@@ -109,10 +110,11 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     from ..config import node_params
     from ..nodes.planner import PlannerNode
     from ..ros.recorder import rclpy_type
+    from ..ros.topics import default_planner_remaps, remap_arguments
 
     remap = remap or {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    pp = node_params("spanvla_planner", params_file)
+    pp = node_params("topics", params_file)
     inputs = planner_inputs(pp)
     stream = BagStream(bag)
     kinds = {topic: typ for topic, typ in stream.connections().items() if remap.get(topic, topic) in inputs}
@@ -134,7 +136,8 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     if checkpoint:
         overrides += ["-p", f"spanvla_planner:checkpoint:={checkpoint}"]
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, args=["spanvla_replay", "--ros-args", "--params-file", str(params_file)] + overrides)
+    rclpy.init(context=ctx, args=["spanvla_replay", "--ros-args", "--params-file", str(params_file)] + overrides
+               + remap_arguments(default_planner_remaps(params_file)))
     planner = PlannerNode(context=ctx)
     player = rclpy.create_node("spanvla_bag_player", context=ctx)
     pubs, types = {}, {}

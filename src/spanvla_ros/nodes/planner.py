@@ -31,6 +31,7 @@ from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.planning.core import Plan, PlannerCore, PlannerParams
+from spanvla_ros.ros import topics
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
@@ -47,8 +48,6 @@ class PlannerNode(Node):
         self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
                                                               device=p["device"], dtype=p["dtype"])
         cams = tuple(p["camera_names"])
-        if len(p["camera_topics"]) != len(cams):
-            raise ValueError("camera_names and camera_topics must have one entry per camera")
         self._warned: dict[str, float] = {}
         self.core = PlannerCore(self.policy, PlannerParams.from_mapping(p), cams, warn=self._warn)
         self.counters = self.core.counters
@@ -58,25 +57,27 @@ class PlannerNode(Node):
 
         if p["image_transport"] not in ("raw", "compressed"):
             raise ValueError(f"image_transport must be raw or compressed, got {p['image_transport']!r}")
-        for cam, topic in zip(cams, p["camera_topics"]):
+        # node-relative topics (spanvla_ros.ros.topics), remapped onto the names on the wire by whoever starts us
+        for cam in cams:
             if p["image_transport"] == "compressed":   # image_transport naming: <topic>/compressed
-                self.create_subscription(CompressedImage, topic + "/compressed", lambda m, c=cam: self._on_image(c, m),
-                                         qos_profile_sensor_data)
+                self.create_subscription(CompressedImage, topics.camera(cam) + topics.COMPRESSED,
+                                         lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
             else:
-                self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
-        self.create_subscription(Odometry, p["odom_topic"], self._on_odom, 20)
+                self.create_subscription(Image, topics.camera(cam), lambda m, c=cam: self._on_image(c, m),
+                                         qos_profile_sensor_data)
+        self.create_subscription(Odometry, topics.ODOMETRY, self._on_odom, 20)
         # the command is latched by its publisher (route-level, changes rarely)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self.create_subscription(String, p["command_topic"], self._on_command, latched)
+        self.create_subscription(String, topics.COMMAND, self._on_command, latched)
         # the mission route (lane centre to follow), latched like the carla-ros-bridge waypoint topic
-        self.create_subscription(Path, p["route_topic"], self._on_route, latched)
+        self.create_subscription(Path, topics.ROUTE, self._on_route, latched)
         # the route's stop lines (a Path of points, empty when the route has none), latched like the route
-        self.create_subscription(Path, p["stop_lines_topic"], self._on_stop_lines, latched)
-        self.pub_path = self.create_publisher(Path, p["path_topic"], 5)
-        self.pub_status = self.create_publisher(PlanStatus, p["status_topic"], 5)
-        self.pub_markers = self.create_publisher(MarkerArray, p["markers_topic"], 5)
-        self.pub_reasoning = self.create_publisher(Reasoning, p["reasoning_topic"], 5)
-        self.pub_reasoning_text = self.create_publisher(String, p["reasoning_text_topic"], 5)
+        self.create_subscription(Path, topics.STOP_LINES, self._on_stop_lines, latched)
+        self.pub_path = self.create_publisher(Path, topics.PATH, 5)
+        self.pub_status = self.create_publisher(PlanStatus, topics.STATUS, 5)
+        self.pub_markers = self.create_publisher(MarkerArray, topics.MARKERS, 5)
+        self.pub_reasoning = self.create_publisher(Reasoning, topics.REASONING, 5)
+        self.pub_reasoning_text = self.create_publisher(String, topics.REASONING_TEXT, 5)
         # Plans are made when odometry arrives (no wait for a timer phase: input -> Path latency is transport +
         # compute), at most at control rate; the timer fills in when odometry is slower than the control rate.
         self._period = 1.0 / p["control_rate_hz"]

@@ -9,8 +9,9 @@ is; otherwise its path is kept and its progress along the path is slowed to the 
 The limit is a braking-distance rule (RSS's safe longitudinal distance): at every moment the ego must be able to
 stop, after ``reaction_time_s`` at its speed and then braking at ``brake_decel_mps2``, behind the point where the
 lead would stop braking at ``lead_brake_decel_mps2`` (plus ``standstill_gap_m``), or before a red / yellow stop line
-it can still stop at. A lead at the ego's speed binds only within about a second's gap (at 20 m/s with the shipped
-values: 23 m, where highway traffic keeps ~40 m), so a far car mistaken for the lead costs nothing.
+it can still stop at. With equal braking (the shipped values) a lead at the ego's speed binds only within the
+reaction distance plus the standstill gap (15 m at 20 m/s), so a far car mistaken for the lead costs nothing; a
+lead that is slower, or brakes, binds as soon as the ego could no longer stop behind it.
 """
 from __future__ import annotations
 

@@ -60,18 +60,18 @@ class BagRecorderNode(Node):
                 self._writer.close()
 
 
-def drive_topics(planner: dict, sim: dict | None) -> list[tuple[str, str, str]]:
+def drive_topics(wire: dict, sim: dict | None) -> list[tuple[str, str, str]]:
     """What a drive run records: inputs (cameras, odometry, command, route and its stop lines, and the simulator's
-    agents when it runs) and the planner's outputs, topic names from params/spanvla.yaml."""
-    topics = [(t, "sensor_msgs/msg/Image", "sensor") for t in planner["camera_topics"]]
-    topics += [(planner["odom_topic"], "nav_msgs/msg/Odometry", "default"),
-               (planner["command_topic"], "std_msgs/msg/String", "latched"),
-               (planner["route_topic"], "nav_msgs/msg/Path", "latched"),
-               (planner["stop_lines_topic"], "nav_msgs/msg/Path", "latched"),
-               (planner["path_topic"], "nav_msgs/msg/Path", "default"),
-               (planner["reasoning_topic"], "spanvla_ros/msg/Reasoning", "default"),
-               (planner["status_topic"], "spanvla_ros/msg/PlanStatus", "default"),
-               (planner["markers_topic"], "visualization_msgs/msg/MarkerArray", "default")]
+    agents when it runs) and the planner's outputs, by their names on the wire (config.node_params("topics"))."""
+    topics = [(t, "sensor_msgs/msg/Image", "sensor") for t in wire["camera_topics"]]
+    topics += [(wire["odom_topic"], "nav_msgs/msg/Odometry", "default"),
+               (wire["command_topic"], "std_msgs/msg/String", "latched"),
+               (wire["route_topic"], "nav_msgs/msg/Path", "latched"),
+               (wire["stop_lines_topic"], "nav_msgs/msg/Path", "latched"),
+               (wire["path_topic"], "nav_msgs/msg/Path", "default"),
+               (wire["reasoning_topic"], "spanvla_ros/msg/Reasoning", "default"),
+               (wire["status_topic"], "spanvla_ros/msg/PlanStatus", "default"),
+               (wire["markers_topic"], "visualization_msgs/msg/MarkerArray", "default")]
     if sim is not None:
         topics += [(sim["agents_topic"], "visualization_msgs/msg/MarkerArray", "default")]
     return topics

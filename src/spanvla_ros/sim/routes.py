@@ -59,8 +59,8 @@ def parse_routes(text: str, source: str = "<string>") -> list[RouteSpec]:
         points = r.findall("waypoints/position") or r.findall("waypoint")
         if len(points) < 2:
             raise ValueError(f"{source}: route {r.get('id')} has {len(points)} waypoints (needs >= 2)")
-        scenarios = tuple(RouteScenario(s.get("name", ""), s.get("type", ""), _xyz(s.find("trigger_point")))
-                          for s in r.findall("scenarios/scenario") if s.find("trigger_point") is not None)
+        scenarios = tuple(RouteScenario(s.get("name", ""), s.get("type", ""), _xyz(trigger))
+                          for s in r.findall("scenarios/scenario") if (trigger := s.find("trigger_point")) is not None)
         out.append(RouteSpec(str(r.get("id")), str(r.get("town", "")), tuple(_xyz(p) for p in points),
                              _weather(r), scenarios))
     if not out:
