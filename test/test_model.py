@@ -414,8 +414,9 @@ def test_lora_sft_trains_adapters_on_the_language_model_and_merges_them(tokenize
     pytest.importorskip("peft", reason="peft is not installed")
     from pathlib import Path
 
-    from spanvla_ros.train.dataset import Sample
-    from spanvla_ros.train.trainer import CsvLog, prompts, sft_reasoning
+    from spanvla_ros.data.samples import Sample
+    from spanvla_ros.model.batch import prompts
+    from spanvla_ros.train.trainer import CsvLog, sft_reasoning
 
     policy = SpanVLAPolicy.build(SpanVLAConfig(), tokenizer, seed=4)
     text = "lead vehicle 20 meters ahead, gap is safe, so maintain speed and keep the lane."

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from shapely.geometry import LineString, box
 
-from spanvla_ros.eval.pdm import Lane, SceneMap, ade_fde, score
+from spanvla_ros.eval.pdm import ade_fde, score
+from spanvla_ros.sim.scene_map import Lane, SceneMap
 
 DT = 0.5
 

@@ -131,7 +131,7 @@ def test_reasoning_facts_are_parsed_as_the_writer_states_them():
 
 
 def test_signal_stop_labels_stop_before_the_line_only_when_the_expert_rule_says_stop():
-    from spanvla_ros.train.dataset import STOP_MARGIN_M, stop_at_signal_future
+    from spanvla_ros.data.samples import STOP_MARGIN_M, stop_at_signal_future
 
     v = 8.0
     go = np.stack([v * 0.5 * np.arange(1, 9), np.zeros(8), np.zeros(8), np.full(8, v)], 1)   # drives through

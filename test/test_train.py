@@ -3,7 +3,9 @@ checkpoints, CSV log, resume; and the GRPO reward's negative / recovery terms on
 from __future__ import annotations
 
 import csv
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +25,8 @@ def dataset(tmp_path_factory):
 
 
 def test_reward_penalises_negatives_and_rewards_recovery(dataset):
+    from spanvla_ros.data.samples import load_samples, scene_maps
     from spanvla_ros.model.config import SpanVLAConfig
-    from spanvla_ros.train.dataset import load_samples, scene_maps
     from spanvla_ros.train.trainer import rewards
 
     samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)
@@ -56,6 +58,8 @@ def test_trainer_runs_every_stage_and_resumes(dataset, tmp_path, capsys):
     assert main(args) == 0
     for st in STAGES:
         assert (tmp_path / st / "expert.safetensors").is_file(), st
+    saved = json.loads((tmp_path / "train_config.json").read_text())   # the run's config, from the command line
+    assert saved["flow_epochs"] == 2 and saved["group"] == 3 and saved["data"] == [str(dataset)]
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
     stages = {r["stage"] for r in rows}
     assert {"sft1", "sft2", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec"} <= stages
@@ -78,9 +82,9 @@ def test_epdms_reward_makes_running_the_red_light_cost(tmp_path):
     """At a red light the expert stops; a plan that keeps speed through the stop line scores fine on PDMS
     (no traffic-light term) but zero on EPDMS (TLC = 0), so only the EPDMS reward teaches GRPO to stop."""
     from spanvla_ros.data.generate import generate
+    from spanvla_ros.data.samples import load_samples, scene_maps, score_plan
     from spanvla_ros.model.config import SpanVLAConfig
     from spanvla_ros.model.trajectory import history_trajectory
-    from spanvla_ros.train.dataset import load_samples, scene_maps, score_plan
     from spanvla_ros.train.trainer import rewards
 
     generate(tmp_path, ["intersection_left"], [6], kinds=("expert",), progress=False)
@@ -145,9 +149,9 @@ def test_light_head_learns_the_signal_before_the_stop_line(tmp_path):
     import torch
 
     from spanvla_ros.data.generate import generate
+    from spanvla_ros.data.samples import attach_routes, light_label, load_samples, scene_maps
     from spanvla_ros.model.bridge import collate_bridges
     from spanvla_ros.model.config import SpanVLAConfig
-    from spanvla_ros.train.dataset import attach_routes, light_label, load_samples, scene_maps
     from spanvla_ros.train.trainer import CsvLog, build_initial, precompute_bridges, sft_flow
 
     generate(tmp_path, ["intersection_straight"], [LIGHT_SEED], kinds=("expert",), progress=False)
@@ -165,3 +169,22 @@ def test_light_head_learns_the_signal_before_the_stop_line(tmp_path):
     before = light_ce()
     sft_flow(policy, samples, bridges, 15, 4, 1e-3, CsvLog(tmp_path / "log.csv"))
     assert light_ce() < 0.5 * before
+
+
+def test_the_training_command_line_is_the_config_dataclass():
+    """Every TrainConfig field is a flag with the field's default; combinations that cannot train are refused
+    before anything runs."""
+    import dataclasses
+
+    from spanvla_ros.train.config import TrainConfig
+
+    cfg = TrainConfig.from_args(["--data", "A", "B", "--out", "R", "--flow-init", "noise", "--skip-grpo"])
+    assert cfg.data == [Path("A"), Path("B")] and cfg.flow_init == "noise" and cfg.skip_grpo
+    defaults = TrainConfig(data=[Path("A"), Path("B")], out=Path("R"), flow_init="noise", skip_grpo=True)
+    assert cfg == defaults
+    flags = {a.dest for a in TrainConfig.parser()._actions} - {"help"}
+    assert flags == {f.name for f in dataclasses.fields(TrainConfig)}
+    with pytest.raises(SystemExit, match="needs the route input"):
+        TrainConfig.from_args(["--data", "A", "--out", "R", "--traffic-lights", "--no-route"])
+    with pytest.raises(SystemExit):
+        TrainConfig.from_args(["--data", "A", "--out", "R", "--flow-init", "sideways"])

@@ -69,7 +69,7 @@ class Player:
     def run(self, odom_hz: float = 20.0, cam_every: int = 2):
         from nav_msgs.msg import Odometry
 
-        from spanvla_ros.data.bag_io import quat_from_yaw
+        from spanvla_ros.geometry import quat_from_yaw
         from spanvla_ros.ros.images import encode_image_msg
         from spanvla_ros.ros.stamps import sec_to_stamp
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import quat_from_yaw, yaw_from_quat
+
 CAMERA_TOPIC = "/carla/ego_vehicle/rgb_{}/image"
 ODOM_TOPIC = "/carla/ego_vehicle/odometry"
 ROUTE_TOPIC = "/carla/ego_vehicle/route"
@@ -137,16 +139,6 @@ def decode_jpeg(data) -> np.ndarray:
 
     with Image.open(io.BytesIO(bytes(data))) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def quat_from_yaw(yaw: float) -> tuple[float, float, float, float]:
-    """(w, x, y, z) of a rotation by ``yaw`` about z (the planar poses of every message here)."""
-    return math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)
-
-
-def yaw_from_quat(q) -> float:
-    """Yaw (about z) of a geometry_msgs/Quaternion (any object with w, x, y, z)."""
-    return math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
 
 
 def odometry_row(msg) -> tuple[float, float, float, float, float]:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.pdm import score
+from ..geometry import to_ego, to_world
 from ..model.config import CAMERAS
-from ..model.trajectory import to_ego, to_world
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
 from .scene_text import describe, facts_from_state, perception_facts

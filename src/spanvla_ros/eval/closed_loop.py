@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..data.sensor_buffers import EgoHistory
-from ..model.trajectory import to_world
+from ..geometry import to_world
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation, SimBackend
 from .pdm import score

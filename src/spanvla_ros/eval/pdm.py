@@ -12,9 +12,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from shapely.geometry import LineString, Point, Polygon
-from shapely.ops import unary_union
-from shapely.prepared import prep
+from shapely.geometry import Point, Polygon
+
+from ..sim.scene_map import SceneMap
 
 # NAVSIM comfort thresholds (history comfort / "C")
 COMFORT = dict(min_lon_accel=-4.05, max_lon_accel=2.40, max_abs_lat_accel=4.89, max_abs_yaw_rate=0.95,
@@ -25,53 +25,6 @@ TTC_HORIZON, TTC_STEP = 0.9, 0.3
 DDC_FULL, DDC_HALF = 2.0, 6.0          # metres of oncoming-lane progress
 LK_MAX_DEV, LK_MAX_TIME = 0.5, 2.0
 EP_MIN_PROGRESS = 5.0
-
-
-@dataclass
-class Lane:
-    centre: LineString
-    headings: np.ndarray     # heading at each vertex of centre
-    width: float
-
-    def __post_init__(self):
-        xy = np.asarray(self.centre.coords)
-        self.arc = np.r_[0.0, np.cumsum(np.hypot(*np.diff(xy, axis=0).T))]
-
-
-def stop_line_points(route: LineString, stop_s: float | None) -> np.ndarray:
-    """(K, 2) world points where the route crosses a stop line (what a route map gives the planner)."""
-    if stop_s is None:
-        return np.zeros((0, 2))
-    return np.asarray(route.interpolate(stop_s).coords, np.float64)
-
-
-@dataclass
-class SceneMap:
-    drivable: Polygon
-    lanes: list[Lane]
-    route: LineString
-    stop_s: float | None = None          # route arc length of the ego's stop line
-
-    def __post_init__(self):
-        self._drivable = prep(self.drivable)
-
-    def stop_lines_xy(self) -> np.ndarray:
-        return stop_line_points(self.route, self.stop_s)
-
-    def lane_info(self, x: float, y: float, heading: float):
-        """(aligned lane deviation or None, on an opposing lane only?)"""
-        p = Point(x, y)
-        best_aligned, on_opposing = None, False
-        for lane in self.lanes:
-            d = lane.centre.distance(p)
-            if d > lane.width / 2 + 0.3:
-                continue
-            i = min(int(np.searchsorted(lane.arc, lane.centre.project(p))), len(lane.headings) - 1)
-            if math.cos(heading - lane.headings[i]) > 0:
-                best_aligned = d if best_aligned is None else min(best_aligned, d)
-            else:
-                on_opposing = True
-        return best_aligned, on_opposing and best_aligned is None
 
 
 def footprint(x: float, y: float, h: float, length: float = 5.0, width: float = 2.0) -> Polygon:
@@ -236,10 +189,6 @@ def _to_frame(pose, xy) -> np.ndarray:
 
 def _cv(state, tau):
     return (state[0] + state[3] * math.cos(state[2]) * tau, state[1] + state[3] * math.sin(state[2]) * tau, state[2])
-
-
-def build_drivable(lane_polygons) -> Polygon:
-    return unary_union([p.buffer(0.05) for p in lane_polygons])
 
 
 def ade_fde(pred_xy: np.ndarray, true_xy: np.ndarray) -> tuple[float, float]:

@@ -59,10 +59,10 @@ def reasoning_fact_accuracy(texts, facts_list) -> dict:
 @torch.inference_mode()
 def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
     """Held-out accuracy of the expert's perception heads on the bridges' front frames (empty without heads)."""
+    from ..data.samples import light_label
+    from ..model.batch import ego_tensor
     from ..model.bridge import collate_bridges
     from ..model.perception import lead_metrics, lead_targets_tensor
-    from ..train.dataset import light_label
-    from ..train.trainer import ego_tensor
 
     expert = policy.expert
     out: dict[str, float] = {}

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.bag_io import BagError, BagStream, EpisodeLog, odometry_row, read_episode, typestore, yaw_from_quat
+from ..data.bag_io import BagError, BagStream, EpisodeLog, odometry_row, read_episode, typestore
+from ..geometry import yaw_from_quat
 from ..model.config import SpanVLAConfig
 from .closed_loop import plan_displacement
 from .pdm import score
@@ -236,7 +237,7 @@ def evaluate(bag: Path, odom: np.ndarray, records, out_dir: Path) -> dict:
     """Each recorded plan against the logged drive ``odom`` (t, x, y, yaw, speed; the bag's odometry as replayed):
     eval.plan_metrics for any bag, plus plan-to-plan consistency, plus the PDM-style scores where the scene is
     known (episodes generated here carry their scenario and seed in the bag name)."""
-    from ..model.trajectory import to_ego, to_world
+    from ..geometry import to_ego, to_world
     from ..ros.stamps import stamp_to_sec
 
     log, partial = EpisodeLog(odom=odom[np.argsort(odom[:, 0])] if len(odom) else odom), None

@@ -37,8 +37,8 @@ ROWS = (  # (row name, checkpoint dir relative to --run / --ablation-run, which 
 
 @torch.inference_mode()
 def plan_all(policy, samples, bridges, batch=32) -> np.ndarray:
+    from ..model.batch import ego_tensor, his_tensor
     from ..model.bridge import collate_bridges
-    from ..train.trainer import ego_tensor, his_tensor
 
     out = []
     for b0 in range(0, len(samples), batch):
@@ -50,7 +50,7 @@ def plan_all(policy, samples, bridges, batch=32) -> np.ndarray:
 
 
 def open_loop_metrics(samples, plans, scenes) -> dict:
-    from ..train.dataset import score_plan
+    from ..data.samples import score_plan
     from .pdm import ade_fde
 
     ade, fde, pdms, epdms = [], [], [], []
@@ -170,13 +170,13 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path, 
 
 
 def main(argv=None) -> int:
+    from ..data.samples import attach_routes, load_samples, scene_maps
     from ..eval.closed_loop import ConstantVelocityDriver, ExpertDriver, PlanningDriver, PolicyDriver, seed_list
+    from ..model.batch import reason_all
     from ..model.policy import SpanVLAPolicy
     from ..model.trajectory import history_trajectory
     from ..sim.backends import add_backend_arguments
     from ..sim.scenarios import HELDOUT_SEEDS, resolve
-    from ..train.dataset import attach_routes, load_samples, scene_maps
-    from ..train.trainer import reason_all
     from .perception_eval import head_metrics, reasoning_fact_accuracy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.bag_io import BagError, decode_jpeg, typestore, yaw_from_quat
-from ..model.trajectory import to_world
+from ..data.bag_io import BagError, decode_jpeg, typestore
+from ..geometry import to_world, yaw_from_quat
 
 
 @dataclass

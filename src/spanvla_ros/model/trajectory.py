@@ -5,33 +5,10 @@ The history initialisation ``a_his`` is what the ego would do if it kept its cur
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-
-def wrap_angle(a):
-    return (a + np.pi) % (2 * np.pi) - np.pi
-
-
-def to_ego(pose, pts: np.ndarray) -> np.ndarray:
-    """World (N, >=3) x, y, heading[, speed] -> ego frame of pose (x, y, heading)."""
-    c, s = math.cos(pose[2]), math.sin(pose[2])
-    out = np.array(pts, dtype=np.float64, copy=True)
-    dx, dy = pts[:, 0] - pose[0], pts[:, 1] - pose[1]
-    out[:, 0], out[:, 1] = c * dx + s * dy, -s * dx + c * dy
-    out[:, 2] = np.arctan2(np.sin(pts[:, 2] - pose[2]), np.cos(pts[:, 2] - pose[2]))
-    return out
-
-
-def to_world(pose, pts: np.ndarray) -> np.ndarray:
-    c, s = math.cos(pose[2]), math.sin(pose[2])
-    out = np.array(pts, dtype=np.float64, copy=True)
-    out[:, 0] = pose[0] + c * pts[:, 0] - s * pts[:, 1]
-    out[:, 1] = pose[1] + s * pts[:, 0] + c * pts[:, 1]
-    out[:, 2] = pts[:, 2] + pose[2]
-    return out
+from ..geometry import wrap_angle
 
 
 def history_trajectory(past_xyh: np.ndarray, speed: float, dt_past: float, horizon: int, dt: float) -> np.ndarray:

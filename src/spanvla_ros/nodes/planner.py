@@ -26,7 +26,8 @@ from std_msgs.msg import String
 from visualization_msgs.msg import Marker, MarkerArray
 
 from spanvla_ros.config import resolve_share_path
-from spanvla_ros.data.bag_io import odometry_row, path_xy, quat_from_yaw
+from spanvla_ros.data.bag_io import odometry_row, path_xy
+from spanvla_ros.geometry import quat_from_yaw
 from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning

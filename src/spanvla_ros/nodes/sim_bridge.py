@@ -23,7 +23,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 from visualization_msgs.msg import Marker, MarkerArray
 
-from spanvla_ros.data.bag_io import quat_from_yaw, yaw_from_quat
+from spanvla_ros.geometry import quat_from_yaw, yaw_from_quat
 from spanvla_ros.ros.images import encode_image_msg
 from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import from_carla_xy, from_carla_yaw, to_carla_location, to_carla_yaw
 from ..model.route import route_command
 from .camera import DEFAULT_CAMERAS, CameraSpec
 from .routes import RouteSpec
@@ -32,11 +33,6 @@ LIGHT_RANGE_M = 50.0   # a stop line this far ahead on the route puts its light 
 TM_PATH_EVERY = 5      # route points (2 m apart) per Traffic Manager path location
 ROUTE_WAYPOINT_REACHED_M = 3.0       # a route file's waypoint is passed when the lane route comes this near
 ROUTE_MIN_AVERAGE_SPEED_MPS = 2.0    # time allowed for a route file's route: its length at this average speed
-
-
-def to_carla_location(carla, x: float, y: float, z: float = 0.5):
-    """A right-handed (y left) world point as a carla.Location (left-handed: y right)."""
-    return carla.Location(x=float(x), y=float(-y), z=z)
 
 
 class CarlaSyncError(RuntimeError):
@@ -123,7 +119,7 @@ class CarlaBackend:
             bp.set_attribute("image_size_x", str(cam.width))
             bp.set_attribute("image_size_y", str(cam.height))
             bp.set_attribute("fov", str(math.degrees(cam.hfov)))
-            tf = c.Transform(c.Location(x=cam.x, z=cam.z), c.Rotation(yaw=-math.degrees(cam.yaw)))
+            tf = c.Transform(c.Location(x=cam.x, z=cam.z), c.Rotation(yaw=to_carla_yaw(cam.yaw)))
             self._attach(cam.name, bp, tf)
         self._attach("collision", lib.find("sensor.other.collision"), c.Transform())
         others = [s for s in spawns if math.hypot(s.location.x - ego_tf.location.x,
@@ -161,7 +157,7 @@ class CarlaBackend:
         pts, junctions, total = [], [], 0.0
         while total < limit:
             loc = wp.transform.location
-            pts.append((loc.x, -loc.y))
+            pts.append(from_carla_xy(loc.x, loc.y))
             if getattr(wp, "is_junction", False):
                 junctions.append(total)
             while targets and dist(wp, targets[0]) < ROUTE_WAYPOINT_REACHED_M:
@@ -201,7 +197,7 @@ class CarlaBackend:
         on_route = []   # (arc length, point, light)
         for tl in self.world.get_actors().filter("traffic.traffic_light*"):
             for w in tl.get_stop_waypoints():
-                p = (w.transform.location.x, -w.transform.location.y)
+                p = from_carla_xy(w.transform.location.x, w.transform.location.y)
                 if self.route.distance(Point(p)) < 1.75:
                     on_route.append((float(self.route.project(Point(p))), p, tl))
         on_route.sort(key=lambda stop: stop[0])
@@ -259,7 +255,7 @@ class CarlaBackend:
     def _observe(self, data: dict) -> Observation:
         c = self.carla
         tf, vel = self.ego.get_transform(), self.ego.get_velocity()
-        x, y, yaw = tf.location.x, -tf.location.y, -math.radians(tf.rotation.yaw)
+        (x, y), yaw = from_carla_xy(tf.location.x, tf.location.y), from_carla_yaw(tf.rotation.yaw)
         speed = math.hypot(vel.x, vel.y)
         if self._prev is None:
             accel = yaw_rate = 0.0
@@ -280,8 +276,9 @@ class CarlaBackend:
             if a.id == self.ego.id:
                 continue
             at, av, ae = a.get_transform(), a.get_velocity(), a.bounding_box.extent
-            agents.append(AgentState(a.id, at.location.x, -at.location.y, -math.radians(at.rotation.yaw),
-                                     math.hypot(av.x, av.y), 2 * ae.x, 2 * ae.y))
+            ax, ay = from_carla_xy(at.location.x, at.location.y)
+            agents.append(AgentState(a.id, ax, ay, from_carla_yaw(at.rotation.yaw), math.hypot(av.x, av.y),
+                                     2 * ae.x, 2 * ae.y))
         cmap = self.world.get_map()
         wp = cmap.get_waypoint(tf.location, project_to_road=False, lane_type=c.LaneType.Driving)
         off_road = wp is None
@@ -315,7 +312,7 @@ class CarlaBackend:
         """Drivable area and lanes along the route, from the map's waypoints (for PDM-style scoring)."""
         from shapely.geometry import LineString, Polygon
 
-        from ..eval.pdm import Lane, SceneMap, build_drivable
+        from .scene_map import Lane, SceneMap, build_drivable
 
         cmap = self.world.get_map()
         polys, lanes = [], []
@@ -328,10 +325,10 @@ class CarlaBackend:
                 if not nxt:
                     continue
                 a, b = w.transform.location, nxt[0].transform.location
-                h = math.atan2(-(b.y - a.y), b.x - a.x)
+                (ax, ay), (bx, by) = from_carla_xy(a.x, a.y), from_carla_xy(b.x, b.y)
+                h = math.atan2(by - ay, bx - ax)
                 half = w.lane_width / 2
                 dx, dy = -math.sin(h) * half, math.cos(h) * half
-                ax, ay, bx, by = a.x, -a.y, b.x, -b.y
                 polys.append(Polygon([(ax + dx, ay + dy), (bx + dx, by + dy), (bx - dx, by - dy), (ax - dx, ay - dy)]))
                 lanes.append(Lane(LineString([(ax, ay), (bx, by)]), np.array([h, h]), w.lane_width))
         return SceneMap(build_drivable(polys), lanes, self.route, self._stops[0][0] if self._stops else None)
@@ -342,8 +339,9 @@ class CarlaBackend:
         if wp is None:
             return 0.0
         c = wp.transform.location
-        h = -math.radians(wp.transform.rotation.yaw)
-        dx, dy = tf.location.x - c.x, -(tf.location.y - c.y)
+        h = from_carla_yaw(wp.transform.rotation.yaw)
+        (ex, ey), (cx, cy) = from_carla_xy(tf.location.x, tf.location.y), from_carla_xy(c.x, c.y)
+        dx, dy = ex - cx, ey - cy
         return -math.sin(h) * dx + math.cos(h) * dy
 
     def stop_line_distance_m(self, obs: Observation) -> float | None:

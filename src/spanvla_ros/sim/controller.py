@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model.trajectory import to_ego, to_world
+from ..geometry import to_ego, to_world
 from .types import Control
 
 

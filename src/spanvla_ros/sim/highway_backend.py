@@ -157,7 +157,7 @@ class HighwayEnvBackend:
             lane_index, lane, s = nxt, net.get_lane(nxt), 0.0
         from shapely.geometry import LineString
 
-        from ..eval.pdm import stop_line_points
+        from .scene_map import stop_line_points
 
         self.route_xy = np.array(pts)
         self.route = LineString(self.route_xy)
@@ -351,7 +351,7 @@ class HighwayEnvBackend:
         """Static geometry of this episode for PDM-style scoring: drivable area, lanes near the route, route."""
         from shapely.geometry import LineString, Polygon
 
-        from ..eval.pdm import Lane, SceneMap, build_drivable
+        from .scene_map import Lane, SceneMap, build_drivable
 
         lo, hi = self.route_xy.min(0) - 80.0, self.route_xy.max(0) + 80.0
         lanes, polys = [], []

@@ -7,7 +7,6 @@ after each stage (resume picks up the last finished stage), CSV logs (step, stag
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import json
@@ -21,12 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.scene_text import light_token_weight
-from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
-from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
-from ..model.perception import lead_targets_tensor
-from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
-from .dataset import (
+from ..data.samples import (
     Sample,
     attach_routes,
     drop_off_route_labels,
@@ -36,6 +30,13 @@ from .dataset import (
     scene_maps,
     score_plan,
 )
+from ..data.scene_text import light_token_weight
+from ..model.batch import ego_tensor, his_tensor, prompts, reason_all
+from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
+from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
+from ..model.perception import lead_targets_tensor
+from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
+from .config import TrainConfig
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -111,28 +112,6 @@ class CsvLog:
 
 
 # ------------------------------------------------------------------ batches
-def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample], route_dropout: float = 0.0, rng=None) -> torch.Tensor:
-    """Expert conditioning per sample; with ``route_dropout`` that share of samples is given no route, and
-    independently that share no stop lines (a map without them, a bag recorded before they were published)."""
-    def dropped():
-        return route_dropout > 0 and rng.random() < route_dropout
-
-    def route(s):
-        if not policy.uses_route or dropped():
-            return None
-        return policy.route_input(s.meta["route_xy"], s.meta["pose"], None if dropped() else s.meta.get("stop_xy"))
-    return torch.from_numpy(np.stack([policy.ego_vector(s.meta["speed"], s.meta["accel"], s.meta["yaw_rate"],
-                                                        s.meta["command"], route(s)) for s in samples]))
-
-
-def his_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([policy.history_init(s.past, s.meta["speed"]) for s in samples]))
-
-
-def prompts(policy, samples):
-    return [policy.reasoner.prompt(s.meta["command"], s.meta["speed"], s.meta["accel"], s.past[:, :2]) for s in samples]
-
-
 # ------------------------------------------------------------------ stages
 PERCEPTION_PREFIXES = ("light_", "lead_head.")
 
@@ -224,21 +203,6 @@ def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light
                       batch_loss, seed)
 
 
-def reason_all(policy, samples, desc="reasoning", progress=True):
-    """The inference path per sample (greedy reasoning from the frames) -> (bridges, texts, action-token hit rate)."""
-    from tqdm import tqdm
-
-    bridges, texts, hits = [], [], 0
-    for s in tqdm(samples, desc=desc, disable=not progress or dist_info()[0] != 0):
-        m = s.meta
-        r = policy.reason(s.images, m["command"], m["speed"], m["accel"], s.past, stamp=m["stamp"],
-                          route_xy=m.get("route_xy"), pose=m["pose"], stop_xy=m.get("stop_xy"))
-        bridges.append(r.bridge)
-        texts.append(r.text)
-        hits += r.hit_action_token
-    return bridges, texts, hits / max(len(samples), 1)
-
-
 @torch.no_grad()
 def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> list[BridgeSnapshot]:
     """Bridges the action expert trains on (VLM frozen). ``generated``: over the reasoning the VLM itself writes
@@ -247,7 +211,8 @@ def precompute_bridges(policy, samples, batch=16, text: str = "generated") -> li
     on text it never sees at run time, e.g. lead-vehicle distances the generated text gets wrong)."""
     from tqdm import tqdm
     if text == "generated":
-        return reason_all(policy, samples, desc="bridges (frozen VLM, generated reasoning)")[0]
+        return reason_all(policy, samples, desc="bridges (frozen VLM, generated reasoning)",
+                          progress=dist_info()[0] == 0)[0]
     if text != "reference":
         raise ValueError(f"bridge text must be 'generated' or 'reference', got {text!r}")
     out = []
@@ -476,74 +441,17 @@ def fresh_expert(policy: SpanVLAPolicy, flow_init: str, seed: int, route: bool =
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, type=Path, nargs="+",
-                    help="spanvla-generate-data output(s); several are concatenated (e.g. extra intersection seeds)")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--sft-epochs", type=int, default=10)
-    ap.add_argument("--lora-rank", type=int, default=0,
-                    help="SFT stage 1 trains LoRA adapters of this rank (peft) on the VLM's attention, then merges "
-                         "them (0: full fine-tune)")
-    ap.add_argument("--flow-epochs", type=int, default=30)
-    ap.add_argument("--grpo-iters", type=int, default=40, help="per GRPO stage (warm-up and each branch)")
-    ap.add_argument("--grpo-lr", type=float, default=5e-5)
-    ap.add_argument("--grpo-std", type=float, default=0.05, help="per-Euler-step std (normalised units)")
-    ap.add_argument("--grpo-beta", type=float, default=0.1, help="KL weight to the SFT reference")
-    ap.add_argument("--grpo-reward", default="PDMS", choices=["PDMS", "EPDMS"],
-                    help="driving score in the GRPO reward (EPDMS adds traffic-light and direction compliance)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--flow-init", default="history", choices=["history", "noise"])
-    ap.add_argument("--vlm-from", type=Path, default=None,
-                    help="reuse this finished checkpoint's VLM (skip SFT stage 1) with a fresh action expert")
-    ap.add_argument("--bridge-text", default="generated", choices=["generated", "reference"],
-                    help="reasoning the expert's training bridges are computed over (see precompute_bridges)")
-    ap.add_argument("--no-route", action="store_true",
-                    help="train the expert without the route input (cameras + command only, as before it existed)")
-    ap.add_argument("--traffic-lights", action="store_true",
-                    help="expert with the route's stop lines and a traffic-light head on the VLM's front-frame "
-                         "vision tokens (model.expert; needs the route input)")
-    ap.add_argument("--light-frames", type=int, default=4,
-                    help="front frames (newest last, 2 Hz) the traffic-light head reads: near the stop line the "
-                         "signal leaves the camera's view and an earlier frame still shows it")
-    ap.add_argument("--lead-perception", action="store_true",
-                    help="expert with a lead-vehicle head (presence, gap, closing speed) on the front camera's "
-                         "history-frame vision tokens, supervised by the simulator (model.perception)")
-    ap.add_argument("--grounded-reasoning", action="store_true",
-                    help="the reasoning text starts with what the perception heads see (model.policy.perceived_text); "
-                         "needs --lead-perception --traffic-lights --vlm-from; the heads are trained first (frozen) "
-                         "or taken with --heads-from")
-    ap.add_argument("--heads-from", type=Path, default=None,
-                    help="take the trained perception heads from this checkpoint (frozen)")
-    ap.add_argument("--head-epochs", type=int, default=30,
-                    help="--grounded-reasoning without --heads-from: epochs of the perception heads, trained first")
-    ap.add_argument("--signal-labels", default="stop", choices=["stop", "logged"],
-                    help="at a light the ego must stop for: teach stopping before the line (a camera-only planner "
-                         "cannot know the phase timing) or keep the expert's logged future (train.dataset)")
-    ap.add_argument("--more-sft-epochs", type=int, default=0,
-                    help="with --vlm-from: continue SFT stage 1 on that VLM for this many epochs first")
-    ap.add_argument("--light-weight", type=float, default=1.0,
-                    help="SFT stage 1: CE weight of the light-colour words (see scene_text.light_token_weight)")
-    ap.add_argument("--sft-lr", type=float, default=0.0,
-                    help="SFT stage 1 peak LR (default 2e-3 from scratch, 1e-3 with --more-sft-epochs)")
-    ap.add_argument("--sft-scenarios", default="",
-                    help="SFT stage 1 only on these scenarios' positives (comma list; default all)")
-    ap.add_argument("--bridge-cache", type=Path, default=None,
-                    help="file to keep the frozen VLM's training bridges in (reused by runs on the same VLM and data)")
-    ap.add_argument("--skip-grpo", action="store_true")
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    if a.traffic_lights and a.no_route:
-        raise SystemExit("--traffic-lights needs the route input (stop lines are measured along the route)")
-    if a.grounded_reasoning and not (a.lead_perception and a.traffic_lights and a.vlm_from):
-        raise SystemExit("--grounded-reasoning needs --lead-perception --traffic-lights and --vlm-from (the text "
-                         "is written from the perception heads, trained first or taken with --heads-from)")
+    return train(TrainConfig.from_args(argv))
+
+
+def train(a: TrainConfig) -> int:
+    """The whole recipe for one config: SFT 1 (or a VLM taken over), perception heads, SFT 2, GRPO branches."""
+    a.check()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
+    a.save(a.out / "train_config.json")
     log = CsvLog(a.out / "train_log.csv")
     cams = SpanVLAConfig().cameras
     samples = [s for d in a.data for s in load_samples(d, cams, limit=a.limit or None)]

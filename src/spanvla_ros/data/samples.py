@@ -71,7 +71,7 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
     """PDM-style score of an ego-frame (H, 4) plan for this sample, with the other agents' logged futures and
     the logged signal states (what GRPO rewards and open-loop evaluation both use)."""
     from ..eval.pdm import score
-    from ..model.trajectory import to_world
+    from ..geometry import to_world
 
     m = sample.meta
     agents = np.asarray(m["agents_future"], np.float64)
@@ -90,8 +90,8 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
     (SpanVLAPolicy.route_input)."""
     from shapely.geometry import LineString, Point
 
+    from ..geometry import to_world
     from ..model.route import hindsight_lane_route
-    from ..model.trajectory import to_world
     from ..sim.scenarios import get
 
     for s in samples:
@@ -121,7 +121,7 @@ def drop_off_route_labels(samples: list[Sample]) -> tuple[list[Sample], int]:
     the lane it is in) teaches it to ignore the route. Returns (kept, dropped count)."""
     from shapely.geometry import LineString, Point
 
-    from ..model.trajectory import to_world
+    from ..geometry import to_world
 
     kept = []
     for s in samples:
