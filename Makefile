@@ -10,7 +10,7 @@ COLCON_BUILD := colcon build --base-paths . $(MISSING_MSGS) --event-handlers con
 	--cmake-args -DPython3_EXECUTABLE=$$(readlink -f .venv)/bin/python -DBUILD_TESTING=ON
 DEMO_ARGS ?= --episodes 3 --duration 120
 
-.PHONY: venv build demo lint test bench clean
+.PHONY: venv build demo lint test bench soak clean
 venv:
 	bash scripts/setup_env.sh
 
@@ -37,6 +37,14 @@ bench: build
 	$(ENV)
 	python -m spanvla_ros.cli.bench_model
 	python -m spanvla_ros.cli.bench_latency --json results/bench_latency.json
+
+# Soak (not part of `make test`): the composed drive in real time for SOAK_S seconds (default 30 min), a line per
+# minute (RSS, plan / reasoner rate, degraded / withheld / limited plans, episodes, recorded MB), split recording.
+SOAK_S ?= 1800
+soak: build
+	$(ENV)
+	python -m spanvla_ros.cli.drive --duration $(SOAK_S) --report-every 60 --split-duration-s 600 \
+		--record runs/soak-{time} --json runs/soak.json
 
 clean:
 	rm -rf build install log

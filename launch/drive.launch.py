@@ -29,8 +29,10 @@ from spanvla_ros.cli.drive import launch_command_line
 def _drive(context):
     value = {k: LaunchConfiguration(k).perform(context) for k in ("params_file", "sim", "checkpoint", "duration",
                                                                    "record")}
+    # respawn: a planner process that dies is started again (a car must not lose its planner to one crash)
     return [Node(package="spanvla_ros", executable="spanvla_drive", name="spanvla_drive", output="screen",
-                 parameters=[value["params_file"]], arguments=launch_command_line(**value))]
+                 parameters=[value["params_file"]], arguments=launch_command_line(**value),
+                 respawn=True, respawn_delay=2.0)]
 
 
 def generate_launch_description():

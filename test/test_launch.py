@@ -47,6 +47,10 @@ def test_launch_file_contract():
     assert documented == declared
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert {"spanvla_ros", "spanvla_drive", "spanvla.yaml", "spanvla.rviz", "rviz2"} <= strings
+    # the planner process is restarted if it dies
+    drive = next(c for c in calls if c.func.id == "Node" and any(
+        k.arg == "executable" and getattr(k.value, "value", None) == "spanvla_drive" for k in c.keywords))
+    assert any(k.arg == "respawn" and getattr(k.value, "value", None) is True for k in drive.keywords)
     # everything the launch file points at exists and is installed by CMakeLists.txt
     assert (REPO / "params" / "spanvla.yaml").is_file() and (REPO / "rviz" / "spanvla.rviz").is_file()
     assert os.access(REPO / "scripts" / "ros" / "spanvla_drive", os.X_OK)

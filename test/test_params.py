@@ -100,3 +100,48 @@ def test_the_simulator_steps_at_the_rate_the_bridge_ticks_it(tmp_path):
             SimBridgeNode(context=ctx, backend=HighwayEnvBackend(control_dt=0.1, render=False))
     finally:
         rclpy.shutdown(context=ctx)
+
+
+@requires_ros
+@requires_msgs
+def test_the_simulator_bridge_survives_a_backend_that_fails_mid_episode():
+    """A simulator step that raises ends the episode (recorded with the error, counted) and the next one starts;
+    a reset that raises is retried on the next tick. The process, planner and recording go on."""
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    import rclpy
+
+    from spanvla_ros.nodes.sim_bridge import SimBridgeNode
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+
+    class Flaky(HighwayEnvBackend):
+        fail_step_at, fail_resets, steps = 3, 0, 0
+
+        def step(self, control=None):
+            self.steps += 1
+            if self.steps == self.fail_step_at:
+                self.fail_resets = 1
+                raise RuntimeError("lost the server")
+            return super().step(control)
+
+        def reset(self, scenario, seed):
+            if self.fail_resets:
+                self.fail_resets -= 1
+                raise RuntimeError("server still restarting")
+            return super().reset(scenario, seed)
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=["--ros-args", "--params-file", str(PARAMS)])
+    try:
+        node = SimBridgeNode(context=ctx, backend=Flaky(control_dt=0.1, render=False))
+        for _ in range(3):
+            node._tick()
+        assert len(node.episodes) == 1 and "lost the server" in node.episodes[0]["error"]
+        assert node.counters["backend_errors"] == 2 and node._restart_pending      # step, then the first reset
+        node._tick()                                                                # the reset is retried
+        assert not node._restart_pending and node._episode_index == 1
+        t = node.obs.t
+        node._tick()
+        assert node.obs.t > t                                                       # the next episode runs
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)

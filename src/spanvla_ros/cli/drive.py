@@ -53,12 +53,47 @@ def _override_file(items: list[str]) -> str:
     return f.name
 
 
-def _render_view(run_dir, title: str) -> None:
+class Reporter:
+    """A soak test's log line every ``every`` seconds: RSS, plan and reasoner rates over the interval, degraded /
+    withheld / limited plans, episodes and recorded MB so far (memory flat, rates held, nothing lost unmarked)."""
+
+    def __init__(self, planner, sim, recorder, every: float):
+        import psutil
+
+        self.planner, self.sim, self.recorder, self.every = planner, sim, recorder, every
+        self.proc = psutil.Process()
+        self.t0 = self.last_t = time.monotonic()
+        self.last = dict(planner.counters)
+        print("[spanvla-drive] soak: minute | RSS MB | plans/s | reasoner/s | degraded | withheld | limited | "
+              "episodes | recorded MB", flush=True)
+
+    def maybe_print(self) -> None:
+        now = time.monotonic()
+        if now - self.last_t < self.every:
+            return
+        c, span = dict(self.planner.counters), now - self.last_t
+
+        def rate(k):
+            return (c.get(k, 0) - self.last.get(k, 0)) / span
+
+        def delta(k):
+            return c.get(k, 0) - self.last.get(k, 0)
+
+        episodes = len(self.sim.episodes) if self.sim is not None else 0
+        recorded = self.recorder.bytes / 1e6 if self.recorder is not None else 0.0
+        print(f"[spanvla-drive] soak: {(now - self.t0) / 60:.1f} | {self.proc.memory_info().rss / 1e6:.0f} | "
+              f"{rate('plans_published'):.1f} | {rate('reasoner_runs'):.2f} | {delta('plans_degraded')} | "
+              f"{delta('plans_withheld_stale_odometry')} | {delta('plans_limited')} | {episodes} | {recorded:.0f}",
+              flush=True)
+        self.last, self.last_t = c, now
+
+
+def _render_view(run_dir, bags, title: str) -> None:
     from spanvla_ros.data.bag_io import BagError
     from spanvla_ros.eval.run_view import read_run, render_strip
 
     try:
-        out = render_strip(read_run([run_dir / "bag"]), run_dir / "run_view.png", title=title)
+        out = render_strip(read_run(bags), run_dir / "run_view.png", title=title)
         print(f"[spanvla-drive] run view -> {out}")
     except BagError as exc:   # e.g. stopped before the first plan
         print(f"[spanvla-drive] no run view: {exc}")
@@ -95,6 +130,17 @@ def main(argv=None) -> int:
     ap.add_argument("--record", default="runs/{time}", help="run directory: MCAP bag of inputs and plans + "
                     "run_view.png ({time} is replaced by the start time)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--record-raw", action="store_true",
+                    help="record camera frames raw (default: JPEG on <topic>/compressed, ~10x smaller)")
+    ap.add_argument("--split-size-mb", type=float, default=1024.0,
+                    help="start a new bag part after this many MB (ros2 bag record --max-bag-size; 0: never)")
+    ap.add_argument("--split-duration-s", type=float, default=0.0,
+                    help="start a new bag part after this many seconds (--max-bag-duration; 0: never)")
+    ap.add_argument("--min-free-mb", type=float, default=1000.0,
+                    help="stop recording (driving goes on) when the disk has less than this left")
+    ap.add_argument("--report-every", type=float, default=0.0,
+                    help="print RSS, plan and reasoner rates and degraded / withheld counts every this many "
+                         "seconds (a soak test's log; 0: off)")
     ap.add_argument("--json", default="", help="write the episodes' results, counters and latencies to this file")
     ap.add_argument("--backend", default="", choices=["", *BACKENDS],
                     help="simulator (default: sim_bridge.backend of the params file)")
@@ -133,7 +179,9 @@ def main(argv=None) -> int:
         from spanvla_ros.ros.recorder import BagRecorderNode, drive_topics
         run_dir = Path(a.record.format(time=time.strftime("%Y%m%d-%H%M%S")))
         recorder = BagRecorderNode(run_dir / "bag", drive_topics(node_params("topics", a.params_file),
-                                                                 None if a.no_sim else nodes[0].p))
+                                                                 None if a.no_sim else nodes[0].p),
+                                   compress_images=not a.record_raw, split_bytes=int(a.split_size_mb * 1e6),
+                                   split_s=a.split_duration_s, min_free_bytes=int(a.min_free_mb * 1e6))
         nodes.append(recorder)
     # One executor thread per node: the source's rendering never delays the planner's control timer.
     executors = []
@@ -148,9 +196,11 @@ def main(argv=None) -> int:
         t.start()
     sim = nodes[0] if not a.no_sim else None
     deadline = time.monotonic() + a.duration if a.duration > 0 else float("inf")
+    report = Reporter(planner, sim, recorder, a.report_every) if a.report_every > 0 else None
     try:
         while not stop.wait(0.2) and time.monotonic() < deadline and not (sim and sim.finished):
-            pass
+            if report is not None:
+                report.maybe_print()
     except KeyboardInterrupt:
         pass
     finally:
@@ -193,8 +243,9 @@ def main(argv=None) -> int:
         if recorder is not None:
             recorder.close()
             print(f"[spanvla-drive] recorded {sum(recorder.counts.values())} messages "
-                  f"({recorder.bytes / 1e6:.1f} MB) -> {recorder.out}")
-            _render_view(run_dir, planner.policy.model_id)
+                  f"({recorder.bytes / 1e6:.1f} MB) -> {', '.join(map(str, recorder.parts))}"
+                  + (f"; {recorder.stopped}" if recorder.stopped else ""))
+            _render_view(run_dir, recorder.parts, planner.policy.model_id)
         for n in nodes:
             n.destroy_node()
         if rclpy.ok():

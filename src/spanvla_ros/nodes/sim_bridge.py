@@ -72,7 +72,7 @@ class SimBridgeNode(Node):
         # (stamp, x, y, yaw) to place plans made from older odometry
         self._poses: deque[tuple[float, float, float, float]] = deque(maxlen=200)
         self.control = Control(0.0, 0.0)
-        self._episode_index = 0
+        self._episode_index, self._restart_pending = 0, False
         self._start_episode()
         self.create_timer(1.0 / p["sim_rate_hz"], self._tick)
         self.create_timer(1.0 / p["control_rate_hz"], self._control_tick)
@@ -142,12 +142,12 @@ class SimBridgeNode(Node):
     def _stamp(self) -> float:
         return self._wall0 + self.obs.t
 
-    def _finish_episode(self) -> None:
+    def _finish_episode(self, error: str = "") -> None:
         o = self.obs
         seen = self._flags_seen
         self.episodes.append(dict(scenario=self.scenario, seed=self.seed, t=o.t, route_completion=o.route_completion,
                                   collision=bool(seen["collision"]), off_road=seen["off_road"] > 0,
-                                  red_light=bool(seen["red_light"]), wrong_way=seen["wrong_way"] > 0))
+                                  red_light=bool(seen["red_light"]), wrong_way=seen["wrong_way"] > 0, error=error))
         self.get_logger().info(f"episode done: {self.episodes[-1]}")
         self._episode_index += 1
         self.counters["episodes"] += 1
@@ -187,11 +187,32 @@ class SimBridgeNode(Node):
         local = path_to_current_frame(path, plan_pose, (e.x, e.y, e.heading))
         self.control = self.tracker.control(local, e.speed, 1.0 / self.p["control_rate_hz"])
 
+    def _next_episode(self) -> None:
+        """Start the next episode; a backend that cannot reset is retried on the next tick (counted, logged)."""
+        try:
+            self._start_episode()
+            self._restart_pending = False
+        except Exception as exc:   # a simulator that fails must not take the planner and the recording with it
+            self._restart_pending = True
+            self.counters["backend_errors"] += 1
+            self.get_logger().error(f"simulator reset failed ({type(exc).__name__}: {exc}): retrying")
+
     def _tick(self) -> None:
         if self.finished:
             return
+        if self._restart_pending:
+            self._next_episode()
+            return
         command = self.obs.command
-        self.obs = self.backend.step(self.control)
+        try:
+            self.obs = self.backend.step(self.control)
+        except Exception as exc:   # the episode ends (counted, with the error), the next one starts
+            self.counters["backend_errors"] += 1
+            self.get_logger().error(f"simulator step failed ({type(exc).__name__}: {exc}): episode ended")
+            self._finish_episode(error=f"{type(exc).__name__}: {exc}")
+            if not self.finished:
+                self._next_episode()
+            return
         if self.obs.command != command:   # latched: republished when the route's next manoeuvre changes it
             self.cmd_pub.publish(String(data=self.obs.command))
         for k, v in vars(self.obs.flags).items():
@@ -200,7 +221,7 @@ class SimBridgeNode(Node):
         if self.obs.done:
             self._finish_episode()
             if not self.finished:
-                self._start_episode()
+                self._next_episode()
 
     def _publish(self, obs) -> None:
         p = self.p
