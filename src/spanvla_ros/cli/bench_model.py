@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import torch
 
-from spanvla_ros.config import node_params
+from spanvla_ros.config import node_params, set_torch_threads
 from spanvla_ros.model.ar_baseline import ARActionDecoder
 from spanvla_ros.model.config import SpanVLAConfig
 from spanvla_ros.model.corpus import tokenizer_corpus
@@ -144,7 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--reasoning-tokens", type=int, default=20)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per CPU)")
     a = ap.parse_args(argv)
+    set_torch_threads(a.threads)
     torch.set_grad_enabled(False)
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"device={a.device} ({card}) dtype={a.dtype} compile_expert={a.compile_expert} torch={torch.__version__} "

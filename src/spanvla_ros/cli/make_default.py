@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from spanvla_ros.config import source_root
+from spanvla_ros.config import set_torch_threads, source_root
 from spanvla_ros.model.config import SpanVLAConfig
 from spanvla_ros.model.corpus import tokenizer_corpus
 from spanvla_ros.model.policy import DTYPES, SpanVLAPolicy
@@ -22,10 +22,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=source_root() / DEFAULT_DIR)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per CPU)")
     ap.add_argument("--device", default="cpu", help="where to initialise the weights (cuda: seconds for 3B-class)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                     help="the VLM weights' storage type (bfloat16 halves a 3B-class checkpoint)")
     a = ap.parse_args(argv)
+    set_torch_threads(a.threads)
     cfg = SpanVLAConfig()
     tok = train_tokenizer(tokenizer_corpus(cfg, seed=a.seed))
     with torch.device(a.device):

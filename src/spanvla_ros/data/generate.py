@@ -48,6 +48,7 @@ class EpisodeJob:
     backend: str = "highway_env"
     carla_host: str = ""
     carla_port: int = 0
+    threads: int = 1   # torch threads of the worker (a DAgger policy): workers run side by side
 
 
 def negative_candidates(speed: float) -> dict[str, np.ndarray]:
@@ -227,8 +228,10 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
 
 
 def run_job(job: EpisodeJob) -> dict:
+    from ..config import set_torch_threads
     from ..sim.backends import make_backend
 
+    set_torch_threads(job.threads)
     backend = make_backend(job.backend, job.carla_host, job.carla_port)
     name = f"{job.scenario}_{job.seed:05d}_{job.kind}"
     bag_path = Path(job.out_dir) / "episodes" / name

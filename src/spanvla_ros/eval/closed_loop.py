@@ -284,8 +284,6 @@ def main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from ..sim.backends import add_backend_arguments, backend_from_args
     from ..sim.routes import load_routes
     from ..sim.scenarios import resolve
@@ -310,7 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     add_backend_arguments(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    from ..config import set_torch_threads
+
+    set_torch_threads(a.threads)
     if a.driver == "spanvla":
         from ..config import resolve_share_path
         from ..model.policy import SpanVLAPolicy

@@ -201,7 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     add_backend_arguments(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    from ..config import set_torch_threads
+
+    set_torch_threads(a.threads)
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = SpanVLAConfig()

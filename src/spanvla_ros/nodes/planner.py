@@ -15,7 +15,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import torch
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import SetParametersResult
@@ -25,7 +24,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from visualization_msgs.msg import Marker, MarkerArray
 
-from spanvla_ros.config import resolve_share_path
+from spanvla_ros.config import resolve_share_path, set_torch_threads
 from spanvla_ros.data.bag_io import odometry_row, path_xy
 from spanvla_ros.geometry import quat_from_yaw
 from spanvla_ros.model.errors import ReasoningCancelled
@@ -45,7 +44,7 @@ class PlannerNode(Node):
     def __init__(self, policy: SpanVLAPolicy | None = None, name: str = "spanvla_planner", **node_kw):
         super().__init__(name, **node_kw)
         p = self._declare_params()
-        torch.set_num_threads(p["torch_threads"])   # explicit: two torch processes at default threads collapse
+        set_torch_threads(p["torch_threads"])
         self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
                                                               device=p["device"], dtype=p["dtype"])
         cams = tuple(p["camera_names"])

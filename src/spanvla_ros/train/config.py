@@ -60,7 +60,7 @@ class TrainConfig:
                                            "same VLM and data)")
     skip_grpo: bool = _opt(False, "stop after SFT")
     limit: int = _opt(0, "at most this many samples per dataset (0: all)")
-    threads: int = _opt(0, "torch threads (0: torch's default)")
+    threads: int = _opt(0, "torch threads (0: one per CPU; give each of several processes on one machine its share)")
     seed: int = _opt(0)
 
     def check(self) -> None:

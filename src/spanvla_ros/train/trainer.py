@@ -447,8 +447,9 @@ def main(argv=None) -> int:
 def train(a: TrainConfig) -> int:
     """The whole recipe for one config: SFT 1 (or a VLM taken over), perception heads, SFT 2, GRPO branches."""
     a.check()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    from ..config import set_torch_threads
+
+    set_torch_threads(a.threads)
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
     a.save(a.out / "train_config.json")
