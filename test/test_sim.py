@@ -475,3 +475,47 @@ def test_data_generation_runs_on_carla(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="fork"):
         main(["--out", str(tmp_path), "--scenarios", "town", "--seeds", "0", "--kinds", "dagger", "--policy", "x",
               "--backend", "carla"])
+
+
+SIGTERM_CHILD = """
+import atexit, json, sys, time
+sys.path.insert(0, {test_dir!r})
+from helpers import fake_carla
+sys.modules["carla"] = fake_carla.module()
+tick = fake_carla.World.tick
+def slow_tick(self):
+    open({marker!r}, "w").close()
+    time.sleep(0.02)
+    return tick(self)
+fake_carla.World.tick = slow_tick
+def dump():
+    w = fake_carla.Client.last.world
+    json.dump(dict(sync=w.settings.synchronous_mode, actors=len(w.actors)), open({report!r}, "w"))
+atexit.register(dump)
+from spanvla_ros.eval.closed_loop import main
+sys.exit(main(["--driver", "expert", "--backend", "carla", "--scenarios", "highway", "--seeds", "1"]))
+"""
+
+
+def test_carla_world_is_restored_when_the_closed_loop_is_terminated(tmp_path):
+    """SIGTERM in the middle of an episode on CARLA: the tool exits (130, no traceback) after destroying its actors
+    and putting the world back out of synchronous mode, as after a normal end."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    marker, report = tmp_path / "ticking", tmp_path / "world.json"
+    script = SIGTERM_CHILD.format(test_dir=str(REPO / "test"), marker=str(marker), report=str(report))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert json.loads(report.read_text()) == dict(sync=False, actors=0)

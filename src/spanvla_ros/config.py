@@ -56,6 +56,17 @@ def set_torch_threads(n: int) -> int:
     return n
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as SIGINT does, so every ``finally`` runs (a CARLA world
+    restored to its settings with its actors destroyed, bags closed) when a tool is stopped either way."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def default_params_path() -> Path:
     return resolve_share_path(Path("params") / DEFAULT_PARAMS_FILE)
 

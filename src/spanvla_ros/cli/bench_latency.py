@@ -38,6 +38,15 @@ def record_episode(scenario: str, seed: int):
     return steps, b.dt, (b.route_xy, b.stop_lines_xy)
 
 
+def _spin(executor) -> None:
+    from rclpy.executors import ExternalShutdownException
+
+    try:
+        executor.spin()
+    except ExternalShutdownException:
+        pass
+
+
 def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
@@ -135,7 +144,7 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
     player = Player(node, params, steps, sim_dt, route)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
-    spin = threading.Thread(target=ex.spin, daemon=True)
+    spin = threading.Thread(target=_spin, args=(ex,), daemon=True)
     spin.start()
     play = threading.Thread(target=player.run, daemon=True)
     try:
@@ -165,6 +174,10 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
         except subprocess.TimeoutExpired:
             proc.kill()
         ex.shutdown()
+        # no C++ object may be torn down under a thread still inside it (the abort at exit seen before)
+        for t in (play, spin):
+            if t.is_alive():
+                t.join(timeout=10.0)
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     busy = [(t - lat, t) for t, lat in reasoning]

@@ -239,11 +239,13 @@ def run_job(job: EpisodeJob) -> dict:
         import shutil
         shutil.rmtree(bag_path)
     bag_path.parent.mkdir(parents=True, exist_ok=True)
-    rec = EpisodeRecorder(backend, job)
-    steps = rec.run(bag_path)
-    samples = build_samples(rec, job, f"episodes/{name}")
+    try:
+        rec = EpisodeRecorder(backend, job)
+        steps = rec.run(bag_path)
+        samples = build_samples(rec, job, f"episodes/{name}")
+    finally:
+        backend.close()   # CARLA: actors destroyed and settings restored, also on an error or an interrupt
     last = steps[-1]
-    backend.close()
     return dict(episode=dict(name=name, scenario=job.scenario, seed=job.seed, kind=job.kind, bag=f"episodes/{name}",
                              duration_s=last["t"], collision=bool(last["flags"].collision),
                              route_completion=last["progress"] / last["route_length"]),
@@ -286,6 +288,7 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
 
 
 def main(argv=None) -> int:
+    from ..config import interrupt_on_sigterm
     from ..sim.backends import add_backend_arguments
     from ..sim.scenarios import SCENARIOS, parse_seeds
 
@@ -300,8 +303,14 @@ def main(argv=None) -> int:
     add_backend_arguments(ap)
     a = ap.parse_args(argv)
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
-    idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers, a.sample_every,
-                   policy=a.policy, backend=a.backend, carla_host=a.carla_host, carla_port=a.carla_port)
+    interrupt_on_sigterm()
+    try:
+        idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers,
+                       a.sample_every, policy=a.policy, backend=a.backend, carla_host=a.carla_host,
+                       carla_port=a.carla_port)
+    except KeyboardInterrupt:
+        print("spanvla-generate-data: interrupted (episodes written so far are on disk; no index)", file=sys.stderr)
+        return 130
     kinds: dict[str, int] = {}
     for s in idx["samples"]:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1

@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     """spanvla-closed-loop: N scenarios x seeds in lockstep; prints a table and writes JSON."""
     import argparse
     import json
+    import sys
     from pathlib import Path
 
     from ..sim.backends import add_backend_arguments, backend_from_args
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     add_backend_arguments(ap)
     a = ap.parse_args(argv)
-    from ..config import set_torch_threads
+    from ..config import interrupt_on_sigterm, set_torch_threads
 
     set_torch_threads(a.threads)
     if a.driver == "spanvla":
@@ -324,9 +325,13 @@ def main(argv=None) -> int:
     if a.routes and a.backend != "carla":
         ap.error("--routes are CARLA leaderboard routes: add --backend carla")
     scenarios = load_routes(a.routes, a.route_ids) if a.routes else resolve(a.scenarios)
+    interrupt_on_sigterm()
     backend = backend_from_args(a)
     try:
         results = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seed_list(a.seeds)]
+    except KeyboardInterrupt:
+        print("spanvla-closed-loop: interrupted", file=sys.stderr)
+        return 130
     finally:
         backend.close()   # CARLA: actors destroyed and the world's settings restored, also after an error
     print("| scenario | seed | RC | collision | off-road | red light | IP | DS | PDMS | EPDMS | plan consistency (m) |")
