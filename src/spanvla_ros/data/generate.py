@@ -16,6 +16,7 @@ episode bags plus one index.json of samples, deterministic by (scenario, seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -252,18 +253,24 @@ def run_job(job: EpisodeJob) -> dict:
                 samples=samples)
 
 
+def run_job_on(job: EpisodeJob, server=None) -> dict:
+    """run_job on a Ray worker's own CARLA server (distributed.run_episodes)."""
+    return run_job(dataclasses.replace(job, carla_host=server[0], carla_port=server[1]) if server else job)
+
+
 def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), workers: int = 1,
              sample_every_s: float = 1.0, progress: bool = True, policy: str = "", backend: str = "highway_env",
-             carla_host: str = "", carla_port: int = 0) -> dict:
-    """Episodes x kinds on ``backend``. On CARLA every episode runs on the one server given (workers would
-    drive the same world at once: one worker)."""
+             carla_host: str = "", carla_port: int = 0, ray_address: str = "", servers=()) -> dict:
+    """Episodes x kinds on ``backend``: serially, on ``workers`` local processes, or on Ray (``ray_address``, one
+    task per episode; with CARLA ``servers`` one worker per server). The index is the same either way. On CARLA
+    without Ray every episode runs on the one server given (workers would drive the same world at once)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "dagger" in kinds and not policy:
         raise ValueError("dagger episodes need the checkpoint that drives (policy=...)")
-    if backend == "carla" and workers > 1:
+    if backend == "carla" and workers > 1 and not ray_address:
         raise ValueError("CARLA: one worker per server (several would tick the same world)")
     if "dagger" in kinds and backend != "highway_env":
         raise ValueError("dagger labels roll the expert out on a copy of the running world, which only "
@@ -273,7 +280,11 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
             for s in scenarios for seed in seeds for k in kinds]
     t0 = time.time()
     results = []
-    if workers > 1:
+    if ray_address:
+        from ..distributed import run_episodes
+
+        results = run_episodes(run_job_on, jobs, ray_address, workers, servers)
+    elif workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             for r in tqdm(pool.imap(run_job, jobs), total=len(jobs), disable=not progress, desc="episodes"):
                 results.append(r)
@@ -289,6 +300,7 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
 
 def main(argv=None) -> int:
     from ..config import interrupt_on_sigterm
+    from ..distributed import parse_servers
     from ..sim.backends import add_backend_arguments
     from ..sim.scenarios import SCENARIOS, parse_seeds
 
@@ -301,13 +313,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-every", type=float, default=1.0)
     ap.add_argument("--policy", default="", help="checkpoint that drives the dagger episodes (--kinds dagger)")
     add_backend_arguments(ap)
+    ap.add_argument("--ray-address", default="", help="one Ray task per episode: 'local' (this machine, --workers "
+                    "workers), 'auto' or ray://head:10001; default: local processes (--workers)")
+    ap.add_argument("--carla-servers", default="", help="host:port,host:port: one Ray worker per CARLA server")
     a = ap.parse_args(argv)
     scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
     interrupt_on_sigterm()
     try:
         idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers,
                        a.sample_every, policy=a.policy, backend=a.backend, carla_host=a.carla_host,
-                       carla_port=a.carla_port)
+                       carla_port=a.carla_port, ray_address=a.ray_address, servers=parse_servers(a.carla_servers))
     except KeyboardInterrupt:
         print("spanvla-generate-data: interrupted (episodes written so far are on disk; no index)", file=sys.stderr)
         return 130

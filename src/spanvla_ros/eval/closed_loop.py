@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -211,6 +212,59 @@ class PolicyDriver(PlanningDriver):
         return self.core.plan(obs.t).traj
 
 
+@dataclass(frozen=True)
+class DriverSpec:
+    """What drives, as a value (a worker process builds the driver from it)."""
+    driver: str                              # spanvla | constant_velocity | expert
+    checkpoint: str = ""                     # spanvla: empty = the embedded default
+    reason_every_s: float = 1.0
+    reasoner_latency_s: float | None = None  # None: each reasoner run's measured latency
+    params_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ClosedLoopJob:
+    driver: DriverSpec
+    scenario: Any                            # a name, a sim.scenarios.Scenario or a sim.routes.RouteSpec
+    seed: int
+    backend: str = "highway_env"
+
+
+_PROCESS: dict[Any, Any] = {}               # this process's backends (per backend and server) and drivers (per spec)
+
+
+def make_driver(spec: DriverSpec):
+    if spec.driver == "expert":
+        return ExpertDriver()
+    if spec.driver == "constant_velocity":
+        return ConstantVelocityDriver()
+    from ..config import resolve_share_path
+    from ..model.policy import SpanVLAPolicy
+
+    checkpoint = resolve_share_path(spec.checkpoint or "checkpoints/spanvla_default")
+    return PolicyDriver(SpanVLAPolicy.from_pretrained(checkpoint), spec.reason_every_s,
+                        reasoner_latency_s=spec.reasoner_latency_s, params_file=spec.params_file)
+
+
+def run_job(job: ClosedLoopJob, server=None) -> EpisodeResult:
+    """One episode, on this process's backend for ``job.backend`` (and CARLA ``server``), built once and reused."""
+    from ..sim.backends import make_backend
+
+    key = ("backend", job.backend, server)
+    if key not in _PROCESS:
+        host, port = server or ("", 0)
+        _PROCESS[key] = make_backend(job.backend, host, port)
+    if ("driver", job.driver) not in _PROCESS:
+        _PROCESS[("driver", job.driver)] = make_driver(job.driver)
+    return run_episode(_PROCESS[key], _PROCESS[("driver", job.driver)], job.scenario, job.seed)
+
+
+def close_process_backends() -> None:
+    """Close every backend this process built (CARLA: actors destroyed, the world's settings restored)."""
+    for key in [k for k in _PROCESS if k[0] == "backend"]:
+        _PROCESS.pop(key).close()
+
+
 def seed_list(spec: str) -> list[int]:
     """'N': the first N held-out seeds; 'a:b' or 'a,b,c': those seeds."""
     from ..sim.scenarios import HELDOUT_SEEDS, parse_seeds
@@ -285,7 +339,7 @@ def main(argv=None) -> int:
     import sys
     from pathlib import Path
 
-    from ..sim.backends import add_backend_arguments, backend_from_args
+    from ..sim.backends import add_backend_arguments
     from ..sim.routes import load_routes
     from ..sim.scenarios import resolve
 
@@ -308,32 +362,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     add_backend_arguments(ap)
+    ap.add_argument("--ray-address", default="", help="run one task per episode on Ray: 'local' (this machine, "
+                    "--workers workers), 'auto' or ray://head:10001 (a cluster); default: serially here")
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers (without --carla-servers)")
+    ap.add_argument("--carla-servers", default="", help="host:port,host:port: one Ray worker per CARLA server")
     a = ap.parse_args(argv)
     from ..config import interrupt_on_sigterm, set_torch_threads
+    from ..distributed import parse_servers, run_episodes
 
     set_torch_threads(a.threads)
-    if a.driver == "spanvla":
-        from ..config import resolve_share_path
-        from ..model.policy import SpanVLAPolicy
-        checkpoint = resolve_share_path(a.checkpoint or "checkpoints/spanvla_default")
-        driver: PlanningDriver | ExpertDriver = PolicyDriver(SpanVLAPolicy.from_pretrained(checkpoint),
-                                                             a.reason_every,
-                                                             reasoner_latency_s=a.reasoner_latency,
-                                                             params_file=a.params_file)
-    else:
-        driver = ExpertDriver() if a.driver == "expert" else ConstantVelocityDriver()
     if a.routes and a.backend != "carla":
         ap.error("--routes are CARLA leaderboard routes: add --backend carla")
     scenarios = load_routes(a.routes, a.route_ids) if a.routes else resolve(a.scenarios)
+    servers = parse_servers(a.carla_servers) or ([(a.carla_host, a.carla_port)] if a.carla_host or a.carla_port
+                                                 else [])
+    spec = DriverSpec(a.driver, a.checkpoint, a.reason_every, a.reasoner_latency,
+                      str(a.params_file) if a.params_file else None)
+    jobs = [ClosedLoopJob(spec, sc, s, a.backend) for sc in scenarios for s in seed_list(a.seeds)]
     interrupt_on_sigterm()
-    backend = backend_from_args(a)
     try:
-        results = [run_episode(backend, driver, sc, s) for sc in scenarios for s in seed_list(a.seeds)]
+        results = run_episodes(run_job, jobs, a.ray_address, a.workers, servers, a.threads,
+                               cleanup=close_process_backends)
     except KeyboardInterrupt:
         print("spanvla-closed-loop: interrupted", file=sys.stderr)
         return 130
-    finally:
-        backend.close()   # CARLA: actors destroyed and the world's settings restored, also after an error
     print("| scenario | seed | RC | collision | off-road | red light | IP | DS | PDMS | EPDMS | plan consistency (m) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
