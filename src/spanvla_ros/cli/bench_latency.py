@@ -54,7 +54,9 @@ def pct(xs, q):
 class Player:
     """Publishes the recorded episode on the planner's input topics at wall-clock pace, looping."""
 
-    def __init__(self, node, params: dict, steps, sim_dt: float, route):
+    HD_FRAMES = 20     # distinct frames per camera at a larger size (3 x 20 x 6.2 MB at 1920x1080), looped
+
+    def __init__(self, node, params: dict, steps, sim_dt: float, route, camera_size: tuple[int, int] | None = None):
         from nav_msgs.msg import Odometry
         from nav_msgs.msg import Path as PathMsg
         from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -74,6 +76,19 @@ class Player:
         self.stop_lines_pub.publish(xy_path_msg(stop_xy, "map"))
         self.stop = threading.Event()
         self.published = 0
+        # frames at another size (e.g. HD from a real camera): the episode's first frames, nearest-upscaled once
+        self.resized: dict[str, list[np.ndarray]] | None = None
+        if camera_size is not None:
+            w, h = camera_size
+            self.resized = {}
+            for cam in self.cams:
+                frames = []
+                for st in steps[:self.HD_FRAMES]:
+                    img = st.images[cam]
+                    rows = np.arange(h) * img.shape[0] // h
+                    cols = np.arange(w) * img.shape[1] // w
+                    frames.append(np.ascontiguousarray(img[rows[:, None], cols[None, :]]))
+                self.resized[cam] = frames
 
     def run(self, odom_hz: float = 20.0, cam_every: int = 2):
         from nav_msgs.msg import Odometry
@@ -95,7 +110,8 @@ class Player:
             stamp = sec_to_stamp(time.time())
             if k % cam_every == 0:
                 for cam, pub in zip(self.cams, self.cam_pubs):
-                    pub.publish(encode_image_msg(self.steps[i].images[cam], stamp, f"{cam}_camera"))
+                    img = self.resized[cam][i % len(self.resized[cam])] if self.resized else self.steps[i].images[cam]
+                    pub.publish(encode_image_msg(img, stamp, f"{cam}_camera"))
             od = Odometry()
             od.header.stamp, od.header.frame_id, od.child_frame_id = stamp, "map", "base_link"
             od.pose.pose.position.x = float(e0.x + f * (e1.x - e0.x))
@@ -111,7 +127,7 @@ class Player:
 
 
 def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, route,
-            checkpoint: str, env: dict) -> dict:
+            checkpoint: str, env: dict, camera_size: tuple[int, int] | None = None) -> dict:
     import psutil
     import rclpy
     from nav_msgs.msg import Path as PathMsg
@@ -141,7 +157,7 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
                              lambda m: status.__setitem__(round(stamp_to_sec(m.header.stamp), 6), m), 50)
     node.create_subscription(Reasoning, params["reasoning_topic"],
                              lambda m: reasoning.append((time.time(), m.generation_latency)), 10)
-    player = Player(node, params, steps, sim_dt, route)
+    player = Player(node, params, steps, sim_dt, route, camera_size)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     spin = threading.Thread(target=_spin, args=(ex,), daemon=True)
@@ -197,8 +213,9 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
     idle_time = (t_end - t_start) - busy_time
     sts = [st for (s, st) in status.items() if t_start - 1 <= s <= t_end]
     n_reason = sum(t_start <= t <= t_end for t, _ in reasoning)
+    size = camera_size or steps[0].images[player.cams[0]].shape[1::-1]
     return dict(
-        reasoner_hz_param=reasoner_hz, window_s=round(t_end - t_start, 1),
+        reasoner_hz_param=reasoner_hz, camera_size=f"{size[0]}x{size[1]}", window_s=round(t_end - t_start, 1),
         control_rate_hz=len(win) / (t_end - t_start),
         control_rate_busy_hz=len(lat_in[True]) / busy_time if busy_time > 0 else float("nan"),
         control_rate_idle_hz=len(lat_in[False]) / idle_time if idle_time > 0 else float("nan"),
@@ -236,7 +253,8 @@ ROWS = [("control rate (Hz)", "control_rate_hz", "{:.1f}"), ("  while reasoner b
 
 
 def table(results: list[dict]) -> str:
-    head = "| metric | " + " | ".join(f"reasoner {r['reasoner_hz_param']:g} Hz" for r in results) + " |"
+    head = "| metric | " + " | ".join(f"reasoner {r['reasoner_hz_param']:g} Hz, {r['camera_size']}"
+                                      for r in results) + " |"
     lines = [head, "|---" * (len(results) + 1) + "|"]
     for label, key, fmt in ROWS:
         if key is None:
@@ -259,17 +277,28 @@ def main(argv=None) -> int:
     ap.add_argument("--scenario", default="lead_brake")
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--camera-sizes", default="native",
+                    help="comma list of frame sizes the cameras publish: native (the simulator's) or WxH, e.g. "
+                         "native,1920x1080 (one planner run per size and reasoner rate)")
     a = ap.parse_args(argv)
     steps, sim_dt, route = record_episode(a.scenario, a.seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def size(spec: str) -> tuple[int, int] | None:
+        if spec == "native":
+            return None
+        w, _, h = spec.partition("x")
+        return int(w), int(h)
+
+    sizes = [size(x) for x in a.camera_sizes.split(",")]
     results = []
-    for hz in [float(x) for x in a.reasoner_hz.split(",")]:
-        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env))
+    for wh, hz in [(wh, float(x)) for wh in sizes for x in a.reasoner_hz.split(",")]:
+        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env,
+                               wh))
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()}
         print(f"reasoner {hz:g} Hz: {json.dumps(rounded)}",
               flush=True)
     print(f"\nplanner process (spanvla-drive --no-sim), {os.cpu_count()} CPU cores, {a.duration:g} s per run, "
-          f"inputs: 3 cameras 10 Hz + odometry 20 Hz over DDS (loopback)\n")
+          f"inputs: 3 cameras 10 Hz (raw rgb8) + odometry 20 Hz over DDS (loopback)\n")
     print(table(results))
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
