@@ -93,7 +93,7 @@ def test_path_tracker_follows_a_lane_change():
     for _ in range(120):
         local = path_to_current_frame(world_path, (0.0, 0.0, 0.0), (x, y, h))
         ahead = local[local[:, 0] > 0][:8]
-        c = tracker.control(ahead, v, dt)
+        c = tracker.control(ahead, v, dt, 0.5)
         beta = np.arctan(0.5 * np.tan(c.steering))
         x += v * np.cos(h + beta) * dt
         y += v * np.sin(h + beta) * dt
@@ -109,8 +109,8 @@ def test_path_tracker_does_not_keep_braking_after_a_long_slowdown():
         return np.array([(v * 0.5 * k, 0.0, 0.0, v) for k in range(1, 9)])
     tracker = PathTracker()
     for _ in range(100):
-        tracker.control(straight(15.0), 20.0, 0.1)
-    assert abs(tracker.control(straight(20.0), 20.0, 0.1).acceleration) <= 0.25
+        tracker.control(straight(15.0), 20.0, 0.1, 0.5)
+    assert abs(tracker.control(straight(20.0), 20.0, 0.1, 0.5).acceleration) <= 0.25
 
 
 def test_data_generation_writes_replayable_bags(tmp_path):

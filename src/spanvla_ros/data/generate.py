@@ -29,12 +29,14 @@ import numpy as np
 
 from ..eval.pdm import score
 from ..geometry import to_ego, to_world
-from ..model.config import CAMERAS
+from ..model.config import CAMERAS, SpanVLAConfig
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
 from .scene_text import describe, facts_from_state, perception_facts
 
-HORIZON, DT, PAST, PAST_DT = 8, 0.5, 4, 0.5
+_MODEL = SpanVLAConfig()
+# the samples' layout is the model's (one source: model.config.SpanVLAConfig); index.json records it
+HORIZON, DT, PAST, PAST_DT = (_MODEL.horizon, _MODEL.dt, _MODEL.past_poses, _MODEL.history_dt)
 HISTORY_FRAMES = 4
 
 

@@ -10,6 +10,7 @@ from typing import cast
 import numpy as np
 
 from ..data.bag_io import read_episode
+from .generate import DT
 
 
 @dataclass
@@ -78,7 +79,7 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
     if agents.size == 0:
         agents = np.zeros((len(m["future"]) + 1, 0, 4))
     pose = m["pose"]
-    return score(to_world(pose, traj_ego), pose, agents, scene, 0.5, m["ref_progress"], m["lights"],
+    return score(to_world(pose, traj_ego), pose, agents, scene, DT, m["ref_progress"], m["lights"],
                  agent_sizes=[tuple(s) for s in m["agent_sizes"]])
 
 

@@ -18,11 +18,13 @@ import numpy as np
 
 from ..data.sensor_buffers import EgoHistory
 from ..geometry import to_world
+from ..model.config import SpanVLAConfig
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation, SimBackend
 from .pdm import score
 
 PENALTY = dict(collision=0.60, red_light=0.70, off_road=0.65, wrong_way=0.70)
+MODEL = SpanVLAConfig()   # the plan layout (step, horizon, history) of the default model: the baselines plan in it
 ROUTE_DONE = 0.99     # route completion that counts as the end of the route (progress is measured to the metre)
 
 
@@ -87,7 +89,7 @@ class ExpertDriver:
 class PlanningDriver:
     """Any planner producing an ego-frame (H, 4) trajectory, tracked by pure pursuit + PI at the sim rate."""
 
-    def __init__(self, dt_plan: float = 0.5):
+    def __init__(self, dt_plan: float = MODEL.dt):
         self.tracker, self.dt_plan = PathTracker(), dt_plan
 
     def reset(self, obs: Observation, backend) -> None:
@@ -146,8 +148,8 @@ class ConstantVelocityDriver(PlanningDriver):
     def plan(self, obs):
         from ..model.trajectory import history_trajectory
 
-        past, speed, _, _, _ = self.ego.state(4, 0.5)
-        return history_trajectory(past, speed, 0.5, 8, self.dt_plan)
+        past, speed, _, _, _ = self.ego.state(MODEL.past_poses, MODEL.history_dt)
+        return history_trajectory(past, speed, MODEL.history_dt, MODEL.horizon, self.dt_plan)
 
 
 class PolicyDriver(PlanningDriver):
@@ -296,9 +298,10 @@ def run_episode(backend: SimBackend, driver, scenario, seed: int, score_every_s:
         if plan is not None and obs.t >= next_score:
             e = obs.ego
             pose = (e.x, e.y, e.heading, e.speed)
-            agents, sizes = _cv_agents(obs, len(plan), 0.5)
-            ref = max(5.0, backend.target_speed_mps * 0.5 * len(plan) * 0.8)
-            r = score(to_world(pose, plan), pose, agents, scene, 0.5, ref, backend.light_timeline(0.5 * len(plan), 0.5),
+            dt = driver.dt_plan
+            agents, sizes = _cv_agents(obs, len(plan), dt)
+            ref = max(5.0, backend.target_speed_mps * dt * len(plan) * 0.8)
+            r = score(to_world(pose, plan), pose, agents, scene, dt, ref, backend.light_timeline(dt * len(plan), dt),
                       agent_sizes=sizes)
             scores.append((r.PDMS, r.EPDMS))
             next_score = obs.t + score_every_s

@@ -232,7 +232,8 @@ def main(argv=None) -> int:
                              or (r[0].startswith("ablation") and "(ablation)" in wanted)] + extra:
         t0 = time.time()
         if sub is None:
-            plans = np.stack([history_trajectory(s.past, s.meta["speed"], 0.5, 8, 0.5) for s in samples])
+            plans = np.stack([history_trajectory(s.past, s.meta["speed"], cfg.history_dt, cfg.horizon, cfg.dt)
+                              for s in samples])
             row: dict[str, Any] = dict(name=name, open_loop=open_loop_metrics(samples, plans, scenes))
             driver: PlanningDriver = ConstantVelocityDriver()
         else:

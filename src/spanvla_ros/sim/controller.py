@@ -43,7 +43,7 @@ class PathTracker:
     def reset(self) -> None:
         self._integral = 0.0
 
-    def control(self, path: np.ndarray, speed: float, dt: float, plan_dt: float = 0.5) -> Control:
+    def control(self, path: np.ndarray, speed: float, dt: float, plan_dt: float) -> Control:
         """path: (N, 4) x, y, heading, speed in the current ego frame, poses plan_dt apart starting at +plan_dt."""
         c = self.cfg
         pts = np.vstack([[0.0, 0.0], path[:, :2]])
