@@ -437,3 +437,43 @@ def test_lora_sft_trains_adapters_on_the_language_model_and_merges_them(tokenize
     assert moved and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in moved)
     assert not any("visual" in k or "mlp" in k for k in moved)
     assert loss() < l0
+
+
+def test_sft_in_bf16_autocast_with_gradient_checkpointing_learns(tokenizer, tmp_path, monkeypatch):
+    """--bf16 --grad-checkpointing: SFT stage 1 runs its forward passes under bfloat16 autocast and the VLM
+    recomputes activations in the backward pass (on while training, off after); the weights stay float32 and the
+    loss on the trained text falls."""
+    from pathlib import Path
+
+    from spanvla_ros.data.samples import Sample
+    from spanvla_ros.model.batch import prompts
+    from spanvla_ros.train.trainer import CsvLog, sft_reasoning
+
+    policy = SpanVLAPolicy.build(SpanVLAConfig(), tokenizer, seed=5)
+    model = policy.reasoner.model
+    text = "the lane ahead is free, so keep the speed."
+    samples = [Sample(dict(command="follow lane", speed=8.0, accel=0.0, past=PAST.tolist(), reasoning=text),
+                      frames(seed=k)) for k in range(4)]
+    seen = {"checkpointing": [], "autocast": []}
+    forward = model.forward
+
+    def spy(*a, **k):
+        seen["checkpointing"].append(model.is_gradient_checkpointing)
+        seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+        return forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+
+    def loss():
+        with torch.no_grad():
+            return float(policy.reasoner.teacher_forced([s.images for s in samples], prompts(policy, samples),
+                                                        [text] * 4, with_bridge=False)[0])
+
+    l0 = loss()
+    seen = {"checkpointing": [], "autocast": []}
+    sft_reasoning(policy, samples, epochs=4, batch=2, lr=5e-3, log=CsvLog(Path(tmp_path / "log.csv")), bf16=True,
+                  grad_checkpointing=True)
+    assert seen["checkpointing"] and all(seen["checkpointing"]) and all(seen["autocast"])
+    assert not model.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert loss() < l0

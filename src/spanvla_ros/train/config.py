@@ -22,6 +22,9 @@ class TrainConfig:
     sft_epochs: int = _opt(10, "SFT stage 1 (reasoning cross-entropy) epochs")
     lora_rank: int = _opt(0, "SFT stage 1 trains LoRA adapters of this rank (peft) on the VLM's attention, then "
                              "merges them (0: full fine-tune)")
+    bf16: bool = _opt(False, "SFT stage 1 forward passes under bfloat16 autocast (GPUs; CPUs with bf16)")
+    grad_checkpointing: bool = _opt(False, "SFT stage 1: the VLM recomputes activations in the backward pass "
+                                           "(memory for a 3B model's long multi-image sequences)")
     flow_epochs: int = _opt(30, "SFT stage 2 (flow matching) epochs")
     grpo_iters: int = _opt(40, "per GRPO stage (warm-up and each branch)")
     grpo_lr: float = _opt(5e-5)

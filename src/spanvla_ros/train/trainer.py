@@ -134,9 +134,15 @@ def perception_parameters(expert) -> list:
     return [p for name, p in expert.named_parameters() if name.startswith(PERCEPTION_PREFIXES)]
 
 
-def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0):
-    """AdamW + one-cycle LR over this rank's shard of each epoch; batch_loss(indices) -> scalar loss."""
+def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0,
+                      bf16: bool = False):
+    """AdamW + one-cycle LR over this rank's shard of each epoch; batch_loss(indices) -> scalar loss. ``bf16``:
+    the forward passes run under bfloat16 autocast (weights and optimizer state stay float32)."""
+    import contextlib
+
     from tqdm import tqdm
+
+    device = next(module.parameters()).device.type
 
     module.train()
     run = distributed(module)
@@ -149,7 +155,8 @@ def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog
     for ep in range(epochs):
         idx = shard(len(samples), ep, seed)
         for b0 in range(0, len(idx), batch):
-            loss = run(batch_loss, idx[b0:b0 + batch])
+            with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = run(batch_loss, idx[b0:b0 + batch])
             optimizer_step(opt, module.parameters(), loss)
             sched.step()
             step += 1
@@ -164,10 +171,19 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]   # the language model's
 
 
 def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light_weight: float = 1.0,
-                  lora_rank: int = 0):
+                  lora_rank: int = 0, bf16: bool = False, grad_checkpointing: bool = False):
     """SFT stage 1: reasoning cross-entropy. ``lora_rank > 0`` trains LoRA adapters (peft) on the language model's
     attention instead of every weight, then merges them, so the checkpoint stays a plain Hugging Face model (the
-    way a Qwen2.5-VL-3B fine-tune fits one GPU)."""
+    way a Qwen2.5-VL-3B fine-tune fits one GPU). ``bf16``: bfloat16 autocast; ``grad_checkpointing``: the VLM's
+    layers recompute their activations in the backward pass (transformers' gradient checkpointing) instead of
+    keeping them: the memory of a 3B model's long multi-image sequences, for ~30 % more compute."""
+    if grad_checkpointing:
+        model = policy.reasoner.model
+        model.gradient_checkpointing_enable()
+        try:
+            return sft_reasoning(policy, samples, epochs, batch, lr, log, seed, light_weight, lora_rank, bf16)
+        finally:
+            model.gradient_checkpointing_disable()
     weights = policy.reasoner.vocab_weights(light_token_weight(light_weight)) if light_weight != 1.0 else None
     if lora_rank:
         from peft import LoraConfig, inject_adapter_in_model
@@ -180,7 +196,7 @@ def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
         try:
-            sft_reasoning(policy, samples, epochs, batch, lr, log, seed, light_weight)
+            sft_reasoning(policy, samples, epochs, batch, lr, log, seed, light_weight, bf16=bf16)
         finally:
             for name, mod in list(model.named_modules()):
                 if isinstance(mod, LoraLayer):
@@ -200,7 +216,7 @@ def sft_reasoning(policy, samples, epochs, batch, lr, log: CsvLog, seed=0, light
         return loss
 
     supervised_epochs(policy.reasoner.model, samples, epochs, batch, lr, 0.1, log, "sft1", "sft stage 1 (reasoning)",
-                      batch_loss, seed)
+                      batch_loss, seed, bf16=bf16)
 
 
 @torch.no_grad()
@@ -486,7 +502,7 @@ def train(a: TrainConfig) -> int:
         if a.more_sft_epochs:
             t0 = time.time()
             sft_reasoning(policy, pos, a.more_sft_epochs, a.batch, a.sft_lr or 1e-3, log, a.seed + 1, a.light_weight,
-                          a.lora_rank)
+                          a.lora_rank, a.bf16, a.grad_checkpointing)
             print(f"VLM from {a.vlm_from}, SFT stage 1 continued {a.more_sft_epochs} epochs: {time.time() - t0:.0f} s; "
                   f"fresh expert (flow_init={a.flow_init})")
         else:
@@ -495,7 +511,8 @@ def train(a: TrainConfig) -> int:
         policy = build_initial(samples, a.flow_init, a.seed, route=not a.no_route, lights=a.traffic_lights,
                                lead=a.lead_perception, light_frames=a.light_frames)
         t0 = time.time()
-        sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight, a.lora_rank)
+        sft_reasoning(policy, pos, a.sft_epochs, a.batch, a.sft_lr or 2e-3, log, a.seed, a.light_weight, a.lora_rank,
+                      a.bf16, a.grad_checkpointing)
         print(f"sft stage 1: {time.time() - t0:.0f} s")
     scenes = scene_maps(samples) if policy.uses_route or not a.skip_grpo else {}   # route input, GRPO rewards
     if policy.uses_route:
