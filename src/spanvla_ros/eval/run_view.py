@@ -24,7 +24,7 @@ class RunLog:
     images: dict = field(default_factory=dict)     # camera -> [(t, rgb or jpeg bytes)]
     odom: list = field(default_factory=list)       # (t, x, y, yaw)
     plans: list = field(default_factory=list)      # (t, (H, 2) ego-frame xy)
-    status: dict = field(default_factory=dict)     # plan stamp -> (degraded, reason)
+    status: dict = field(default_factory=dict)     # plan stamp -> (degraded, reason, limited by)
     reasoning: list = field(default_factory=list)  # (t, text)
     agents: list = field(default_factory=list)     # (t, [(x, y, yaw, length, width)])
     route: np.ndarray | None = None
@@ -110,7 +110,8 @@ def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_fro
                             log.route = xy
                     elif typ == "spanvla_ros/msg/PlanStatus":
                         m = reader.deserialize(raw, typ)
-                        log.status[round(_t(m.header.stamp), 3)] = (bool(m.degraded), m.degraded_reason)
+                        log.status[round(_t(m.header.stamp), 3)] = (bool(m.degraded), m.degraded_reason,
+                                                                    getattr(m, "limited_by", ""))
                     elif typ == "spanvla_ros/msg/Reasoning":
                         m = reader.deserialize(raw, typ)
                         log.reasoning.append((_t(m.header.stamp), m.text))
@@ -168,7 +169,7 @@ def render_strip(log: RunLog, out: Path, rows: int = 6, title: str = "") -> Path
             ax.set_title(f"{cam}  t-{t - fr[0]:.2f}s", fontsize=7)
         bev = row[len(cams)]
         pose = _latest(log.odom, t)
-        degraded, reason = log.status.get(round(t, 3), (False, ""))
+        degraded, reason, limited_by = log.status.get(round(t, 3), (False, "", ""))
         colour = "orange" if degraded else "limegreen"
         if pose is not None:
             x0, y0, yaw = pose[1:4]
@@ -195,14 +196,16 @@ def render_strip(log: RunLog, out: Path, rows: int = 6, title: str = "") -> Path
         bev.set_aspect("equal")
         bev.set_xticks([])
         bev.set_yticks([])
-        bev.set_title("BEV: plan " + ("(degraded)" if degraded else ""), fontsize=7)
+        bev.set_title("BEV: plan " + ("(degraded)" if degraded else "") + (" (slowed)" if limited_by else ""),
+                      fontsize=7)
         txt = row[len(cams) + 1]
         txt.set_axis_off()
         rs = _latest(log.reasoning, t)
         body = (rs[1] or "(empty reasoning)") if rs else "(no reasoning yet)"
         import textwrap
         txt.text(0.0, 1.0, f"t = {t - log.plans[0][0]:.1f} s\n" + textwrap.fill(body, 42)
-                 + (f"\n\n[{textwrap.fill(reason, 42)}]" if degraded else ""),
+                 + (f"\n\n[{textwrap.fill(reason, 42)}]" if degraded else "")
+                 + (f"\n\n[slowed: {textwrap.fill(limited_by, 42)}]" if limited_by else ""),
                  va="top", ha="left", fontsize=7, family="monospace", transform=txt.transAxes)
     fig.suptitle(title + ("   (bag read partially: " + "; ".join(log.errors) + ")" if log.errors else ""), fontsize=9)
     fig.tight_layout()
