@@ -64,12 +64,12 @@ def test_red_and_yellow_stop_at_the_line_when_the_car_can():
     for state in (1, 2):
         out, cause = constrain(straight(12.0), DT, 12.0, light(state, 30.0), PARAMS)
         assert cause.split()[0] in ("red", "yellow")
-        assert progress(out)[-1] <= 30.0 - PARAMS.ego_front_m + 1e-6
+        assert progress(out)[-1] <= 30.0 - PARAMS.ego_front_m - PARAMS.stop_line_margin_m + 1e-6
     # from 20 m/s a yellow 30 m ahead needs 40 m at the planned braking: go on (no dilemma-zone stop)
     assert constrain(straight(20.0), DT, 20.0, light(1, 30.0), PARAMS)[1] == ""
     # a car stopped at the line stays stopped while red
     out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS)
-    assert cause and progress(out)[-1] <= 0.3 + 1e-6
+    assert cause and progress(out)[-1] <= 1e-6
 
 
 def test_the_slowed_plan_keeps_the_path():

@@ -519,3 +519,24 @@ def test_carla_world_is_restored_when_the_closed_loop_is_terminated(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     assert json.loads(report.read_text()) == dict(sync=False, actors=0)
+
+
+def test_path_tracker_stops_at_the_plans_stop_point():
+    """A plan that brakes to a stop 8 m ahead from 8 m/s: the tracked car stops there, not a metre or two past it
+    (the speed loop alone is soft at low speed; a stop line would be crossed)."""
+    from spanvla_ros.sim.controller import PathTracker
+
+    tracker, x, v, dt = PathTracker(), 0.0, 8.0, 0.05
+    stop_at = 8.0
+    for _ in range(200):
+        remaining = max(stop_at - x, 0.0)
+        t = 0.5 * np.arange(1, 9)
+        decel = v * v / (2 * remaining) if remaining > 0.05 else 10.0
+        speeds = np.maximum(v - decel * t, 0.0)
+        pos = np.minimum(v * t - 0.5 * decel * t * t, remaining)
+        pos = np.maximum.accumulate(np.where(speeds > 0, pos, remaining))
+        plan = np.stack([pos, 0 * t, 0 * t, speeds], 1)
+        a = tracker.control(plan, v, dt, 0.5).acceleration
+        v = max(0.0, v + a * dt)
+        x += v * dt
+    assert v == 0.0 and stop_at - 1.0 < x <= stop_at + 0.3

@@ -37,6 +37,7 @@ class EnvelopeParams:
     max_decel_mps2: float          # the hardest braking a limited plan may ask for
     lead_min_probability: float
     light_min_probability: float
+    stop_line_margin_m: float      # a limited stop ends this far before the stop line (the labels' stop margin)
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
@@ -74,7 +75,8 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams) -> list[Lim
         # red: stop wherever the car still can; yellow: only where a normal stop reaches the line
         for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.brake_decel_mps2)):
             if prob >= p.light_min_probability and speed ** 2 / (2.0 * decel) <= line + 0.5:
-                out.append(Limit(percept.stop_line_m - p.ego_front_m, 0.0, f"{colour} light, stop line {line:.1f} m"))
+                out.append(Limit(max(0.0, percept.stop_line_m - p.ego_front_m - p.stop_line_margin_m), 0.0,
+                                 f"{colour} light, stop line {line:.1f} m"))
                 break
     return out
 

@@ -13,6 +13,8 @@ import numpy as np
 from ..geometry import to_ego, to_world
 from .types import Control
 
+STOPPED_MPS = 0.3    # a planned speed below this is a stop
+
 
 @dataclass
 class TrackerConfig:
@@ -55,6 +57,13 @@ class PathTracker:
         err = v_target - speed
         self._integral = float(np.clip(self._integral + err * dt, -c.integral_limit, c.integral_limit))
         accel = float(np.clip(c.speed_kp * err + c.speed_ki * self._integral, -c.max_decel, c.max_accel))
+        # a plan that stops: brake at least as hard as stopping at its stop point takes (a speed loop alone runs a
+        # metre or two past it at low speed, e.g. over a stop line), as a longitudinal controller's stop mode does
+        stopped = np.nonzero(v_plan[1:] < STOPPED_MPS)[0]
+        if len(stopped) and speed > STOPPED_MPS:
+            arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))])
+            to_stop = max(float(arc[stopped[0] + 1]), 0.1)
+            accel = min(accel, max(-c.max_decel, -speed ** 2 / (2.0 * to_stop)))
         if v_target < 0.3 and speed < 0.5:
             accel, self._integral = -c.max_decel * 0.5, 0.0   # hold the stop
         # pure pursuit on the densified path
