@@ -30,6 +30,7 @@ import numpy as np
 from ..eval.pdm import score
 from ..geometry import to_ego, to_world
 from ..model.config import CAMERAS, SpanVLAConfig
+from ..sim.agents import agent_futures, futures_to_json
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
 from .scene_text import describe, facts_from_state, perception_facts
@@ -195,14 +196,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
         accel = (pose[3] - v_prev) / DT
         yaw_rate = math.remainder(pose[2] - steps[i - per_half]["ego"][2], 2 * math.pi) / DT
         # agents' futures, aligned by id, for PDM-style scoring
-        ids = sorted({a[0] for k in range(HORIZON + 1) for a in ahead[k * per_half]["agents"]})
-        agents_future = np.full((HORIZON + 1, len(ids), 4), np.nan)
-        sizes = [(5.0, 2.0)] * len(ids)
-        for k in range(HORIZON + 1):
-            for a in ahead[k * per_half]["agents"]:
-                col = ids.index(a[0])
-                agents_future[k, col] = a[1:5]
-                sizes[col] = (a[5], a[6])
+        agents_future, sizes = agent_futures([ahead[k * per_half]["agents"] for k in range(HORIZON + 1)])
         lights = {k * DT: ahead[k * per_half]["light"] for k in range(HORIZON + 1)} if now["light"] else {}
         ref_progress = ahead[-1]["progress"] - now["progress"]
         expert_score = score(fut_world, pose, agents_future, rec.scene, DT, ref_progress, lights, agent_sizes=sizes)
@@ -226,7 +220,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
             expert_pdm=expert_score.as_dict(), negatives=negatives,
             # what PDM-style scoring of any other trajectory for this sample needs (GRPO rewards, eval)
             pose=[round(float(v), 4) for v in pose], ref_progress=round(float(ref_progress), 3), lights=lights,
-            agents_future=np.nan_to_num(agents_future, nan=1e6).round(3).tolist(), agent_sizes=sizes))
+            agents_future=futures_to_json(agents_future), agent_sizes=sizes))
     return samples
 
 

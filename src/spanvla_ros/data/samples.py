@@ -10,6 +10,7 @@ from typing import cast
 import numpy as np
 
 from ..data.bag_io import read_episode
+from ..sim.agents import futures_from_json
 from .generate import DT
 
 
@@ -75,7 +76,7 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
     from ..geometry import to_world
 
     m = sample.meta
-    agents = np.asarray(m["agents_future"], np.float64)
+    agents = futures_from_json(m["agents_future"])
     if agents.size == 0:
         agents = np.zeros((len(m["future"]) + 1, 0, 4))
     pose = m["pose"]
@@ -144,9 +145,8 @@ def derive_facts(sample: Sample, scene) -> None:
     from ..sim.types import VEHICLE_LENGTH_M
 
     m = sample.meta
-    now = np.asarray(m["agents_future"], np.float64)
-    agents = [(i, *row) for i, row in enumerate(now[0])] if now.size else []
-    agents = [a for a in agents if abs(a[1]) < 1e5]          # 1e6 marks an agent absent at that time
+    now = futures_from_json(m["agents_future"])
+    agents = [(i, *row) for i, row in enumerate(now[0]) if np.isfinite(row).all()] if now.size else []
     light = m["lights"].get(0.0)
     light_dist = None
     if light is not None and scene.stop_s is not None:   # as data.generate logs it: front bumper to the line

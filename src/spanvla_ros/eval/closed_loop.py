@@ -10,7 +10,6 @@ Per-plan PDM-style scores in closed loop use constant-velocity futures for other
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from ..data.sensor_buffers import EgoHistory
 from ..geometry import to_world
 from ..model.config import SpanVLAConfig
+from ..sim.agents import agent_futures, constant_velocity_frames
 from ..sim.controller import PathTracker
 from ..sim.types import Control, Observation, SimBackend
 from .pdm import score
@@ -274,16 +274,6 @@ def seed_list(spec: str) -> list[int]:
     return list(HELDOUT_SEEDS)[:int(spec)] if spec.isdigit() else parse_seeds(spec)
 
 
-def _cv_agents(obs: Observation, horizon: int, dt: float):
-    A = len(obs.agents)
-    out = np.zeros((horizon + 1, A, 4))
-    for j, a in enumerate(obs.agents):
-        for k in range(horizon + 1):
-            out[k, j] = (a.x + a.speed * math.cos(a.heading) * k * dt, a.y + a.speed * math.sin(a.heading) * k * dt,
-                         a.heading, a.speed)
-    return out, [(a.length, a.width) for a in obs.agents]
-
-
 def run_episode(backend: SimBackend, driver, scenario, seed: int, score_every_s: float = 1.0) -> EpisodeResult:
     """One episode of ``scenario`` (a name or a sim.scenarios.Scenario) with ``seed``."""
     obs = backend.reset(scenario, seed)
@@ -299,7 +289,7 @@ def run_episode(backend: SimBackend, driver, scenario, seed: int, score_every_s:
             e = obs.ego
             pose = (e.x, e.y, e.heading, e.speed)
             dt = driver.dt_plan
-            agents, sizes = _cv_agents(obs, len(plan), dt)
+            agents, sizes = agent_futures(constant_velocity_frames(obs.agents, len(plan), dt))
             ref = max(5.0, backend.target_speed_mps * dt * len(plan) * 0.8)
             r = score(to_world(pose, plan), pose, agents, scene, dt, ref, backend.light_timeline(dt * len(plan), dt),
                       agent_sizes=sizes)

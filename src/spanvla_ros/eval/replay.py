@@ -300,19 +300,13 @@ def _pt(p):
 
 
 def _agents_future(log, t, n, dt):
-    times = np.array([a[0] for a in log.agents]) if log.agents else np.zeros(0)
-    ids = sorted({aid for _, lst in log.agents for (aid, *_r) in lst})
-    out = np.full((n + 1, len(ids), 4), 1e6)
-    sizes = [(5.0, 2.0)] * len(ids)
-    for k in range(n + 1):
-        if not len(times):
-            break
-        i = int(np.argmin(np.abs(times - (t + dt * k))))
-        for aid, x, y, yaw, v, length, width in log.agents[i][1]:
-            j = ids.index(aid)
-            out[k, j] = (x, y, yaw, v)
-            sizes[j] = (length, width)
-    return out, sizes
+    """The bag's logged agents nearest each of the plan's times (agents logged with every simulator step)."""
+    from ..sim.agents import agent_futures
+
+    if not log.agents:
+        return agent_futures([[] for _ in range(n + 1)])
+    times = np.array([a[0] for a in log.agents])
+    return agent_futures([log.agents[int(np.argmin(np.abs(times - (t + dt * k))))][1] for k in range(n + 1)])
 
 
 def _light_at(log, t):
