@@ -33,7 +33,7 @@ class EnvelopeParams:
     standstill_gap_m: float
     reaction_time_s: float
     brake_decel_mps2: float        # the braking the limit plans with for the ego
-    lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (harder than the ego's: RSS)
+    lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (RSS takes it harder than the ego's)
     max_decel_mps2: float          # the hardest braking a limited plan may ask for
     lead_min_probability: float
     light_min_probability: float
