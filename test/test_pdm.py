@@ -143,7 +143,8 @@ def test_one_builder_of_agents_futures_with_one_missing_marker():
     from spanvla_ros.sim.agents import agent_futures, constant_velocity_frames, futures_from_json, futures_to_json
     from spanvla_ros.sim.types import AgentState
 
-    frames = [[(7, 10.0, 0.0, 0.0, 5.0, 4.0, 2.0)], [(7, 12.5, 0.0, 0.0, 5.0, 4.0, 2.0), (9, 30.0, 3.5, 0.0, 0.0, 6.0, 2.5)]]
+    frames = [[(7, 10.0, 0.0, 0.0, 5.0, 4.0, 2.0)],
+              [(7, 12.5, 0.0, 0.0, 5.0, 4.0, 2.0), (9, 30.0, 3.5, 0.0, 0.0, 6.0, 2.5)]]
     fut, sizes = agent_futures(frames)
     assert fut.shape == (2, 2, 4) and np.isnan(fut[0, 1]).all() and sizes == [(4.0, 2.0), (6.0, 2.5)]
     back = futures_from_json(json.loads(json.dumps(futures_to_json(fut))))
