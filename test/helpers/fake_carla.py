@@ -3,8 +3,11 @@ along +x, synchronous ticking, sensors that deliver per frame (plus a stale fram
 and a log of every call the tests assert on."""
 from __future__ import annotations
 
+import enum
 import math
 import random
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,9 +41,9 @@ class LaneType:
     Driving = "Driving"
 
 
-class TrafficLightState:
-    Red, Yellow, Green = "TrafficLightState.Red", "TrafficLightState.Yellow", "TrafficLightState.Green"
-    Off, Unknown = "TrafficLightState.Off", "TrafficLightState.Unknown"
+class TrafficLightState(enum.Enum):
+    """An enum as carla.TrafficLightState is (str() gives "TrafficLightState.Red")."""
+    Red, Yellow, Green, Off, Unknown = range(5)
 
 
 JUNCTION_X = (600.0, 630.0)   # the straight road crosses a junction here
@@ -200,12 +203,21 @@ class World:
         return BlueprintLibrary()
 
     def spawn_actor(self, bp, tf, attach_to=None):
+        """As CARLA's: a vehicle cannot be spawned where another one stands (RuntimeError)."""
+        if attach_to is None and bp.id.startswith("vehicle") and any(
+                a.parent is None and a.type_id.startswith("vehicle")
+                and math.hypot(a.tf.location.x - tf.location.x, a.tf.location.y - tf.location.y) < 3.0
+                for a in self.actors):
+            raise RuntimeError("Spawn failed because of collision at spawn position")
         a = Actor(self, bp, tf, attach_to)
         self.actors.append(a)
         return a
 
     def try_spawn_actor(self, bp, tf):
-        return self.spawn_actor(bp, tf)
+        try:
+            return self.spawn_actor(bp, tf)
+        except RuntimeError:
+            return None
 
     def get_actors(self):
         return ActorList(self.actors + self.traffic_lights)
@@ -229,20 +241,26 @@ class World:
                     self.tm.choose_branch(a)
         self.frame += 1
         self.log.append(("tick", self.frame))
-        for a in list(self.actors):
+        # as on a server, sensor data comes on the client's own threads after tick() returns, not inside it
+        threading.Thread(target=self._deliver, args=(self.frame, [a for a in self.actors if a.callback]),
+                         daemon=True).start()
+        return self.frame
+
+    def _deliver(self, frame, sensors) -> None:
+        time.sleep(0.001)
+        for a in sensors:
             if a.callback is None:
                 continue
             if a.bp.id == "sensor.camera.rgb":
                 w, h = int(a.bp.attributes["image_size_x"]), int(a.bp.attributes["image_size_y"])
                 stale = np.zeros((h, w, 4), np.uint8)
-                a.callback(SimpleNamespace(frame=self.frame - 1, width=w, height=h, raw_data=stale.tobytes()))
+                a.callback(SimpleNamespace(frame=frame - 1, width=w, height=h, raw_data=stale.tobytes()))
                 img = np.zeros((h, w, 4), np.uint8)
                 img[..., 0], img[..., 2] = 200, 10     # BGRA: blue-ish in BGR order -> must come out as R=10, B=200
-                img[0, 0, :3] = self.frame % 256
-                a.callback(SimpleNamespace(frame=self.frame, width=w, height=h, raw_data=img.tobytes()))
-            elif a.bp.id == "sensor.other.collision" and self.collide_at_frame == self.frame:
-                a.callback(SimpleNamespace(frame=self.frame))
-        return self.frame
+                img[0, 0, :3] = frame % 256
+                a.callback(SimpleNamespace(frame=frame, width=w, height=h, raw_data=img.tobytes()))
+            elif a.bp.id == "sensor.other.collision" and self.collide_at_frame == frame:
+                a.callback(SimpleNamespace(frame=frame))
 
 
 class TrafficManager:
