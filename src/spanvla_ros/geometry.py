@@ -16,6 +16,12 @@ def wrap_angle(a):
     return (a + np.pi) % (2 * np.pi) - np.pi
 
 
+def arc_lengths(xy: np.ndarray) -> np.ndarray:
+    """(N,) distance along a polyline (N, >=2) from its first point to each of its points."""
+    xy = np.asarray(xy, np.float64)
+    return np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(xy[:, :2], axis=0), axis=1))])
+
+
 def to_ego(pose, pts: np.ndarray) -> np.ndarray:
     """World (N, >=3) x, y, heading[, more columns kept] -> the ego frame of ``pose`` (x, y, yaw)."""
     c, s = math.cos(pose[2]), math.sin(pose[2])

@@ -9,8 +9,8 @@ from typing import cast
 
 import numpy as np
 
-from ..data.bag_io import read_episode
 from ..sim.agents import futures_from_json
+from .bag_io import read_episode
 from .generate import DT
 
 

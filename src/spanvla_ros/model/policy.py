@@ -168,18 +168,15 @@ class SpanVLAPolicy:
         from ..data.scene_text import lead_clause, light_clause
         from ..sim.types import VEHICLE_LENGTH_M
         from .config import LIGHT_STATES
-        from .perception import CLOSING_SCALE_MPS, GAP_SCALE_M
-        from .route import STOP_SCALE_M
 
         ego = torch.from_numpy(self.ego_vector(speed, 0.0, 0.0, self.cfg.commands[0], route))[None]
+        seen = self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
         parts = []
-        light = self.expert.light_logits(front)
-        if light is not None and route is not None and route[-1] > 0.5:     # a stop line ahead on the route
-            gap = float(route[-2]) * STOP_SCALE_M - VEHICLE_LENGTH_M / 2     # the text measures from the bumper
-            parts.append(light_clause(LIGHT_STATES[int(light.argmax())], gap))
-        lead = self.expert.lead_raw(front, ego)
-        if lead is not None and float(torch.sigmoid(lead[0, 0])) > 0.5:
-            parts.append(lead_clause(float(lead[0, 1]) * GAP_SCALE_M, float(lead[0, 2]) * CLOSING_SCALE_MPS))
+        if seen is not None and seen.light is not None and seen.stop_line_m is not None:   # a stop line ahead
+            state = LIGHT_STATES[int(np.argmax(seen.light))]
+            parts.append(light_clause(state, seen.stop_line_m - VEHICLE_LENGTH_M / 2))   # from the bumper
+        if seen is not None and seen.lead_probability is not None and seen.lead_probability > 0.5:
+            parts.append(lead_clause(seen.lead_gap_m, seen.lead_closing_mps))
         return "; ".join(parts)
 
     def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:

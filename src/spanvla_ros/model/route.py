@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from ..geometry import arc_lengths
+
 LATERAL_SCALE_M = 2.0
 HEADING_SCALE_RAD = 0.5
 POINT_SCALE_M = 10.0
@@ -132,8 +134,7 @@ def route_command(route_xy: np.ndarray, s: float, junction_s: np.ndarray | None 
     """The driving command at arc length ``s`` of the route (right-handed world frame): "turn left" / "turn right"
     when the route's heading turns by more than TURN_RAD within ``lookahead_m``, "go straight" when it crosses a
     junction (``junction_s``: arc lengths of junction points) without turning, else "follow lane"."""
-    cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(route_xy, axis=0), axis=1))])
-    ahead = points_along(route_xy, np.linspace(s, s + lookahead_m, 17), cum)
+    ahead = points_along(route_xy, np.linspace(s, s + lookahead_m, 17), arc_lengths(route_xy))
     heading = np.unwrap(np.arctan2(*np.diff(ahead, axis=0).T[::-1]))
     turn = float(heading[-1] - heading[0])
     if abs(turn) > TURN_RAD:

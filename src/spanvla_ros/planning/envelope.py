@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ..geometry import arc_lengths
 from ..model.perception import Percept
 
 SUBSTEPS = 10
@@ -99,7 +100,7 @@ def constrain(traj: np.ndarray, dt: float, speed: float, percept: Percept | None
     if not active:
         return traj, ""
     path = np.vstack([[0.0, 0.0], traj[:, :2]])
-    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))])
+    arc = arc_lengths(path)
     plan_speed = np.diff(arc) / dt                                 # the plan's own progress, per interval
     h = dt / SUBSTEPS
     s, v, t = 0.0, float(speed), 0.0

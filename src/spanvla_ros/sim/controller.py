@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..geometry import to_ego, to_world
+from ..geometry import arc_lengths, to_ego, to_world
 from .types import Control
 
 STOPPED_MPS = 0.3    # a planned speed below this is a stop
@@ -61,8 +61,7 @@ class PathTracker:
         # metre or two past it at low speed, e.g. over a stop line), as a longitudinal controller's stop mode does
         stopped = np.nonzero(v_plan[1:] < STOPPED_MPS)[0]
         if len(stopped) and speed > STOPPED_MPS:
-            arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))])
-            to_stop = max(float(arc[stopped[0] + 1]), 0.1)
+            to_stop = max(float(arc_lengths(pts)[stopped[0] + 1]), 0.1)
             accel = min(accel, max(-c.max_decel, -speed ** 2 / (2.0 * to_stop)))
         if v_target < 0.3 and speed < 0.5:
             accel, self._integral = -c.max_decel * 0.5, 0.0   # hold the stop
@@ -81,8 +80,7 @@ class PathTracker:
 
 
 def _densify(pts: np.ndarray, step: float) -> np.ndarray:
-    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
-    s = np.concatenate([[0.0], np.cumsum(seg)])
+    s = arc_lengths(pts)
     if s[-1] < 1e-6:
         return pts[-1:].copy()
     q = np.arange(0.0, s[-1] + 1e-9, step)

@@ -11,6 +11,8 @@ from shapely.geometry import LineString, Point, Polygon
 from shapely.ops import unary_union
 from shapely.prepared import prep
 
+from ..geometry import arc_lengths
+
 
 @dataclass
 class Lane:
@@ -20,7 +22,7 @@ class Lane:
 
     def __post_init__(self):
         xy = np.asarray(self.centre.coords)
-        self.arc = np.r_[0.0, np.cumsum(np.hypot(*np.diff(xy, axis=0).T))]
+        self.arc = arc_lengths(xy)
 
 
 def stop_line_points(route: LineString, stop_s: float | None) -> np.ndarray:
