@@ -39,13 +39,23 @@ def test_plans_the_envelope_does_not_bind_are_returned_unchanged(percept):
     """No perception, a lead keeping the ego's speed at a normal following gap (what a car mistaken for the lead
     looks like), an unlikely lead, a green light, a red light too close to stop at from 20 m/s."""
     plan = straight(20.0)
-    out, cause = constrain(plan, DT, 20.0, percept, PARAMS)
+    out, cause = constrain(plan, DT, 20.0, percept, PARAMS, 0.0)
     assert cause == "" and out is plan
+
+
+def test_an_old_percept_of_a_closing_lead_counts_the_distance_closed_since():
+    """Frames 0.4 s older than the plan, lead closing at 15 m/s: it is 6 m nearer now; a lead at the ego's speed
+    is where it was."""
+    gap = 30.0
+    now = progress(constrain(straight(15.0), DT, 15.0, lead(gap - 6.0, 15.0), PARAMS, 0.0)[0])
+    old = progress(constrain(straight(15.0), DT, 15.0, lead(gap, 15.0), PARAMS, 0.4)[0])
+    assert np.allclose(old, now, atol=1e-4)
+    assert constrain(straight(20.0), DT, 20.0, lead(40.0, 0.0), PARAMS, 0.4)[1] == ""
 
 
 def test_a_stopped_lead_is_not_reached():
     gap = 30.0
-    out, cause = constrain(straight(15.0), DT, 15.0, lead(gap, 15.0), PARAMS)
+    out, cause = constrain(straight(15.0), DT, 15.0, lead(gap, 15.0), PARAMS, 0.0)
     assert cause.startswith("lead")
     s, stop = progress(out), gap + PARAMS.ego_front_m - PARAMS.standstill_gap_m   # the lead's rear, less the margin
     assert stop - 5.0 < s[-1] <= stop + 1e-6                                        # closes up without reaching it
@@ -55,20 +65,21 @@ def test_a_stopped_lead_is_not_reached():
 
 
 def test_a_braking_lead_slows_the_plan_by_how_fast_it_closes():
-    slower = [progress(constrain(straight(20.0), DT, 20.0, lead(15.0, c), PARAMS)[0])[-1] for c in (4.0, 8.0, 12.0)]
+    slower = [progress(constrain(straight(20.0), DT, 20.0, lead(15.0, c), PARAMS, 0.0)[0])[-1]
+              for c in (4.0, 8.0, 12.0)]
     assert slower[0] > slower[1] > slower[2]
     assert slower[0] < progress(straight(20.0))[-1]
 
 
 def test_red_and_yellow_stop_at_the_line_when_the_car_can():
     for state in (1, 2):
-        out, cause = constrain(straight(12.0), DT, 12.0, light(state, 30.0), PARAMS)
+        out, cause = constrain(straight(12.0), DT, 12.0, light(state, 30.0), PARAMS, 0.0)
         assert cause.split()[0] in ("red", "yellow")
         assert progress(out)[-1] <= 30.0 - PARAMS.ego_front_m - PARAMS.stop_line_margin_m + 1e-6
     # from 20 m/s a yellow 30 m ahead needs 40 m at the planned braking: go on (no dilemma-zone stop)
-    assert constrain(straight(20.0), DT, 20.0, light(1, 30.0), PARAMS)[1] == ""
+    assert constrain(straight(20.0), DT, 20.0, light(1, 30.0), PARAMS, 0.0)[1] == ""
     # a car stopped at the line stays stopped while red
-    out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS)
+    out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS, 0.0)
     assert cause and progress(out)[-1] <= 1e-6
 
 
@@ -77,7 +88,7 @@ def test_the_slowed_plan_keeps_the_path():
     heading = 0.05 * t
     curve = np.stack([10 * np.sin(heading) / 0.05, 10 * (1 - np.cos(heading)) / 0.05, heading,
                       np.full_like(t, 10.0)], 1).astype(np.float32)
-    out, cause = constrain(curve, DT, 10.0, lead(12.0, 10.0), PARAMS)
+    out, cause = constrain(curve, DT, 10.0, lead(12.0, 10.0), PARAMS, 0.0)
     assert cause
     dense = np.linspace(0, 1, 2000)[:, None]
     pts = np.vstack([[0.0, 0.0], curve[:, :2]])
@@ -89,4 +100,4 @@ def test_the_slowed_plan_keeps_the_path():
 def test_switched_off_it_never_changes_a_plan():
     off = EnvelopeParams(**{**PARAMS.__dict__, "safety_envelope": False})
     plan = straight(15.0)
-    assert constrain(plan, DT, 15.0, lead(5.0, 15.0), off) == (plan, "")
+    assert constrain(plan, DT, 15.0, lead(5.0, 15.0), off, 0.0) == (plan, "")

@@ -219,6 +219,28 @@ def test_policy_driver_uses_a_bridge_only_after_the_reasoner_latency(policy):
     assert driver.fresh is not None and len(driver.consistency) == len(seen) - 1
     backend.close()
 
+def test_policy_driver_with_a_reasoner_slower_than_its_period_still_publishes(policy):
+    """A reasoner run of 1.5 s at a 1 s period: as in the node, the next run starts when this one is done, so
+    every run's bridge is used (a new run must not replace the pending one before it is published)."""
+    pytest.importorskip("highway_env", reason="highway-env is not installed")
+    from spanvla_ros.eval.closed_loop import PolicyDriver
+    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
+
+    backend = HighwayEnvBackend()
+    driver = PolicyDriver(policy, reason_every_s=1.0, reasoner_latency_s=1.5)
+    obs = backend.reset("highway", 10_000)
+    driver.reset(obs, backend)
+    stamps = []
+    while obs.t < 3.55:
+        driver.act(obs, backend)
+        if driver.bridge is not None and (not stamps or stamps[-1] != driver.bridge.stamp):
+            stamps.append(driver.bridge.stamp)
+        obs = backend.step(None)
+    assert stamps == pytest.approx([0.0, 1.5])            # reasoned at 0.0 and 1.5, usable from 1.5 and 3.0 on
+    assert [t for t, _ in driver.texts] == pytest.approx([0.0, 1.5, 3.0])
+    backend.close()
+
+
 
 def test_grounded_reasoning_states_what_the_heads_see(policy):
     """A grounded-reasoning model starts its text with the heads' facts in the text's own phrasing: the parser of

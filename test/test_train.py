@@ -143,19 +143,26 @@ def test_vlm_from_continues_sft1_and_trains_a_route_expert(dataset, tmp_path, ca
     assert torch.isfinite(torch.cat([p.flatten() for p in new.expert.parameters()])).all()
 
 
-def test_light_head_learns_the_signal_before_the_stop_line(tmp_path):
+@pytest.fixture(scope="module")
+def isec_dataset(tmp_path_factory):
+    from spanvla_ros.data.generate import generate
+
+    out = tmp_path_factory.mktemp("isec")
+    generate(out, ["intersection_straight"], [LIGHT_SEED], kinds=("expert",), progress=False)
+    return out
+
+
+def test_light_head_learns_the_signal_before_the_stop_line(isec_dataset, tmp_path):
     """At an intersection the samples with the stop line ahead are labelled with the signal's colour (those past
     it are not); SFT 2 trains the traffic-light head on them: its cross-entropy on those frames falls."""
     import torch
 
-    from spanvla_ros.data.generate import generate
     from spanvla_ros.data.samples import attach_routes, light_label, load_samples, scene_maps
     from spanvla_ros.model.bridge import collate_bridges
     from spanvla_ros.model.config import SpanVLAConfig
     from spanvla_ros.train.trainer import CsvLog, build_initial, precompute_bridges, sft_flow
 
-    generate(tmp_path, ["intersection_straight"], [LIGHT_SEED], kinds=("expert",), progress=False)
-    samples = load_samples(tmp_path, SpanVLAConfig().cameras, progress=False)
+    samples = load_samples(isec_dataset, SpanVLAConfig().cameras, progress=False)
     attach_routes(samples, scene_maps(samples))
     labels = torch.tensor([light_label(s) for s in samples])
     assert len(set(labels.tolist()) - {-100}) >= 2 and (labels == -100).any()   # two colours; some past the line
@@ -169,6 +176,42 @@ def test_light_head_learns_the_signal_before_the_stop_line(tmp_path):
     before = light_ce()
     sft_flow(policy, samples, bridges, 15, 4, 1e-3, CsvLog(tmp_path / "log.csv"))
     assert light_ce() < 0.5 * before
+
+
+def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_dataset, tmp_path):
+    """--heads-finetune CHECKPOINT: the light head's cross-entropy on the data falls; the VLM and every expert
+    weight outside the heads are the checkpoint's, bit for bit."""
+    import torch
+
+    from spanvla_ros.data.samples import attach_routes, light_label, load_samples, scene_maps
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.policy import SpanVLAPolicy
+    from spanvla_ros.train.trainer import PERCEPTION_PREFIXES, build_initial, front_tokens, main
+
+    samples = load_samples(isec_dataset, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    base = build_initial(samples, "noise", 0, lights=True)
+    base.save_pretrained(tmp_path / "base")
+    labels = torch.tensor([light_label(s) for s in samples])
+    fronts = torch.cat(front_tokens(base, samples))[labels >= 0]
+
+    def light_ce(policy):
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(policy.expert.light_logits(fronts), labels[labels >= 0]))
+
+    with pytest.raises(SystemExit, match="starts from a finished checkpoint"):
+        main(["--data", str(isec_dataset), "--out", str(tmp_path / "x"), "--heads-finetune", str(tmp_path / "base"),
+              "--vlm-from", str(tmp_path / "base")])
+    assert main(["--data", str(isec_dataset), "--out", str(tmp_path / "ft"), "--heads-finetune",
+                 str(tmp_path / "base"), "--head-epochs", "40", "--head-lr", "2e-3"]) == 0
+    old, new = SpanVLAPolicy.from_pretrained(tmp_path / "base"), SpanVLAPolicy.from_pretrained(tmp_path / "ft" / "sft")
+    assert light_ce(new) < 0.5 * light_ce(old)
+    same = {name: torch.equal(a, b) for (name, a), b in zip(old.expert.state_dict().items(),
+                                                            new.expert.state_dict().values())}
+    assert all(eq for name, eq in same.items() if not name.startswith(PERCEPTION_PREFIXES))
+    assert not all(eq for name, eq in same.items() if name.startswith(PERCEPTION_PREFIXES))
+    assert all(torch.equal(a, b) for a, b in zip(old.reasoner.model.state_dict().values(),
+                                                 new.reasoner.model.state_dict().values()))
 
 
 def test_the_training_command_line_is_the_config_dataclass():

@@ -206,11 +206,14 @@ class PolicyDriver(PlanningDriver):
             self._pending = None
         if obs.t >= self._next_reason:
             r = self.core.reason()
+            latency = 0.0
             if r is not None:
                 latency = r.latency_s if self.reasoner_latency_s is None else self.reasoner_latency_s
                 self._pending = (r.bridge, r.bridge.stamp + latency)
                 self.texts.append((obs.t, r.text))
-            self._next_reason = obs.t + self.reason_every_s
+            # as the node's reasoner thread: the next run starts on schedule or when this one is done, whichever
+            # is later (a run slower than the period would otherwise be replaced before its bridge is published)
+            self._next_reason = obs.t + max(self.reason_every_s, latency)
         return self.core.plan(obs.t).traj
 
 

@@ -236,10 +236,11 @@ class PlannerCore:
             traj, percept = self.policy.plan_perceived(
                 bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
                 pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front)
-            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope)
+            age = stamp - bridge.stamp
+            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
+                                         perception_age if front is not None else age)
             if limited_by:
                 self.counters["plans_limited"] += 1
-            age = stamp - bridge.stamp
             stale = self.params.bridge_stale_s
             reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
                       f"front camera stale: {perception_age:.2f} s > {stale:.2f} s" if perception_age > stale else "")

@@ -60,13 +60,15 @@ class Limit:
         return self.base + self.speed * t + self.speed ** 2 / (2.0 * lead_decel)
 
 
-def limits(percept: Percept | None, speed: float, p: EnvelopeParams) -> list[Limit]:
-    """The limits the perceived scene sets on a plan starting at ``speed``."""
+def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age_s: float) -> list[Limit]:
+    """The limits the perceived scene sets on a plan starting at ``speed``; the percept was read from frames
+    ``percept_age_s`` older than the plan (in real time the newest frame is a camera period and a transport old):
+    a closing lead is that much nearer now."""
     if percept is None:
         return []
     out = []
     if percept.lead_probability is not None and percept.lead_probability >= p.lead_min_probability:
-        gap = max(0.0, percept.lead_gap_m)
+        gap = max(0.0, percept.lead_gap_m - max(0.0, percept.lead_closing_mps) * max(0.0, percept_age_s))
         lead_speed = max(0.0, speed - percept.lead_closing_mps)
         out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
                          f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))
@@ -91,12 +93,13 @@ def allowed_speed(room: float, p: EnvelopeParams) -> float:
 
 
 def constrain(traj: np.ndarray, dt: float, speed: float, percept: Percept | None,
-              p: EnvelopeParams) -> tuple[np.ndarray, str]:
+              p: EnvelopeParams, percept_age_s: float) -> tuple[np.ndarray, str]:
     """(trajectory, cause): ``traj`` (H, 4) x, y, heading, speed in the ego frame, poses ``dt`` apart from +dt,
-    unchanged with cause "" when no limit binds; otherwise the same path at the limited progress."""
+    unchanged with cause "" when no limit binds; otherwise the same path at the limited progress. ``percept_age_s``:
+    how much older than the plan's odometry the frames the percept was read from are."""
     if not p.safety_envelope:
         return traj, ""
-    active = limits(percept, speed, p)
+    active = limits(percept, speed, p, percept_age_s)
     if not active:
         return traj, ""
     path = np.vstack([[0.0, 0.0], traj[:, :2]])

@@ -50,7 +50,12 @@ class TrainConfig:
                                            "--lead-perception --traffic-lights --vlm-from; the heads are trained "
                                            "first (frozen) or taken with --heads-from")
     heads_from: Path | None = _opt(None, "take the trained perception heads from this checkpoint (frozen)")
-    head_epochs: int = _opt(30, "--grounded-reasoning without --heads-from: epochs of the perception heads")
+    head_epochs: int = _opt(30, "--grounded-reasoning without --heads-from (or --heads-finetune): epochs of the "
+                                "perception heads")
+    head_lr: float = _opt(1e-4, "--heads-finetune: peak LR (training heads from scratch uses 1e-3)")
+    heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
+                                             "--data, nothing else (e.g. DAgger frames of states its own driving "
+                                             "reaches); saved as OUT/sft")
     signal_labels: str = _opt("stop", "at a light the ego must stop for: teach stopping before the line (a "
                                       "camera-only planner cannot know the phase timing) or keep the expert's "
                                       "logged future (data.samples)", ("stop", "logged"))
@@ -72,6 +77,8 @@ class TrainConfig:
             raise ValueError("--data: at least one dataset directory")
         if self.traffic_lights and self.no_route:
             raise ValueError("--traffic-lights needs the route input (stop lines are measured along the route)")
+        if self.heads_finetune and (self.vlm_from or self.heads_from):
+            raise ValueError("--heads-finetune starts from a finished checkpoint: no --vlm-from / --heads-from")
         if self.grounded_reasoning and not (self.lead_perception and self.traffic_lights and self.vlm_from):
             raise ValueError("--grounded-reasoning needs --lead-perception --traffic-lights and --vlm-from (the "
                              "text is written from the perception heads, trained first or taken with --heads-from)")

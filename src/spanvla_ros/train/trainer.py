@@ -259,14 +259,24 @@ def fit_perception_inputs(policy, samples, fronts: list[torch.Tensor]) -> None:
                   f"samples with a lead vehicle")
 
 
-def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0) -> None:
-    """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
-    grounded-reasoning model writes its training bridges' text from them."""
+def front_tokens(policy, samples) -> list[torch.Tensor]:
+    """The front camera's history-frame vision tokens of every sample, (1, F, N, D) each: the heads' input."""
     from tqdm import tqdm
 
-    fronts = [policy.reasoner.vision_tokens([s.images[i] for i in policy.reasoner.front_image_indices])[None]
-              for s in tqdm(samples, desc="front tokens", disable=dist_info()[0] != 0)]
-    fit_perception_inputs(policy, samples, fronts)
+    return [policy.reasoner.vision_tokens([s.images[i] for i in policy.reasoner.front_image_indices])[None]
+            for s in tqdm(samples, desc="front tokens", disable=dist_info()[0] != 0)]
+
+
+def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0,
+                           fronts: list[torch.Tensor] | None = None, fit_inputs: bool = True) -> None:
+    """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
+    grounded-reasoning model writes its training bridges' text from them. ``fit_inputs=False`` keeps the heads'
+    input standardisation (continuing to train heads that are already fitted)."""
+    from tqdm import tqdm
+
+    fronts = front_tokens(policy, samples) if fronts is None else fronts
+    if fit_inputs:
+        fit_perception_inputs(policy, samples, fronts)
     expert = policy.expert
     heads = perception_parameters(expert)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
@@ -287,6 +297,47 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
             log.log("heads", step, loss=loss.item())
     for p in heads:
         p.requires_grad_(False)
+
+
+@torch.no_grad()
+def head_readings(policy, samples, fronts: list[torch.Tensor]) -> list[tuple[int, bool]]:
+    """What the heads read on each sample: (light class or -1, lead present)."""
+    expert, out = policy.expert, []
+    for s, f in zip(samples, fronts):
+        light = expert.light_logits(f)
+        lead = expert.lead_raw(f, ego_tensor(policy, [s]))
+        out.append((int(light.argmax(-1)) if light is not None else -1,
+                    bool(lead[0, 0] > 0) if lead is not None else False))
+    return out
+
+
+def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
+    """Continue training a finished checkpoint's perception heads on ``samples`` (e.g. DAgger frames of states its
+    own driving reaches and its training never showed), everything else unchanged. The expert was trained on
+    bridges written from the old heads' readings, so the run reports how many of the old data's readings change:
+    where they do, SFT 2 should be run again on the new heads."""
+    assert a.heads_finetune is not None
+    policy = SpanVLAPolicy.from_pretrained(a.heads_finetune)
+    if not (policy.cfg.traffic_lights or policy.cfg.lead_perception):
+        raise SystemExit(f"--heads-finetune {a.heads_finetune}: the checkpoint has no perception heads")
+    attach_routes(samples, scene_maps(samples))
+    samples, dropped = drop_off_route_labels(samples)
+    fronts = front_tokens(policy, samples)
+    before = head_readings(policy, samples, fronts)
+    for p in perception_parameters(policy.expert):
+        p.requires_grad_(True)
+    t0 = time.time()
+    train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False)
+    after = head_readings(policy, samples, fronts)
+    old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
+    light_changed = sum(before[i][0] != after[i][0] for i in old if light_label(samples[i]) >= 0)
+    lead_changed = sum(before[i][1] != after[i][1] for i in old)
+    print(f"perception heads fine-tuned ({dropped} off-route samples dropped): {time.time() - t0:.0f} s; readings "
+          f"changed on the non-DAgger samples: light {light_changed} of "
+          f"{sum(light_label(samples[i]) >= 0 for i in old)}, lead presence {lead_changed} of {len(old)}")
+    if dist_info()[0] == 0:
+        policy.save_pretrained(a.out / "sft")
+    return 0
 
 
 def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
@@ -482,6 +533,8 @@ def train(a: TrainConfig) -> int:
                              f"{', '.join(map(str, a.data))}")
         print(f"SFT stage 1 on {len(pos)} positives of {a.sft_scenarios}")
     rank = dist_info()[0]
+    if a.heads_finetune:
+        return finetune_heads(a, samples, log)
 
     def done(stage):
         return (a.out / stage / "spanvla.json").is_file()
