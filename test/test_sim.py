@@ -93,7 +93,7 @@ def test_path_tracker_follows_a_lane_change():
     for _ in range(120):
         local = path_to_current_frame(world_path, (0.0, 0.0, 0.0), (x, y, h))
         ahead = local[local[:, 0] > 0][:8]
-        c = tracker.control(ahead, v, dt, 0.5)
+        c = tracker.control(ahead, v, dt, 0.5, 0.0)
         beta = np.arctan(0.5 * np.tan(c.steering))
         x += v * np.cos(h + beta) * dt
         y += v * np.sin(h + beta) * dt
@@ -109,8 +109,8 @@ def test_path_tracker_does_not_keep_braking_after_a_long_slowdown():
         return np.array([(v * 0.5 * k, 0.0, 0.0, v) for k in range(1, 9)])
     tracker = PathTracker()
     for _ in range(100):
-        tracker.control(straight(15.0), 20.0, 0.1, 0.5)
-    assert abs(tracker.control(straight(20.0), 20.0, 0.1, 0.5).acceleration) <= 0.25
+        tracker.control(straight(15.0), 20.0, 0.1, 0.5, 0.0)
+    assert abs(tracker.control(straight(20.0), 20.0, 0.1, 0.5, 0.0).acceleration) <= 0.25
 
 
 def test_data_generation_writes_replayable_bags(tmp_path):
@@ -536,7 +536,31 @@ def test_path_tracker_stops_at_the_plans_stop_point():
         pos = np.minimum(v * t - 0.5 * decel * t * t, remaining)
         pos = np.maximum.accumulate(np.where(speeds > 0, pos, remaining))
         plan = np.stack([pos, 0 * t, 0 * t, speeds], 1)
-        a = tracker.control(plan, v, dt, 0.5).acceleration
+        a = tracker.control(plan, v, dt, 0.5, 0.0).acceleration
         v = max(0.0, v + a * dt)
         x += v * dt
     assert v == 0.0 and stop_at - 1.0 < x <= stop_at + 0.3
+
+
+def test_speeds_read_from_path_poses_are_the_plans_own():
+    """A nav_msgs/Path carries poses only: the speeds the tracker reads back from them match the plan's speed at
+    each pose time for a braking plan (a segment's mean speed would be half a step late: 1.75 m/s too fast here)."""
+    from spanvla_ros.sim.controller import speeds_at_poses
+
+    t = 0.5 * np.arange(1, 9)
+    v0, decel = 20.0, 3.5
+    xy = np.stack([v0 * t - 0.5 * decel * t * t, 0 * t], 1)
+    assert np.allclose(speeds_at_poses(xy, 0.5), v0 - decel * t, atol=1e-6)
+
+
+def test_a_plan_received_late_is_tracked_from_where_its_time_has_got_to():
+    """A braking plan 0.3 s old when it is tracked asks for the speed 0.3 s further along its profile: the
+    tracker brakes harder than for the same plan fresh, by the plan's deceleration over that time."""
+    from spanvla_ros.sim.controller import PathTracker
+
+    t = 0.5 * np.arange(1, 9)
+    plan = np.stack([20.0 * t - 0.5 * 3.0 * t * t, 0 * t, 0 * t, 20.0 - 3.0 * t], 1)   # slows to 8 m/s
+    fresh = PathTracker().control(plan, 20.0, 0.05, 0.5, 0.0).acceleration
+    late = PathTracker().control(plan, 20.0, 0.05, 0.5, 0.3).acceleration
+    assert late < fresh < 0.0
+    assert late - fresh == pytest.approx(-1.2 * 3.0 * 0.3, abs=0.05)   # speed gain x (decel x age)

@@ -117,7 +117,7 @@ class PlanningDriver:
             if d is not None:
                 self.consistency.append(d)
         self._last_world_plan = world
-        return self.tracker.control(traj, obs.ego.speed, backend.dt, self.dt_plan)
+        return self.tracker.control(traj, obs.ego.speed, backend.dt, self.dt_plan, 0.0)   # planned this step
 
 
 def plan_displacement(prev, new, dt: float) -> float | None:

@@ -29,7 +29,7 @@ from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 from spanvla_ros.sim.backends import make_backend
-from spanvla_ros.sim.controller import PathTracker, path_to_current_frame
+from spanvla_ros.sim.controller import PathTracker, path_to_current_frame, speeds_at_poses
 from spanvla_ros.sim.types import Control
 
 MAX_PLAN_STEP_S = 2.0    # a Path whose poses are further apart in time than this is not a plan
@@ -69,8 +69,8 @@ class SimBridgeNode(Node):
         self._static_tfs: dict[str, TransformStamped] = {}
         self._tf = self._make_tf_publishers(latched)
         self.create_subscription(Path, p["path_topic"], self._on_path, 5)
-        # (path (N,4) ego frame at plan time, plan pose, receipt monotonic, the plan's step)
-        self._plan: tuple[np.ndarray, tuple[float, float, float], float, float] | None = None
+        # (path (N,4) ego frame at plan time, plan pose, receipt monotonic, the plan's step, its stamp)
+        self._plan: tuple[np.ndarray, tuple[float, float, float], float, float, float] | None = None
         # (stamp, x, y, yaw) to place plans made from older odometry
         self._poses: deque[tuple[float, float, float, float]] = deque(maxlen=200)
         self.control = Control(0.0, 0.0)
@@ -173,13 +173,12 @@ class SimBridgeNode(Node):
         if not 0.0 < dt <= MAX_PLAN_STEP_S:
             self.counters["bad_path"] += 1
             return
-        seg = np.linalg.norm(np.diff(np.vstack([[0, 0], arr[:, :2]]), axis=0), axis=1) / dt
-        path = np.c_[arr, seg]
+        path = np.c_[arr, speeds_at_poses(arr[:, :2], dt)]
         pose = min(self._poses, key=lambda s: abs(s[0] - t_plan), default=None)
         if pose is None or abs(pose[0] - t_plan) > 0.5:
             self.counters["path_unknown_stamp"] += 1
             return
-        self._plan = (path, pose[1:], time.monotonic(), dt)
+        self._plan = (path, pose[1:], time.monotonic(), dt, t_plan)
         self.counters["paths_received"] += 1
 
     def _control_tick(self) -> None:
@@ -189,9 +188,10 @@ class SimBridgeNode(Node):
             self.control = Control(-3.0 if e.speed > 0.1 else 0.0, 0.0)
             self.counters["control_no_plan"] += 1
             return
-        path, plan_pose, _, plan_dt = self._plan
+        path, plan_pose, _, plan_dt, t_plan = self._plan
         local = path_to_current_frame(path, plan_pose, (e.x, e.y, e.heading))
-        self.control = self.tracker.control(local, e.speed, 1.0 / self.p["control_rate_hz"], plan_dt)
+        self.control = self.tracker.control(local, e.speed, 1.0 / self.p["control_rate_hz"], plan_dt,
+                                            self._stamp() - t_plan)
 
     def _next_episode(self) -> None:
         """Start the next episode; a backend that cannot reset is retried on the next tick (counted, logged)."""

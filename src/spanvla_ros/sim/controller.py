@@ -37,6 +37,18 @@ def path_to_current_frame(path: np.ndarray, plan_pose, now_pose) -> np.ndarray:
     return to_ego(now_pose, to_world(plan_pose, path))
 
 
+def speeds_at_poses(xy: np.ndarray, dt: float) -> np.ndarray:
+    """(N,) speeds at N path poses ``dt`` apart from +dt (the path starts at the origin at 0), from the poses alone:
+    what a nav_msgs/Path, which carries no velocities, says about the plan's speed profile. The mean of the two
+    segments around a pose (exact for constant acceleration; a segment's own mean speed is its midpoint's, half a
+    step late), extrapolated by the last two segments at the end."""
+    seg = np.linalg.norm(np.diff(np.vstack([[0.0, 0.0], xy]), axis=0), axis=1)
+    v = np.empty(len(seg))
+    v[:-1] = (seg[:-1] + seg[1:]) / (2.0 * dt)
+    v[-1] = max(0.0, v[-2] + (seg[-1] - seg[-2]) / dt) if len(seg) > 1 else seg[-1] / dt
+    return v
+
+
 class PathTracker:
     def __init__(self, cfg: TrackerConfig | None = None):
         self.cfg = cfg or TrackerConfig()
@@ -45,15 +57,17 @@ class PathTracker:
     def reset(self) -> None:
         self._integral = 0.0
 
-    def control(self, path: np.ndarray, speed: float, dt: float, plan_dt: float) -> Control:
-        """path: (N, 4) x, y, heading, speed in the current ego frame, poses plan_dt apart starting at +plan_dt."""
+    def control(self, path: np.ndarray, speed: float, dt: float, plan_dt: float, elapsed_s: float) -> Control:
+        """path: (N, 4) x, y, heading, speed in the current ego frame, poses plan_dt apart starting at +plan_dt of
+        the plan's time, ``elapsed_s`` of which have passed (a plan received over DDS is already some 0.1 s old:
+        its speed profile is read from there on, or a braking plan is tracked late and too softly)."""
         c = self.cfg
         pts = np.vstack([[0.0, 0.0], path[:, :2]])
         # target speed: the plan's speed profile, previewed a little to lead the vehicle's lag
         t_axis = plan_dt * np.arange(len(path) + 1)
         v_plan = np.concatenate([[path[0, 3] if path.shape[1] > 3 else speed], path[:, 3] if path.shape[1] > 3 else
                                  np.linalg.norm(np.diff(pts, axis=0), axis=1) / plan_dt])
-        v_target = max(0.0, float(np.interp(c.preview_s, t_axis, v_plan)))
+        v_target = max(0.0, float(np.interp(max(0.0, elapsed_s) + c.preview_s, t_axis, v_plan)))
         err = v_target - speed
         self._integral = float(np.clip(self._integral + err * dt, -c.integral_limit, c.integral_limit))
         accel = float(np.clip(c.speed_kp * err + c.speed_ki * self._integral, -c.max_decel, c.max_accel))
