@@ -129,12 +129,21 @@ class VLMReasoner:
         c = self.cfg
         return build_prompt(c.cameras, c.history_frames, c.history_dt, command, speed, accel, past_xy)
 
-    def _resize(self, img: np.ndarray) -> Image.Image:
+    def fit_image(self, img: np.ndarray) -> np.ndarray:
+        """An HxWx3 uint8 frame at the model's input size (the same array when it already is). The planner fits
+        each frame once on arrival: an HD camera's frames are then neither kept at full size nor resized again by
+        every reasoner run that reads them."""
         if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
             raise ValueError(f"each image must be an HxWx3 uint8 array, got {getattr(img, 'shape', type(img))}")
         size = (self.cfg.image_width, self.cfg.image_height)
-        pil = Image.fromarray(img)
-        return pil if pil.size == size else pil.resize(size, Image.Resampling.BILINEAR)
+        if img.shape[:2] == size[::-1]:
+            return img
+        # reducing_gap: a box reduction first, then the bilinear filter (from 1080p 3.1 vs 7.2 ms here; pixels
+        # within 0.2 grey levels on average)
+        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+    def _resize(self, img: np.ndarray) -> Image.Image:
+        return Image.fromarray(self.fit_image(img))
 
     def encode(self, images_per_sample: Sequence[Sequence[np.ndarray]], texts: Sequence[str]) -> dict:
         """Batch of samples -> model inputs with 3D RoPE positions. Right padding."""
