@@ -101,24 +101,3 @@ def test_switched_off_it_never_changes_a_plan():
     off = EnvelopeParams(**{**PARAMS.__dict__, "safety_envelope": False})
     plan = straight(15.0)
     assert constrain(plan, DT, 15.0, lead(5.0, 15.0), off, 0.0) == (plan, "")
-
-
-def test_a_lead_the_heads_lose_is_remembered_and_coasted():
-    """A stopped lead read 6 m ahead, then lost (its bumper leaves the front camera's view): 1 s later, the ego
-    having crept 1 m, the envelope acts on it 5 m ahead and stopped; a moving lead is coasted at its speed; the
-    memory ends after lead_memory_s, when the lead would be behind or beside the ego, and on a new reading."""
-    from spanvla_ros.planning.envelope import LeadMemory
-
-    none = lead(math.nan, math.nan, p=0.0)
-    mem = LeadMemory()
-    assert mem.update(0.0, (0.0, 0.0, 0.0), 2.0, lead(6.0, 2.0), PARAMS) == (lead(6.0, 2.0), False)
-    seen, remembered = mem.update(1.0, (1.0, 0.0, 0.0), 1.0, none, PARAMS)
-    assert remembered and seen.lead_gap_m == pytest.approx(5.0) and seen.lead_closing_mps == pytest.approx(1.0)
-    assert constrain(straight(1.0), DT, 1.0, seen, PARAMS, 0.0)[1].startswith("lead")
-    assert not mem.update(PARAMS.lead_memory_s + 0.1, (1.0, 0.0, 0.0), 0.0, none, PARAMS)[1]
-
-    mem.update(0.0, (0.0, 0.0, 0.0), 20.0, lead(30.0, 5.0), PARAMS)          # lead at 15 m/s
-    seen, remembered = mem.update(1.0, (20.0, 0.0, 0.0), 20.0, none, PARAMS)
-    assert remembered and seen.lead_gap_m == pytest.approx(25.0)
-    assert not mem.update(1.1, (500.0, 80.0, 0.0), 0.0, none, PARAMS)[1]    # elsewhere: a new episode
-    assert mem.update(1.2, (500.0, 80.0, 0.0), 0.0, none, PARAMS) == (none, False)

@@ -31,7 +31,7 @@ from ..model.bridge import BridgeSnapshot, LatestBridge
 from ..model.perception import Percept
 from ..model.policy import FreshPerception, SpanVLAPolicy
 from ..model.reasoner import ReasoningResult
-from .envelope import EnvelopeParams, LeadMemory, constrain
+from .envelope import EnvelopeParams, constrain
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,6 @@ class PlannerCore:
         self.ego = EgoHistory(keep_s=cfg.history_dt * cfg.past_poses + 1.0)
         self.bridge = LatestBridge()
         self.fresh = FreshPerception(policy) if policy.reads_front_camera and params.fresh_perception else None
-        self.lead_memory = LeadMemory()
         self.front_camera = self.cameras[policy.reasoner.front_camera]
         self.command = cfg.commands[0]
         self.route_xy: np.ndarray | None = None
@@ -238,15 +237,10 @@ class PlannerCore:
                 bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
                 pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front)
             age = stamp - bridge.stamp
-            pose = self.ego.latest_pose()
-            assert pose is not None    # odometry is fresh
-            acted_on, remembered = self.lead_memory.update(stamp, pose, speed, percept, self.params.envelope)
-            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, acted_on, self.params.envelope,
+            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                          perception_age if front is not None else age)
             if limited_by:
                 self.counters["plans_limited"] += 1
-                if remembered and limited_by.startswith("lead"):
-                    limited_by = "remembered " + limited_by
             stale = self.params.bridge_stale_s
             reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
                       f"front camera stale: {perception_age:.2f} s > {stale:.2f} s" if perception_age > stale else "")

@@ -15,9 +15,7 @@ lead that is slower, or brakes, binds as soon as the ego could no longer stop be
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -27,7 +25,6 @@ from ..geometry import arc_lengths
 from ..model.perception import Percept
 
 SUBSTEPS = 10
-LANE_HALF_WIDTH_M = 2.0   # a remembered lead further to the side than this is not the ego lane's
 
 
 @dataclass(frozen=True)
@@ -42,8 +39,6 @@ class EnvelopeParams:
     lead_min_probability: float
     light_min_probability: float
     stop_line_margin_m: float      # a limited stop ends this far before the stop line (the labels' stop margin)
-    lead_memory_s: float           # a lead the heads stop seeing is kept this long (LeadMemory)
-    lead_track_window_s: float     # the lead's speed is also fitted to its read positions over this long
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
@@ -51,66 +46,6 @@ class EnvelopeParams:
         if missing:
             raise KeyError(f"safety envelope parameters missing: {missing}")
         return cls(**{f.name: params[f.name] for f in fields(cls)})
-
-
-class LeadMemory:
-    """The last lead the heads saw, coasted at its speed when they stop seeing it (a tracker's coasting): the front
-    camera loses a stopped lead's bumper closer than ~4 m, and a car creeping on with nothing perceived ahead
-    drives into it. A remembered lead stands in for the reading for up to ``lead_memory_s`` after the last one;
-    a new reading replaces it. World frame (the odometry's), so the ego's own motion since is accounted for."""
-
-    def __init__(self) -> None:
-        self._track: tuple[float, float, float, float, float] | None = None   # stamp, rear x, y, heading, speed
-        self._rears: deque[tuple[float, float, float]] = deque()              # recent readings: stamp, rear x, y
-
-    def reset(self) -> None:
-        self._track = None
-        self._rears.clear()
-
-    def _tracked_speed(self, stamp: float, rx: float, ry: float, yaw: float, p: EnvelopeParams) -> float | None:
-        """The lead's speed from how its read position moved over the last ``lead_track_window_s`` (least squares
-        along the ego's heading), or None with too short a history. The closing-speed head reads 4 frames 0.5 s
-        apart and lags a braking lead (reads 2-5 m/s where the gap shrinks at 10-14 m/s); the gap it reads near
-        the lead is right, so how that gap's world position moves gives the lead's speed."""
-        self._rears.append((stamp, rx, ry))
-        while self._rears and self._rears[0][0] < stamp - p.lead_track_window_s:
-            self._rears.popleft()
-        ts = np.array([r[0] for r in self._rears])
-        if len(ts) < 3 or ts[-1] - ts[0] < 0.5 * p.lead_track_window_s:
-            return None
-        along = np.array([r[1] * math.cos(yaw) + r[2] * math.sin(yaw) for r in self._rears])
-        return float(np.polyfit(ts - ts[-1], along, 1)[0])
-
-    def update(self, stamp: float, pose: tuple[float, float, float], speed: float, percept: Percept | None,
-               p: EnvelopeParams) -> tuple[Percept | None, bool]:
-        """(the percept the envelope acts on, whether its lead is a remembered one)."""
-        x, y, yaw = pose
-        c, s = math.cos(yaw), math.sin(yaw)
-        if percept is not None and percept.lead_probability is not None and \
-                percept.lead_probability >= p.lead_min_probability:
-            ahead = max(0.0, percept.lead_gap_m) + p.ego_front_m
-            rx, ry = x + ahead * c, y + ahead * s
-            lead_speed = speed - percept.lead_closing_mps
-            tracked = self._tracked_speed(stamp, rx, ry, yaw, p)
-            if tracked is not None and tracked < lead_speed:     # the more cautious of the two
-                lead_speed = tracked
-                percept = dataclasses.replace(percept, lead_closing_mps=speed - max(0.0, tracked))
-            self._track = (stamp, rx, ry, yaw, max(0.0, lead_speed))
-            return percept, False
-        self._rears.clear()          # a new reading starts a new speed estimate
-        if percept is None or self._track is None or stamp - self._track[0] > p.lead_memory_s:
-            return percept, False
-        t0, rx, ry, heading, lead_speed = self._track
-        moved = lead_speed * (stamp - t0)
-        rx, ry = rx + moved * math.cos(heading), ry + moved * math.sin(heading)
-        along, across = (rx - x) * c + (ry - y) * s, -(rx - x) * s + (ry - y) * c
-        if along < 0.0 or abs(across) > LANE_HALF_WIDTH_M:     # passed, or not ahead in the lane (a new episode)
-            self._track = None
-            return percept, False
-        gap = along - p.ego_front_m
-        remembered = Percept(light=percept.light, stop_line_m=percept.stop_line_m, lead_probability=1.0,
-                             lead_gap_m=max(0.0, gap), lead_closing_mps=speed - lead_speed)
-        return remembered, True
 
 
 @dataclass(frozen=True)
