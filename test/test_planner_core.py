@@ -140,16 +140,12 @@ def test_the_safety_envelope_acts_on_what_the_heads_perceive(policy, params, mon
     assert off.limited_by == "" and np.array_equal(off.traj, model_plan) and core.counters["plans_limited"] == 1
 
 
-def test_frames_are_kept_at_the_model_input_size_and_read_the_same(policy, params):
-    """An HD frame is fitted to the model's input size once, on arrival: the buffer holds 196x112, and what the
-    reasoner and the heads read from it is what they read from the frame fitted beforehand."""
+
+def test_frames_are_fitted_to_the_model_input_size_where_they_are_read(policy):
+    """An HD frame reads as the model-size frame fitted from it; a model-size frame is used as it is."""
     rng = np.random.default_rng(3)
     hd = np.repeat(np.repeat(rng.integers(0, 255, (108, 192, 3), dtype=np.uint8), 10, 0), 10, 1)   # 1920x1080
-    core = PlannerCore(policy, params, CAMS)
-    core.add_image("front", 0.0, hd)
-    images, _ = core.frames.camera_history("front")
     small = policy.reasoner.fit_image(hd)
-    assert images[-1].shape == small.shape == (policy.cfg.image_height, policy.cfg.image_width, 3)
-    assert np.array_equal(images[-1], small)
-    native = rng.integers(0, 255, small.shape, dtype=np.uint8)
-    assert policy.reasoner.fit_image(native) is native
+    assert small.shape == (policy.cfg.image_height, policy.cfg.image_width, 3)
+    assert np.array_equal(np.asarray(policy.reasoner._resize(hd)), small)
+    assert policy.reasoner.fit_image(small) is small

@@ -108,7 +108,7 @@ class PlannerCore:
 
     # ------------------------------------------------------------------ inputs
     def add_image(self, camera: str, stamp: float, image: np.ndarray) -> None:
-        self.frames.add(camera, stamp, self.policy.reasoner.fit_image(image))
+        self.frames.add(camera, stamp, image)
 
     def add_odometry(self, stamp: float, x: float, y: float, yaw: float, speed: float, frame: str,
                      received: float) -> bool:
