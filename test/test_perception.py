@@ -201,45 +201,42 @@ def test_scenario_overrides_reach_the_simulator(tmp_path):
     backend.close()
 
 
-def test_policy_driver_uses_a_bridge_only_after_the_reasoner_latency(policy):
+def drive_without_control(policy, latency_s: float, until_s: float):
+    """A PolicyDriver (reasoner every 1 s, bridges usable ``latency_s`` after their frames) on highway 10000, the
+    simulator stepped without its controls: (t, the bridge in use or None) per step, and the driver."""
     pytest.importorskip("highway_env", reason="highway-env is not installed")
     from spanvla_ros.eval.closed_loop import PolicyDriver
     from spanvla_ros.sim.highway_backend import HighwayEnvBackend
 
     backend = HighwayEnvBackend()
-    driver = PolicyDriver(policy, reason_every_s=1.0, reasoner_latency_s=0.35)
+    driver = PolicyDriver(policy, reason_every_s=1.0, reasoner_latency_s=latency_s)
     obs = backend.reset("highway", 10_000)
     driver.reset(obs, backend)
     seen = []
-    while obs.t < 0.55:
+    while obs.t < until_s:
         driver.act(obs, backend)
-        seen.append((obs.t, driver.bridge is not None))
+        seen.append((obs.t, driver.bridge))
         obs = backend.step(None)
-    assert [t for t, has in seen if has][0] == pytest.approx(0.4)   # reasoned at 0.0, usable from 0.35 on
-    assert driver.fresh is not None and len(driver.consistency) == len(seen) - 1
     backend.close()
+    return seen, driver
+
+
+def test_policy_driver_uses_a_bridge_only_after_the_reasoner_latency(policy):
+    seen, driver = drive_without_control(policy, 0.35, 0.55)
+    assert [t for t, bridge in seen if bridge is not None][0] == pytest.approx(0.4)   # reasoned at 0.0, usable 0.35
+    assert driver.fresh is not None and len(driver.consistency) == len(seen) - 1
+
 
 def test_policy_driver_with_a_reasoner_slower_than_its_period_still_publishes(policy):
     """A reasoner run of 1.5 s at a 1 s period: as in the node, the next run starts when this one is done, so
     every run's bridge is used (a new run must not replace the pending one before it is published)."""
-    pytest.importorskip("highway_env", reason="highway-env is not installed")
-    from spanvla_ros.eval.closed_loop import PolicyDriver
-    from spanvla_ros.sim.highway_backend import HighwayEnvBackend
-
-    backend = HighwayEnvBackend()
-    driver = PolicyDriver(policy, reason_every_s=1.0, reasoner_latency_s=1.5)
-    obs = backend.reset("highway", 10_000)
-    driver.reset(obs, backend)
-    stamps = []
-    while obs.t < 3.55:
-        driver.act(obs, backend)
-        if driver.bridge is not None and (not stamps or stamps[-1] != driver.bridge.stamp):
-            stamps.append(driver.bridge.stamp)
-        obs = backend.step(None)
+    seen, driver = drive_without_control(policy, 1.5, 3.55)
+    stamps: list[float] = []
+    for _, bridge in seen:
+        if bridge is not None and (not stamps or stamps[-1] != bridge.stamp):
+            stamps.append(bridge.stamp)
     assert stamps == pytest.approx([0.0, 1.5])            # reasoned at 0.0 and 1.5, usable from 1.5 and 3.0 on
     assert [t for t, _ in driver.texts] == pytest.approx([0.0, 1.5, 3.0])
-    backend.close()
-
 
 
 def test_grounded_reasoning_states_what_the_heads_see(policy):

@@ -130,9 +130,9 @@ class VLMReasoner:
         return build_prompt(c.cameras, c.history_frames, c.history_dt, command, speed, accel, past_xy)
 
     def fit_image(self, img: np.ndarray) -> np.ndarray:
-        """An HxWx3 uint8 frame at the model's input size (the same array when it already is). Done where a frame
-        is read, not on arrival: fitting every HD frame in the node's image callback (3 cameras x 10 Hz) halved
-        the control rate in spanvla-bench-latency (18.3 -> 10.1 Hz), for 612 instead of 1131 MB."""
+        """An HxWx3 uint8 frame at the model's input size (the same array when it already is). Called where a
+        frame is read, not in the node's image callbacks: there every arriving HD frame would be resized on the
+        executor that also plans (results: README, HD cameras)."""
         if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
             raise ValueError(f"each image must be an HxWx3 uint8 array, got {getattr(img, 'shape', type(img))}")
         size = (self.cfg.image_width, self.cfg.image_height)

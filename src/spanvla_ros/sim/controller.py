@@ -65,8 +65,7 @@ class PathTracker:
         pts = np.vstack([[0.0, 0.0], path[:, :2]])
         # target speed: the plan's speed profile, previewed a little to lead the vehicle's lag
         t_axis = plan_dt * np.arange(len(path) + 1)
-        v_plan = np.concatenate([[path[0, 3] if path.shape[1] > 3 else speed], path[:, 3] if path.shape[1] > 3 else
-                                 np.linalg.norm(np.diff(pts, axis=0), axis=1) / plan_dt])
+        v_plan = np.concatenate([path[:1, 3], path[:, 3]])
         v_target = max(0.0, float(np.interp(max(0.0, elapsed_s) + c.preview_s, t_axis, v_plan)))
         err = v_target - speed
         self._integral = float(np.clip(self._integral + err * dt, -c.integral_limit, c.integral_limit))

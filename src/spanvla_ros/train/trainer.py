@@ -330,11 +330,12 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False)
     after = head_readings(policy, samples, fronts)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
-    light_changed = sum(before[i][0] != after[i][0] for i in old if light_label(samples[i]) >= 0)
+    old_lit = [i for i in old if light_label(samples[i]) >= 0]
+    light_changed = sum(before[i][0] != after[i][0] for i in old_lit)
     lead_changed = sum(before[i][1] != after[i][1] for i in old)
     print(f"perception heads fine-tuned ({dropped} off-route samples dropped): {time.time() - t0:.0f} s; readings "
-          f"changed on the non-DAgger samples: light {light_changed} of "
-          f"{sum(light_label(samples[i]) >= 0 for i in old)}, lead presence {lead_changed} of {len(old)}")
+          f"changed on the non-DAgger samples: light {light_changed} of {len(old_lit)}, lead presence "
+          f"{lead_changed} of {len(old)}")
     if dist_info()[0] == 0:
         policy.save_pretrained(a.out / "sft")
     return 0
