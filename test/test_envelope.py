@@ -9,7 +9,7 @@ from spanvla_ros.model.perception import Percept
 from spanvla_ros.planning.envelope import EnvelopeParams, constrain
 
 DT = 0.5
-PARAMS = EnvelopeParams.from_mapping(node_params("spanvla_planner"))
+PARAMS = EnvelopeParams.from_mapping({**node_params("spanvla_planner"), "crossing_yield": True})
 
 
 def straight(speed: float, horizon: int = 8) -> np.ndarray:
@@ -81,6 +81,44 @@ def test_red_and_yellow_stop_at_the_line_when_the_car_can():
     # a car stopped at the line stays stopped while red
     out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS, 0.0)
     assert cause and progress(out)[-1] <= 1e-6
+    # one whose front is over the line has entered the junction: it clears it (the signal is out of view there)
+    for percept in (light(2, PARAMS.ego_front_m - 0.5), crossing(0.9, PARAMS.ego_front_m - 0.5)):
+        plan = straight(3.0)
+        assert constrain(plan, DT, 0.0, percept, PARAMS, 0.0) == (plan, "")
+
+
+def crossing(p: float, stop_line_m: float | None, where: float = 20.0, when: float = 1.5) -> Percept:
+    return Percept(light=(1.0, 0.0, 0.0), stop_line_m=stop_line_m, lead_probability=0.0, lead_gap_m=math.nan,
+                   lead_closing_mps=math.nan, crossing_probability=p, crossing_where_m=where, crossing_when_s=when)
+
+
+def test_crossing_traffic_holds_the_car_at_the_stop_line_it_can_still_stop_at():
+    line = 30.0
+    out, cause = constrain(straight(12.0), DT, 12.0, crossing(0.9, line), PARAMS, 0.0)
+    assert cause.startswith("crossing")
+    assert progress(out)[-1] <= line - PARAMS.ego_front_m - PARAMS.stop_line_margin_m + 1e-6
+    # stopped at the line on green: stays while the crossing car is seen, goes when it is not
+    at_line = PARAMS.ego_front_m + PARAMS.stop_line_margin_m
+    assert progress(constrain(straight(3.0), DT, 0.0, crossing(0.9, at_line), PARAMS, 0.0)[0])[-1] <= 1e-6
+    for percept in (crossing(0.2, line),              # unlikely
+                    crossing(0.9, None),              # no stop line ahead: past it, or no junction on the route
+                    crossing(0.9, 12.0)):             # from 12 m/s the line is too near to stop at: clear the junction
+        plan = straight(12.0)
+        assert constrain(plan, DT, 12.0, percept, PARAMS, 0.0) == (plan, "")
+    plan = straight(12.0)
+    no_yield = EnvelopeParams(**{**PARAMS.__dict__, "crossing_yield": False})
+    assert constrain(plan, DT, 12.0, crossing(0.9, line), no_yield, 0.0) == (plan, "")
+
+
+def test_the_car_goes_when_it_clears_the_crossing_cars_path_first():
+    """Gap acceptance: 20 m to the conflict point, at 12 m/s the ego's rear is past it in ~1.8 s (+ 1 s margin); a
+    car arriving in 5 s leaves time, one arriving in 2.5 s does not; from a standstill 5 s is too short (~6 s)."""
+    plan = straight(12.0)
+    assert constrain(plan, DT, 12.0, crossing(0.9, 40.0, where=20.0, when=5.0), PARAMS, 0.0) == (plan, "")
+    assert constrain(straight(12.0), DT, 12.0, crossing(0.9, 40.0, where=20.0, when=2.5), PARAMS, 0.0)[1]
+    assert constrain(straight(3.0), DT, 0.0, crossing(0.9, 10.0, where=20.0, when=5.0), PARAMS, 0.0)[1]
+    # where or when unread (NaN): hold
+    assert constrain(straight(12.0), DT, 12.0, crossing(0.9, 40.0, where=math.nan, when=9.0), PARAMS, 0.0)[1]
 
 
 def test_the_slowed_plan_keeps_the_path():

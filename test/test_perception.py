@@ -39,13 +39,33 @@ def test_fresh_tokens_are_the_reasoners_front_tokens_and_positions_are_right(pol
     assert torch.allclose(tok, r.bridge.front_features, atol=1e-5)
     # a new frame: only it is encoded; older ones come from the cache and the oldest is evicted
     tok2 = fresh.tokens(front[1:] + [imgs[0]], [0.5, 1.0, 1.5, 2.0])
-    assert torch.equal(tok2[0, :3], tok[0, 1:]) and sorted(fresh._cache) == [0.5, 1.0, 1.5, 2.0]
+    assert torch.equal(tok2[0, :3], tok[0, 1:]) and sorted(st for _, st in fresh._cache) == [0.5, 1.0, 1.5, 2.0]
     # token positions: a bright patch at patch row 5, column 3 changes that token the most
     img = np.zeros((112, 196, 3), np.uint8)
     img[5 * 14:6 * 14, 3 * 14:4 * 14] = 255
     delta = (rs.vision_tokens([img]) - rs.vision_tokens([np.zeros_like(img)]))[0].norm(dim=-1)
     rows, cols = 112 // 14 - 1, 196 // 14 - 1
     assert torch.allclose(rs.front_token_rc[int(delta.argmax())] * torch.tensor([rows, cols]), torch.tensor([5.0, 3.0]))
+
+
+def test_frames_between_the_history_picks_stay_cached_and_cameras_do_not_share_stamps(policy, monkeypatch):
+    """At a camera rate above the history rate the picks move with the newest frame: every frame is still encoded
+    once. The crossing head's views are each camera's newest frames in the order the training data has them."""
+    fresh = FreshPerception(policy)
+    encoded = []
+    real = policy.reasoner.vision_tokens
+    monkeypatch.setattr(policy.reasoner, "vision_tokens", lambda ims: encoded.append(len(ims)) or real(ims))
+    imgs = frames(n=31, seed=3)
+    for k in range(31):   # a 10 Hz camera for 3 s; 4 picks 0.5 s apart back from the newest (FrameHistory's)
+        stamps = [round(max(0.0, 0.1 * k - 0.5 * j), 3) for j in range(3, -1, -1)]
+        fresh.tokens([imgs[round(st * 10)] for st in stamps], stamps)
+    assert sum(encoded) == 31
+    cams = policy.cfg.cameras
+    images = frames(n=len(cams) * policy.cfg.history_frames, seed=4)   # time-major, as a sample's
+    stamps = [0.5 * k for k in range(policy.cfg.history_frames)]
+    histories = [(cam, ([images[k * len(cams) + c] for k in range(len(stamps))], stamps)) for c, cam in enumerate(cams)]
+    views = FreshPerception(policy).crossing_views(histories)
+    assert torch.allclose(views, policy.crossing_tokens(images), atol=1e-5)
 
 
 def test_lead_features_condition_the_plan_and_fresh_frames_override_the_bridge(policy):
@@ -69,7 +89,7 @@ def test_lead_features_condition_the_plan_and_fresh_frames_override_the_bridge(p
 
 
 def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
-    from spanvla_ros.model.perception import GAP_SCALE_M, LeadHead, lead_metrics, lead_targets
+    from spanvla_ros.model.perception import GAP_SCALE_M, PooledTokenHead, lead_metrics, lead_targets
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -92,12 +112,12 @@ def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
     X = torch.stack([scene(f["lead_gap"], f["lead_closing"] or 0.0) for f in facts])
     T = torch.tensor([lead_targets(f) for f in facts], dtype=torch.float32)
     speed = torch.full((len(facts),), 1.5)    # 15 m/s, normalised as in the expert's conditioning
-    head = LeadHead(D, N, F, hidden=32)
+    head = PooledTokenHead(D, N, F, hidden=32)
     head.fit(X[:500], rc)
     opt = torch.optim.Adam(head.parameters(), 3e-3)
     for _ in range(300):
         ii = torch.randint(0, 500, (64,))
-        loss = LeadHead.loss(head(X[ii], speed[ii]), T[ii])
+        loss = PooledTokenHead.loss(head(X[ii], speed[ii]), T[ii])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -105,6 +125,37 @@ def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
     assert m["lead_f1"] > 0.95 and m["gap_mae_m"] < 0.25 * GAP_SCALE_M
     assert all(math.isnan(v) for v in lead_targets(None))          # unlabelled (older data): no loss
     assert lead_targets(dict(lead_gap=None))[0] == 0.0 and math.isnan(lead_targets(dict(lead_gap=None))[1])
+
+
+def test_crossing_traffic_labels_are_vehicles_coming_onto_the_ego_path():
+    """An ego driving north at 8 m/s; a car from the east crossing its path 16 m ahead 2 s from now is crossing
+    traffic (where and when); the lead in the lane, a car alongside in the next lane, one behind and one that
+    crosses beyond the horizon are not."""
+    from spanvla_ros.model.perception import CROSSING_SCALE_M, CROSSING_TIME_SCALE_S, crossing_targets
+
+    dt, steps = 0.5, 9
+    t = dt * np.arange(steps)
+    future = [[8.0 * k, 0.0, 0.0, 8.0] for k in t[1:]]                     # ego frame: x ahead
+    pose = [0.0, 0.0, math.pi / 2, 8.0]                                      # world: heading north (+y)
+
+    def agent(x0, y0, heading, speed):
+        return [[x0 + speed * math.cos(heading) * k, y0 + speed * math.sin(heading) * k, heading, speed] for k in t]
+
+    def label(*agents):
+        frames = [[a[k] for a in agents] for k in range(steps)]
+        return crossing_targets(dict(pose=pose, future=future, agents_future=frames), dt)
+
+    west = agent(20.0, 16.0, math.pi, 10.0)                                   # at x = 0 when t = 2 s
+    present, where, when = label(west)
+    assert present == 1.0
+    assert abs(where * CROSSING_SCALE_M - 16.0) < 3.0 and when * CROSSING_TIME_SCALE_S == pytest.approx(2.0)
+    lead = agent(0.0, 20.0, math.pi / 2, 5.0)
+    alongside = agent(-4.0, 5.0, math.pi / 2, 8.0)
+    behind = agent(0.0, -10.0, math.pi / 2, 12.0)
+    late = agent(60.0, 16.0, math.pi, 10.0)                                   # reaches the path after 5.7 s
+    assert label(lead, alongside, behind, late)[0] == 0.0
+    assert label(lead, west)[0] == 1.0
+    assert all(math.isnan(v) for v in crossing_targets(dict(pose=pose, future=future), dt))
 
 
 def test_reasoning_facts_are_parsed_as_the_writer_states_them():

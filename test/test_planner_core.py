@@ -141,6 +141,23 @@ def test_the_safety_envelope_acts_on_what_the_heads_perceive(policy, params, mon
 
 
 
+def test_a_crossing_model_reads_every_camera_when_its_yield_is_on(params):
+    """With crossing_yield on, each plan's percept carries the crossing head's reading of all three cameras'
+    newest frames; off, the side cameras are not encoded at all."""
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=80))
+    pol = SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, lead_perception=True, crossing_perception=True),
+                              tok, seed=0)
+    on = dataclasses.replace(params, envelope=dataclasses.replace(params.envelope, crossing_yield=True))
+    for p, reads in ((on, True), (dataclasses.replace(on, envelope=dataclasses.replace(on.envelope,
+                                                                                       crossing_yield=False)), False)):
+        core = PlannerCore(pol, p, CAMS)
+        feed(core, 0.0, 1.6)
+        core.bridge.publish(core.reason().bridge)
+        plan = core.plan(now=1.6)
+        assert (plan.percept.crossing_probability is not None) == reads
+        assert {cam for cam, _ in core.fresh._cache} == (set(CAMS) if reads else {"front"})
+
+
 def test_frames_are_fitted_to_the_model_input_size_where_they_are_read(policy):
     """An HD frame reads as the model-size frame fitted from it; a model-size frame is used as it is."""
     rng = np.random.default_rng(3)

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("highway_env", reason="highway-env is not installed")
 pytestmark = pytest.mark.slow
 LIGHT_SEED = 11   # an intersection_straight episode whose approach sees green and red, and some samples past the line
+CROSSING_SEED = 6  # one where other cars cross the ego's path in 4 of its 10 samples
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,15 @@ def isec_dataset(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def crossing_dataset(tmp_path_factory):
+    from spanvla_ros.data.generate import generate
+
+    out = tmp_path_factory.mktemp("crossing")
+    generate(out, ["intersection_straight"], [CROSSING_SEED], kinds=("expert",), progress=False)
+    return out
+
+
 def test_light_head_learns_the_signal_before_the_stop_line(isec_dataset, tmp_path):
     """At an intersection the samples with the stop line ahead are labelled with the signal's colour (those past
     it are not); SFT 2 trains the traffic-light head on them: its cross-entropy on those frames falls."""
@@ -178,15 +188,17 @@ def test_light_head_learns_the_signal_before_the_stop_line(isec_dataset, tmp_pat
     assert light_ce() < 0.5 * before
 
 
-def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_dataset, tmp_path):
+def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_dataset, crossing_dataset, tmp_path):
     """--heads-finetune CHECKPOINT: the light head's cross-entropy on the data falls; the VLM and every expert
     weight outside the heads are the checkpoint's, bit for bit."""
     import torch
 
     from spanvla_ros.data.samples import attach_routes, light_label, load_samples, scene_maps
+    from spanvla_ros.model.batch import ego_tensor
     from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.perception import PooledTokenHead, crossing_targets_tensor
     from spanvla_ros.model.policy import SpanVLAPolicy
-    from spanvla_ros.train.trainer import PERCEPTION_PREFIXES, build_initial, front_tokens, main
+    from spanvla_ros.train.trainer import PERCEPTION_PREFIXES, build_initial, crossing_views, front_tokens, main
 
     samples = load_samples(isec_dataset, SpanVLAConfig().cameras, progress=False)
     attach_routes(samples, scene_maps(samples))
@@ -212,6 +224,28 @@ def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_datase
     assert not all(eq for name, eq in same.items() if name.startswith(PERCEPTION_PREFIXES))
     assert all(torch.equal(a, b) for a, b in zip(old.reasoner.model.state_dict().values(),
                                                  new.reasoner.model.state_dict().values()))
+
+    # --crossing-perception adds the crossing-traffic head and trains it alone: every other weight is the base's
+    assert main(["--data", str(crossing_dataset), "--out", str(tmp_path / "cx"), "--heads-finetune",
+                 str(tmp_path / "base"), "--crossing-perception", "--head-epochs", "40", "--head-lr", "2e-3"]) == 0
+    samples = load_samples(crossing_dataset, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    crossing = SpanVLAPolicy.from_pretrained(tmp_path / "cx" / "sft")
+    assert crossing.cfg.crossing_perception and not old.cfg.crossing_perception
+    state = crossing.expert.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in old.expert.state_dict().items())
+    assert any(k.startswith("crossing_head.") for k in state)
+    targets = crossing_targets_tensor([s.meta for s in samples], crossing.cfg.dt)
+    assert 0 < int((targets[:, 0] > 0.5).sum()) < len(samples)
+    with torch.no_grad():
+        views = torch.cat(crossing_views(crossing, samples))
+        ego = ego_tensor(crossing, samples)
+        fresh_head = PooledTokenHead(crossing.reasoner.front_token_dim, crossing.reasoner.front_tokens,
+                                     views.shape[1])
+        fresh_head.fit(views, crossing.reasoner.front_token_rc)
+        trained = crossing.expert.crossing_head
+        assert (trained.loss(trained(views, ego[:, 0]), targets)
+                < 0.5 * fresh_head.loss(fresh_head(views, ego[:, 0]), targets))
 
 
 def test_the_training_command_line_is_the_config_dataclass():

@@ -62,7 +62,7 @@ def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
     from ..data.samples import light_label
     from ..model.batch import ego_tensor
     from ..model.bridge import collate_bridges
-    from ..model.perception import lead_metrics, lead_targets_tensor
+    from ..model.perception import crossing_metrics, crossing_targets_tensor, lead_metrics, lead_targets_tensor
 
     expert = policy.expert
     out: dict[str, float] = {}
@@ -82,4 +82,8 @@ def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
                    light_frames=int(seen.sum()))
     if lead_raw:
         out.update(lead_metrics(torch.cat(lead_raw), lead_targets_tensor([s.meta.get("facts") for s in samples])))
+    if policy.cfg.crossing_perception:
+        raw = torch.cat([expert.crossing_raw(policy.crossing_tokens(s.images), ego_tensor(policy, [s]))
+                         for s in samples])
+        out.update(crossing_metrics(raw, crossing_targets_tensor([s.meta for s in samples], policy.cfg.dt)))
     return out

@@ -61,6 +61,10 @@ class SpanVLAConfig:
     # tokens gives P(lead), gap and closing speed (model.perception), detached, to the expert's conditioning.
     light_frames: int = 1              # front frames the traffic-light head reads (newest last; 1 before it existed)
     lead_perception: bool = False
+    # Crossing traffic (`spanvla-train --heads-finetune --crossing-perception`): a head on every camera's newest
+    # frames says whether another vehicle will be on the ego's path within the horizon (model.perception); read by
+    # the safety envelope only (yield at the stop line), so adding it leaves the flow as it was.
+    crossing_perception: bool = False
     # Grounded reasoning: the reasoning text starts with what the perception heads read from the frames (the light
     # before a stop line, the lead vehicle), in the text's own phrasing, and the VLM writes the rest from there, so
     # text, bridge and plan agree with what was perceived. The expert is trained on bridges made the same way.
@@ -101,6 +105,7 @@ class SpanVLAConfig:
         d.setdefault("expert_sees_accel", True)
         d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
         d.setdefault("lead_perception", False)
+        d.setdefault("crossing_perception", False)
         d.setdefault("light_frames", 1)
         d.setdefault("grounded_reasoning", False)
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):

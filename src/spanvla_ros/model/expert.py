@@ -18,9 +18,10 @@ on the default VLM's features). Its probabilities, detached and gated by the sto
 entry), join the ego conditioning: a stop/go decision the flow would otherwise have to find in ~1000 bridge
 tokens, which it did not (results/training/results.md).
 
-Lead vehicle (``cfg.lead_perception``): a LeadHead (model.perception) on the front camera's history frames gives
-P(lead), gap and closing speed, detached, to the conditioning. Both heads can read tokens fresher than the bridge:
-``percept`` / ``front`` arguments take the newest frames' tokens computed at control rate.
+Lead vehicle (``cfg.lead_perception``): a PooledTokenHead (model.perception) on the front camera's history frames
+gives P(lead), gap and closing speed, detached, to the conditioning. Both heads can read tokens fresher than the
+bridge: ``percept`` / ``front`` arguments take the newest frames' tokens computed at control rate. The crossing-traffic
+head (``cfg.crossing_perception``) reads every camera's newest frames, at control rate only, for the safety envelope.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from .bridge import BridgeSnapshot
 from .config import LIGHT_STATES, SpanVLAConfig
-from .perception import LEAD_FEATURES, LeadHead
+from .perception import CROSSING_FRAMES, LEAD_FEATURES, PooledTokenHead
 from .trajectory import denormalise, normalise
 
 
@@ -113,7 +114,9 @@ class FlowActionExpert(nn.Module):
         if cfg.lead_perception:
             if front_token_dim <= 0 or front_tokens <= 0:
                 raise ValueError("lead_perception needs the reasoner's vision token size and count")
-            self.lead_head = LeadHead(front_token_dim, front_tokens, cfg.history_frames)
+            self.lead_head = PooledTokenHead(front_token_dim, front_tokens, cfg.history_frames)
+        if cfg.crossing_perception:
+            self.crossing_head = PooledTokenHead(front_token_dim, front_tokens, len(cfg.cameras) * CROSSING_FRAMES)
         self.ego_mlp = nn.Sequential(nn.Linear(cfg.ego_dim + n_light + n_lead, D), nn.SiLU(), nn.Linear(D, D))
         self.layers = nn.ModuleList(ExpertLayer(D, cfg.expert_mlp, num_heads, num_kv_heads, head_dim)
                                     for _ in range(num_layers))
@@ -165,17 +168,24 @@ class FlowActionExpert(nn.Module):
         self.light_std.copy_(flat.std(0).clamp(min=1e-3))
 
     def lead_raw(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:
-        """(B, 3) the lead head's raw outputs (model.perception.LeadHead); None without one."""
+        """(B, 3) the lead head's raw outputs (model.perception.PooledTokenHead); None without one."""
         if not self.cfg.lead_perception:
             return None
         front = self._front(source)
         return self.lead_head(front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0])   # ego[:, 0]: the speed
 
+    def crossing_raw(self, views: torch.Tensor | None, ego: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3) the crossing-traffic head's raw outputs from every camera's newest frames (B, C * CROSSING_FRAMES,
+        N, D) in the reasoner's crossing_image_indices order; None without the head or the views."""
+        if not self.cfg.crossing_perception or views is None:
+            return None
+        return self.crossing_head(views.expand(ego.shape[0], *views.shape[1:]), ego[:, 0])
+
     @staticmethod
     def percept_from(light_logits: torch.Tensor | None, lead_raw: torch.Tensor | None) -> torch.Tensor | None:
         """Detached conditioning from the heads' outputs: light probabilities, then the lead features."""
         parts = ([torch.softmax(light_logits.detach().float(), -1)] if light_logits is not None else []) + \
-                ([LeadHead.features(lead_raw)] if lead_raw is not None else [])
+                ([PooledTokenHead.features(lead_raw)] if lead_raw is not None else [])
         return torch.cat(parts, -1) if parts else None
 
     def percept(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:

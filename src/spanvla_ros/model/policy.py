@@ -203,6 +203,11 @@ class SpanVLAPolicy:
         return ego_state_vector(speed, accel if self.cfg.expert_sees_accel else 0.0, yaw_rate, command,
                                 self.cfg.commands, route)
 
+    def crossing_tokens(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(1, C * CROSSING_FRAMES, N, D) the crossing head's views of a frame set (history_frames x cameras,
+        time-major, as the reasoner reads it)."""
+        return self.reasoner.vision_tokens([images[i] for i in self.reasoner.crossing_image_indices])[None]
+
     @property
     def reads_front_camera(self) -> bool:
         """Whether the expert has perception heads on the front camera's tokens (traffic light, lead vehicle)."""
@@ -220,14 +225,16 @@ class SpanVLAPolicy:
     def plan_perceived(self, bridge, past_xyh: np.ndarray, speed: float, accel: float, yaw_rate: float,
                        command: str, steps: int | None = None, horizon: int | None = None,
                        route_xy: np.ndarray | None = None, pose=None, stop_xy: np.ndarray | None = None,
-                       front: torch.Tensor | None = None) -> tuple[np.ndarray, Percept | None]:
+                       front: torch.Tensor | None = None,
+                       crossing: torch.Tensor | None = None) -> tuple[np.ndarray, Percept | None]:
         """(horizon, 4) trajectory x, y, heading, speed in the ego frame, from the latest bridge, and what the
         perception heads read (None for a model without them).
 
         ``route_xy`` (world polyline) and the ego's world ``pose`` (x, y, yaw) in the same frame give the route
         input; without them a route-conditioned model plans from the cameras alone. ``stop_xy``: the route's
         stop lines (world points), for a traffic-light model. ``front``: the newest front-camera tokens
-        (FreshPerception), else the perception heads read the bridge's frames.
+        (FreshPerception), else the perception heads read the bridge's frames; ``crossing``: every camera's newest
+        frames' tokens for the crossing-traffic head (FreshPerception.crossing_views), which reads nothing else.
 
         The noise start draws the same noise for every plan: consecutive plans then differ only where the inputs
         do, instead of by a fresh sample of the flow's spread each time."""
@@ -240,11 +247,11 @@ class SpanVLAPolicy:
         light, lead = self.expert.light_logits(source), self.expert.lead_raw(source, ego)
         traj = self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen,
                                   percept=self.expert.percept_from(light, lead))[0].cpu().numpy()
-        return traj, self._percept(light, lead, route)
+        return traj, self._percept(light, lead, route, self.expert.crossing_raw(crossing, ego))
 
-    def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None,
-                 route: np.ndarray | None) -> Percept | None:
-        from .perception import CLOSING_SCALE_MPS, GAP_SCALE_M
+    def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None, route: np.ndarray | None,
+                 crossing: torch.Tensor | None = None) -> Percept | None:
+        from .perception import CLOSING_SCALE_MPS, CROSSING_SCALE_M, CROSSING_TIME_SCALE_S, GAP_SCALE_M
         from .route import STOP_SCALE_M
 
         if light is None and lead is None:
@@ -255,7 +262,11 @@ class SpanVLAPolicy:
                        stop_line_m=float(route[-2]) * STOP_SCALE_M if stop_ahead and route is not None else None,
                        lead_probability=float(torch.sigmoid(lead[0, 0])) if lead is not None else None,
                        lead_gap_m=float(lead[0, 1]) * GAP_SCALE_M if lead is not None else math.nan,
-                       lead_closing_mps=float(lead[0, 2]) * CLOSING_SCALE_MPS if lead is not None else math.nan)
+                       lead_closing_mps=float(lead[0, 2]) * CLOSING_SCALE_MPS if lead is not None else math.nan,
+                       crossing_probability=float(torch.sigmoid(crossing[0, 0])) if crossing is not None else None,
+                       crossing_where_m=float(crossing[0, 1]) * CROSSING_SCALE_M if crossing is not None else math.nan,
+                       crossing_when_s=(float(crossing[0, 2]) * CROSSING_TIME_SCALE_S if crossing is not None
+                                        else math.nan))
 
 
 def state_digest(state: dict, prefixes: tuple[str, ...] = ("",)) -> str:
@@ -274,24 +285,35 @@ def vlm_digest(policy: SpanVLAPolicy) -> str:
 
 
 class FreshPerception:
-    """Front-camera tokens of the newest frames for the perception heads, at control rate.
+    """Vision tokens of the newest frames for the perception heads, at control rate.
 
     The reasoner refreshes the bridge at ~1 Hz from frames ~1 s old by the time the expert uses them; the heads
-    need only the front camera's vision tokens, which the vision encoder computes per image in a few ms. Each
-    frame is encoded once (cached by stamp) and the newest history_frames of them are handed to the planner."""
+    need only the vision encoder's tokens, which it computes per image in a few ms. Each frame is encoded once
+    (cached by camera and stamp) and the newest of them are handed to the planner."""
 
     def __init__(self, policy: SpanVLAPolicy):
         self.policy = policy
-        self._cache: dict[float, torch.Tensor] = {}
+        self._cache: dict[tuple[str, float], torch.Tensor] = {}
 
-    def tokens(self, images: Sequence[np.ndarray], stamps: Sequence[float]) -> torch.Tensor:
-        """(1, F, N, D) tokens of ``images`` (the front camera's history, oldest first, stamped)."""
-        missing = [i for i, st in enumerate(stamps) if st not in self._cache]
+    def tokens(self, images: Sequence[np.ndarray], stamps: Sequence[float], camera: str = "front") -> torch.Tensor:
+        """(1, F, N, D) tokens of ``images`` (one camera's history, oldest first, stamped)."""
+        keys = [(camera, st) for st in stamps]
+        missing = list({key: i for i, key in enumerate(keys) if key not in self._cache}.values())   # once each
         if missing:
             new = self.policy.reasoner.vision_tokens([images[i] for i in missing])
             for i, tok in zip(missing, new):
-                self._cache[stamps[i]] = tok
-        keep = set(stamps)
-        for st in [st for st in self._cache if st not in keep]:
-            del self._cache[st]
-        return torch.stack([self._cache[st] for st in stamps])[None]
+                self._cache[keys[i]] = tok
+        # frames between the history's picks are kept: at a camera rate above 1 / history_dt each of them is one of
+        # the next plans' picks (the picks move with the newest frame)
+        oldest = min(stamps)
+        for key in [key for key in self._cache if key[0] == camera and key[1] < oldest]:
+            del self._cache[key]
+        return torch.stack([self._cache[key] for key in keys])[None]
+
+    def crossing_views(self, histories: Sequence[tuple[str, tuple[Sequence[np.ndarray], Sequence[float]]]]
+                       ) -> torch.Tensor:
+        """(1, C * CROSSING_FRAMES, N, D): each camera's newest frames, in the crossing head's order. ``histories``:
+        (camera, its history as FrameBuffers.camera_history gives it), in the model's camera order."""
+        from .perception import CROSSING_FRAMES
+
+        return torch.cat([self.tokens(*hist, camera=cam)[0, -CROSSING_FRAMES:] for cam, hist in histories])[None]

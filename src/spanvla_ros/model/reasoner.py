@@ -20,6 +20,7 @@ from PIL import Image
 from .bridge import BridgeSnapshot, bridge_layer_ids
 from .config import SpanVLAConfig
 from .errors import CheckpointError, ReasoningCancelled
+from .perception import CROSSING_FRAMES
 from .prompt import build_prompt
 
 IMAGE_PAD = "<|image_pad|>"
@@ -94,6 +95,9 @@ class VLMReasoner:
         # the front camera's image at each history frame, oldest first (the perception heads read all of them)
         self.front_image_indices = [k * len(cfg.cameras) + self.front_camera for k in range(cfg.history_frames)]
         self.front_token_rc = vision_token_rows_cols(model.model.visual, grid)
+        # the crossing-traffic head's views: each camera's CROSSING_FRAMES newest frames (camera-major, oldest first)
+        self.crossing_image_indices = [k * len(cfg.cameras) + c for c in range(len(cfg.cameras))
+                                       for k in range(cfg.history_frames - CROSSING_FRAMES, cfg.history_frames)]
 
     # ------------------------------------------------------------------ loading
     @classmethod

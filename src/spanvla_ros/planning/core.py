@@ -211,6 +211,16 @@ class PlannerCore:
             return None
         return self.stop_xy
 
+    def _crossing_views(self):
+        """Every camera's newest frames' tokens for a crossing-traffic model whose yield is on (the head costs two
+        side-camera encodes per frame set), None otherwise or while a camera has no frame."""
+        if self.fresh is None or not (self.policy.cfg.crossing_perception and self.params.envelope.crossing_yield):
+            return None
+        histories = [(cam, self.frames.camera_history(cam)) for cam in self.cameras]
+        if any(h is None for _, h in histories):
+            return None
+        return self.fresh.crossing_views(histories)
+
     def plan(self, now: float) -> Plan | None:
         """A plan from the newest odometry, or None (counted) when the odometry is stale or missing."""
         if not self.odometry_fresh(now):
@@ -227,15 +237,17 @@ class PlannerCore:
             traj = self.policy.history_init(past, speed)
             degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", math.inf
         else:
-            front = None
+            front = crossing = None
             if self.fresh is not None:
                 hist = self.frames.camera_history(self.front_camera)
                 if hist is not None:
-                    front = self.fresh.tokens(*hist)
+                    front = self.fresh.tokens(*hist, camera=self.front_camera)
                     perception_age = stamp - hist[1][-1]
+                crossing = self._crossing_views()
             traj, percept = self.policy.plan_perceived(
                 bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
-                pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front)
+                pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front,
+                crossing=crossing)
             age = stamp - bridge.stamp
             traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                          perception_age if front is not None else age)

@@ -9,9 +9,11 @@ is; otherwise its path is kept and its progress along the path is slowed to the 
 The limit is a braking-distance rule (RSS's safe longitudinal distance): at every moment the ego must be able to
 stop, after ``reaction_time_s`` at its speed and then braking at ``brake_decel_mps2``, behind the point where the
 lead would stop braking at ``lead_brake_decel_mps2`` (plus ``standstill_gap_m``), or before a red / yellow stop line
-it can still stop at. With equal braking (the shipped values) a lead at the ego's speed binds only within the
-reaction distance plus the standstill gap (15 m at 20 m/s), so a far car mistaken for the lead costs nothing; a
-lead that is slower, or brakes, binds as soon as the ego could no longer stop behind it.
+it can still stop at, or before a stop line while the crossing-traffic head sees a vehicle coming onto the ego's
+path (yield: a car already past the line clears the junction rather than stop in it). With equal braking (the
+shipped values) a lead at the ego's speed binds only within the reaction distance plus the standstill gap (15 m at
+20 m/s), so a far car mistaken for the lead costs nothing; a lead that is slower, or brakes, binds as soon as the
+ego could no longer stop behind it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..geometry import arc_lengths
-from ..model.perception import Percept
+from ..model.perception import CROSSING_RADIUS_M, Percept
 
 SUBSTEPS = 10
 
@@ -31,6 +33,7 @@ SUBSTEPS = 10
 class EnvelopeParams:
     safety_envelope: bool
     ego_front_m: float             # base_link (the plan's origin) to the front bumper
+    ego_rear_m: float              # base_link to the rear bumper
     standstill_gap_m: float
     reaction_time_s: float
     brake_decel_mps2: float        # the braking the limit plans with for the ego
@@ -39,6 +42,10 @@ class EnvelopeParams:
     lead_min_probability: float
     light_min_probability: float
     stop_line_margin_m: float      # a limited stop ends this far before the stop line (the labels' stop margin)
+    crossing_yield: bool           # hold at the stop line for perceived crossing traffic (a model with that head)
+    crossing_min_probability: float
+    crossing_accel_mps2: float     # the ego's acceleration when it judges whether it clears a crossing car's path
+    crossing_margin_s: float       # time the ego must have cleared that point before the crossing car reaches it
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
@@ -72,16 +79,39 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
         lead_speed = max(0.0, speed - percept.lead_closing_mps)
         out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
                          f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))
-    if percept.light is not None and percept.stop_line_m is not None:
-        line = max(0.0, percept.stop_line_m - p.ego_front_m)      # front bumper to the stop line
+    # a car whose front is over the line has entered the junction: it clears it rather than stop in it (the map
+    # keeps a line "ahead" until the car's centre is past it; the signal is out of the camera's view by then)
+    if percept.stop_line_m is None or percept.stop_line_m < p.ego_front_m:
+        return out
+    if percept.light is not None:
+        line = percept.stop_line_m - p.ego_front_m      # front bumper to the stop line
         _, yellow, red = percept.light
         # red: stop wherever the car still can; yellow: only where a normal stop reaches the line
         for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.brake_decel_mps2)):
             if prob >= p.light_min_probability and speed ** 2 / (2.0 * decel) <= line + 0.5:
-                out.append(Limit(max(0.0, percept.stop_line_m - p.ego_front_m - p.stop_line_margin_m), 0.0,
-                                 f"{colour} light, stop line {line:.1f} m"))
+                out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0, f"{colour} light, stop line {line:.1f} m"))
                 break
+    if (p.crossing_yield and percept.crossing_probability is not None
+            and percept.crossing_probability >= p.crossing_min_probability
+            and not clears_first(percept.crossing_where_m, percept.crossing_when_s, speed, p)):
+        line = percept.stop_line_m - p.ego_front_m
+        if speed ** 2 / (2.0 * p.brake_decel_mps2) <= line + 0.5:
+            out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0,
+                             f"crossing traffic in {percept.crossing_when_s:.1f} s at {percept.crossing_where_m:.0f} m"
+                             f" (P {percept.crossing_probability:.2f}), stop line {line:.1f} m"))
     return out
+
+
+def clears_first(where_m: float, when_s: float, speed: float, p: EnvelopeParams) -> bool:
+    """Gap acceptance (Autoware's intersection module compares the same two time windows): whether the ego, going on
+    at ``crossing_accel_mps2`` from ``speed``, has its rear past the point ``where_m`` ahead where the crossing car
+    comes onto its path ``crossing_margin_s`` before the car gets there at ``when_s``. Unknown where or when: no."""
+    if not (math.isfinite(where_m) and math.isfinite(when_s)):
+        return False
+    distance = max(0.0, where_m) + p.ego_rear_m + CROSSING_RADIUS_M
+    a = p.crossing_accel_mps2
+    t_clear = (-speed + math.sqrt(speed * speed + 2.0 * a * distance)) / a
+    return t_clear + p.crossing_margin_s <= when_s
 
 
 def allowed_speed(room: float, p: EnvelopeParams) -> float:

@@ -56,6 +56,8 @@ class TrainConfig:
     heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")
+    crossing_perception: bool = _opt(False, "with --heads-finetune: add a crossing-traffic head (every camera's "
+                                            "newest frames; read by the safety envelope only) and train it alone")
     signal_labels: str = _opt("stop", "at a light the ego must stop for: teach stopping before the line (a "
                                       "camera-only planner cannot know the phase timing) or keep the expert's "
                                       "logged future (data.samples)", ("stop", "logged"))
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError("--traffic-lights needs the route input (stop lines are measured along the route)")
         if self.heads_finetune and (self.vlm_from or self.heads_from):
             raise ValueError("--heads-finetune starts from a finished checkpoint: no --vlm-from / --heads-from")
+        if self.crossing_perception and not self.heads_finetune:
+            raise ValueError("--crossing-perception is added to a finished checkpoint: use it with --heads-finetune")
         if self.grounded_reasoning and not (self.lead_perception and self.traffic_lights and self.vlm_from):
             raise ValueError("--grounded-reasoning needs --lead-perception --traffic-lights and --vlm-from (the "
                              "text is written from the perception heads, trained first or taken with --heads-from)")

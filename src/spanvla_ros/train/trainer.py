@@ -34,7 +34,7 @@ from ..data.scene_text import light_token_weight
 from ..model.batch import ego_tensor, his_tensor, prompts, reason_all
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
-from ..model.perception import lead_targets_tensor
+from ..model.perception import CROSSING_FRAMES, PooledTokenHead, crossing_targets_tensor, lead_targets_tensor
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
 from .config import TrainConfig
 
@@ -113,7 +113,8 @@ class CsvLog:
 
 # ------------------------------------------------------------------ batches
 # ------------------------------------------------------------------ stages
-PERCEPTION_PREFIXES = ("light_", "lead_head.")
+READING_PREFIXES = ("light_", "lead_head.")                  # the heads grounded reasoning's text is written from
+PERCEPTION_PREFIXES = READING_PREFIXES + ("crossing_head.",)
 
 
 def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
@@ -130,8 +131,8 @@ def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
         p.requires_grad_(False)
 
 
-def perception_parameters(expert) -> list:
-    return [p for name, p in expert.named_parameters() if name.startswith(PERCEPTION_PREFIXES)]
+def perception_parameters(expert, prefixes: tuple[str, ...] = PERCEPTION_PREFIXES) -> list:
+    return [p for name, p in expert.named_parameters() if name.startswith(prefixes)]
 
 
 def supervised_epochs(module, samples, epochs, batch, lr, pct_start, log: CsvLog, tag, desc, batch_loss, seed=0,
@@ -267,25 +268,44 @@ def front_tokens(policy, samples) -> list[torch.Tensor]:
             for s in tqdm(samples, desc="front tokens", disable=dist_info()[0] != 0)]
 
 
+def crossing_views(policy, samples) -> list[torch.Tensor]:
+    """Every camera's newest frames' vision tokens of every sample, (1, C * CROSSING_FRAMES, N, D) each: the
+    crossing-traffic head's input."""
+    from tqdm import tqdm
+
+    return [policy.crossing_tokens(s.images) for s in tqdm(samples, desc="crossing views",
+                                                            disable=dist_info()[0] != 0)]
+
+
 def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0,
-                           fronts: list[torch.Tensor] | None = None, fit_inputs: bool = True) -> None:
+                           fronts: list[torch.Tensor] | None = None, fit_inputs: bool = True,
+                           views: list[torch.Tensor] | None = None,
+                           prefixes: tuple[str, ...] = PERCEPTION_PREFIXES) -> None:
     """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
     grounded-reasoning model writes its training bridges' text from them. ``fit_inputs=False`` keeps the heads'
-    input standardisation (continuing to train heads that are already fitted)."""
+    input standardisation (continuing to train heads that are already fitted). ``views``: the crossing head's
+    input per sample (crossing_views) for a model with one; ``prefixes``: which heads train (the rest are read
+    only for the loss's sake and left as they are)."""
     from tqdm import tqdm
 
     fronts = front_tokens(policy, samples) if fronts is None else fronts
     if fit_inputs:
         fit_perception_inputs(policy, samples, fronts)
     expert = policy.expert
-    heads = perception_parameters(expert)
+    heads = perception_parameters(expert, prefixes)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
     run, batch = distributed(expert), per_rank_batch(batch)
+    trains = {prefix: any(name.startswith(prefix) for name, _ in expert.named_parameters()) for prefix in prefixes}
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
-        return perception_loss(policy, bs, expert.light_logits(front), expert.lead_raw(front, ego_tensor(policy, bs)))
+        ego = ego_tensor(policy, bs)
+        light = expert.light_logits(front) if trains.get("light_") else None
+        lead = expert.lead_raw(front, ego) if trains.get("lead_head.") else None
+        crossing = (expert.crossing_raw(torch.cat([views[i] for i in ii]), ego)
+                    if views is not None and trains.get("crossing_head.") else None)
+        return perception_loss(policy, bs, light, lead, crossing)
 
     step = 0
     for ep in tqdm(range(epochs), desc="perception heads", disable=dist_info()[0] != 0):
@@ -324,10 +344,21 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     samples, dropped = drop_off_route_labels(samples)
     fronts = front_tokens(policy, samples)
     before = head_readings(policy, samples, fronts)
-    for p in perception_parameters(policy.expert):
+    prefixes: tuple[str, ...] = PERCEPTION_PREFIXES
+    views = None
+    if a.crossing_perception:
+        views = crossing_views(policy, samples)
+        if not policy.cfg.crossing_perception:   # a new head: trained alone, the others stay as they are
+            add_crossing_head(policy, views)
+            prefixes = ("crossing_head.",)
+        t = crossing_targets_tensor([s.meta for s in samples], policy.cfg.dt)
+        print(f"crossing head: {int((t[:, 0] > 0.5).sum())} of {int(torch.isfinite(t[:, 0]).sum())} labelled "
+              f"samples with crossing traffic")
+    for p in perception_parameters(policy.expert, prefixes):
         p.requires_grad_(True)
     t0 = time.time()
-    train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False)
+    train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False,
+                           views=views, prefixes=prefixes)
     after = head_readings(policy, samples, fronts)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
     old_lit = [i for i in old if light_label(samples[i]) >= 0]
@@ -341,9 +372,22 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     return 0
 
 
-def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
-    """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead head losses."""
+def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
+    """A fresh crossing-traffic head on a finished checkpoint, its input standardisation fitted on ``views``."""
+    r = policy.reasoner
+    policy.cfg.crossing_perception = True
+    head = PooledTokenHead(r.front_token_dim, r.front_tokens, len(policy.cfg.cameras) * CROSSING_FRAMES)
+    head.fit(torch.cat(views[::4]), r.front_token_rc)
+    policy.expert.crossing_head = head
+
+
+def perception_loss(policy, bs, light_logits, lead_raw, crossing_raw=None) -> torch.Tensor:
+    """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead and crossing-traffic
+    head losses."""
     loss = torch.zeros(())
+    if crossing_raw is not None:
+        loss = loss + policy.expert.crossing_head.loss(
+            crossing_raw, crossing_targets_tensor([s.meta for s in bs], policy.cfg.dt))
     if light_logits is not None:
         labels = torch.tensor([light_label(s) for s in bs])
         if (labels >= 0).any():
@@ -355,7 +399,7 @@ def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
 
 def perception_digest(policy) -> str:
     """"" for a model whose reasoning does not depend on its heads, else a digest of the heads' weights."""
-    return state_digest(policy.expert.state_dict(), PERCEPTION_PREFIXES) if policy.cfg.grounded_reasoning else ""
+    return state_digest(policy.expert.state_dict(), READING_PREFIXES) if policy.cfg.grounded_reasoning else ""
 
 
 def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[BridgeSnapshot]:
