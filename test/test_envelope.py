@@ -81,10 +81,6 @@ def test_red_and_yellow_stop_at_the_line_when_the_car_can():
     # a car stopped at the line stays stopped while red
     out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS, 0.0)
     assert cause and progress(out)[-1] <= 1e-6
-    # one whose front is over the line has entered the junction: it clears it (the signal is out of view there)
-    for percept in (light(2, PARAMS.ego_front_m - 0.5), crossing(0.9, PARAMS.ego_front_m - 0.5)):
-        plan = straight(3.0)
-        assert constrain(plan, DT, 0.0, percept, PARAMS, 0.0) == (plan, "")
 
 
 def crossing(p: float, stop_line_m: float | None, where: float = 20.0, when: float = 1.5) -> Percept:

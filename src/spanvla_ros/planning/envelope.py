@@ -79,12 +79,10 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
         lead_speed = max(0.0, speed - percept.lead_closing_mps)
         out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
                          f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))
-    # a car whose front is over the line has entered the junction: it clears it rather than stop in it (the map
-    # keeps a line "ahead" until the car's centre is past it; the signal is out of the camera's view by then)
-    if percept.stop_line_m is None or percept.stop_line_m < p.ego_front_m:
+    if percept.stop_line_m is None:
         return out
+    line = max(0.0, percept.stop_line_m - p.ego_front_m)      # front bumper to the stop line
     if percept.light is not None:
-        line = percept.stop_line_m - p.ego_front_m      # front bumper to the stop line
         _, yellow, red = percept.light
         # red: stop wherever the car still can; yellow: only where a normal stop reaches the line
         for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.brake_decel_mps2)):
@@ -94,7 +92,6 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
     if (p.crossing_yield and percept.crossing_probability is not None
             and percept.crossing_probability >= p.crossing_min_probability
             and not clears_first(percept.crossing_where_m, percept.crossing_when_s, speed, p)):
-        line = percept.stop_line_m - p.ego_front_m
         if speed ** 2 / (2.0 * p.brake_decel_mps2) <= line + 0.5:
             out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0,
                              f"crossing traffic in {percept.crossing_when_s:.1f} s at {percept.crossing_where_m:.0f} m"
