@@ -35,10 +35,10 @@ def test_fresh_tokens_are_the_reasoners_front_tokens_and_positions_are_right(pol
     assert r.bridge.front_features.shape == (1, 4, rs.front_tokens, rs.front_token_dim)
     fresh = FreshPerception(policy)
     front = [imgs[i] for i in rs.front_image_indices]
-    tok = fresh.tokens(front, [0.0, 0.5, 1.0, 1.5])
+    tok = fresh.tokens(front, [0.0, 0.5, 1.0, 1.5], "front")
     assert torch.allclose(tok, r.bridge.front_features, atol=1e-5)
     # a new frame: only it is encoded; older ones come from the cache and the oldest is evicted
-    tok2 = fresh.tokens(front[1:] + [imgs[0]], [0.5, 1.0, 1.5, 2.0])
+    tok2 = fresh.tokens(front[1:] + [imgs[0]], [0.5, 1.0, 1.5, 2.0], "front")
     assert torch.equal(tok2[0, :3], tok[0, 1:]) and sorted(st for _, st in fresh._cache) == [0.5, 1.0, 1.5, 2.0]
     # token positions: a bright patch at patch row 5, column 3 changes that token the most
     img = np.zeros((112, 196, 3), np.uint8)
@@ -58,7 +58,7 @@ def test_frames_between_the_history_picks_stay_cached_and_cameras_do_not_share_s
     imgs = frames(n=31, seed=3)
     for k in range(31):   # a 10 Hz camera for 3 s; 4 picks 0.5 s apart back from the newest (FrameHistory's)
         stamps = [round(max(0.0, 0.1 * k - 0.5 * j), 3) for j in range(3, -1, -1)]
-        fresh.tokens([imgs[round(st * 10)] for st in stamps], stamps)
+        fresh.tokens([imgs[round(st * 10)] for st in stamps], stamps, "front")
     assert sum(encoded) == 31
     cams = policy.cfg.cameras
     images = frames(n=len(cams) * policy.cfg.history_frames, seed=4)   # time-major, as a sample's

@@ -295,7 +295,7 @@ class FreshPerception:
         self.policy = policy
         self._cache: dict[tuple[str, float], torch.Tensor] = {}
 
-    def tokens(self, images: Sequence[np.ndarray], stamps: Sequence[float], camera: str = "front") -> torch.Tensor:
+    def tokens(self, images: Sequence[np.ndarray], stamps: Sequence[float], camera: str) -> torch.Tensor:
         """(1, F, N, D) tokens of ``images`` (one camera's history, oldest first, stamped)."""
         keys = [(camera, st) for st in stamps]
         missing = list({key: i for i, key in enumerate(keys) if key not in self._cache}.values())   # once each
