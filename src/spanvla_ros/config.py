@@ -6,7 +6,9 @@ ROS-free tools read the very same values through :func:`node_params`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,13 @@ def node_params(node_name: str, path: str | os.PathLike | None = None) -> dict[s
     if problems:
         raise ValueError(f"{path or default_params_path()}: {node_name}: " + "; ".join(problems))
     return merged
+
+
+def fields_from(cls, params: Mapping, what: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of dataclass ``cls``'s fields (less ``exclude``) from ``params``; a KeyError names the missing
+    ones (parameters have no defaults in code: the params file has them all)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"{what} parameters missing: {missing}")
+    return {n: params[n] for n in names}

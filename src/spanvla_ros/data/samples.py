@@ -11,7 +11,6 @@ import numpy as np
 
 from ..sim.agents import futures_from_json
 from .bag_io import read_episode
-from .generate import DT
 
 
 @dataclass
@@ -50,6 +49,7 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
                 continue   # a frame is missing from the bag: skip the sample rather than pad silently
             m["lights"] = {float(k): v for k, v in (m.get("lights") or {}).items()}
             m["bag_path"] = str((data_dir / bag).resolve())   # identifies the episode across dataset copies
+            m["dt"] = index["dt"]                               # the step of its future and the agents' futures
             out.append(Sample(m, cast(list[np.ndarray], imgs)))
     return out
 
@@ -80,7 +80,7 @@ def score_plan(sample: Sample, traj_ego: np.ndarray, scene):
     if agents.size == 0:
         agents = np.zeros((len(m["future"]) + 1, 0, 4))
     pose = m["pose"]
-    return score(to_world(pose, traj_ego), pose, agents, scene, DT, m["ref_progress"], m["lights"],
+    return score(to_world(pose, traj_ego), pose, agents, scene, m["dt"], m["ref_progress"], m["lights"],
                  agent_sizes=[tuple(s) for s in m["agent_sizes"]])
 
 

@@ -17,7 +17,6 @@ defaults here.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import fields_from
 from ..data.sensor_buffers import EgoHistory, FrameHistory
 from ..model.bridge import BridgeSnapshot, LatestBridge
 from ..model.perception import Percept
@@ -48,11 +48,8 @@ class PlannerParams:
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> PlannerParams:
-        own = [f.name for f in dataclasses.fields(cls) if f.name != "envelope"]
-        missing = [k for k in own if k not in params]
-        if missing:
-            raise KeyError(f"planner parameters missing: {missing}")
-        return cls(**{k: params[k] for k in own}, envelope=EnvelopeParams.from_mapping(params))
+        return cls(**fields_from(cls, params, "planner", exclude=("envelope",)),
+                   envelope=EnvelopeParams.from_mapping(params))
 
 
 @dataclass

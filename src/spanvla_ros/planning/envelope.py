@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import fields_from
 from ..geometry import arc_lengths
 from ..model.perception import CROSSING_RADIUS_M, Percept
 
@@ -49,10 +50,7 @@ class EnvelopeParams:
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
-        missing = [f.name for f in fields(cls) if f.name not in params]
-        if missing:
-            raise KeyError(f"safety envelope parameters missing: {missing}")
-        return cls(**{f.name: params[f.name] for f in fields(cls)})
+        return cls(**fields_from(cls, params, "safety envelope"))
 
 
 @dataclass(frozen=True)
