@@ -6,7 +6,7 @@ import pytest
 
 from spanvla_ros.config import node_params
 from spanvla_ros.model.perception import Percept
-from spanvla_ros.planning.envelope import EnvelopeParams, constrain
+from spanvla_ros.planning.envelope import EnvelopeParams, LeadSpeedFit, constrain
 
 DT = 0.5
 PARAMS = EnvelopeParams.from_mapping({**node_params("spanvla_planner"), "crossing_yield": True})
@@ -135,3 +135,24 @@ def test_switched_off_it_never_changes_a_plan():
     off = EnvelopeParams(**{**PARAMS.__dict__, "safety_envelope": False})
     plan = straight(15.0)
     assert constrain(plan, DT, 15.0, lead(5.0, 15.0), off, 0.0) == (plan, "")
+
+
+def test_the_lead_speed_fitted_to_its_read_gaps_overrides_a_lagging_closing_speed():
+    """Ego at 20 m/s, the lead read at gaps shrinking 1 m per 0.1 s (closing 10 m/s) while the head's closing
+    speed says 2 m/s: after the window the envelope acts on ~10 m/s; a lead holding its gap keeps the head's
+    reading; a frame without a lead starts over; window 0 switches the fit off."""
+    fit, off = LeadSpeedFit(), EnvelopeParams(**{**PARAMS.__dict__, "lead_fit_window_s": 0.0})
+    acted = []
+    for k in range(12):
+        t = 0.1 * k
+        acted.append(fit.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(30.0 - 10.0 * t, 2.0), PARAMS))
+    assert acted[0].lead_closing_mps == 2.0
+    assert acted[-1].lead_closing_mps == pytest.approx(10.0, abs=0.2)
+    assert LeadSpeedFit().update(0.0, (0.0, 0.0, 0.0), 20.0, lead(20.0, 2.0), off).lead_closing_mps == 2.0
+    steady = LeadSpeedFit()
+    for k in range(12):
+        t = 0.1 * k
+        out = steady.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(30.0, 0.5), PARAMS)
+    assert out.lead_closing_mps == 0.5
+    assert fit.update(1.2, (24.0, 0.0, 0.0), 20.0, lead(20.0, 0.0, p=0.1), PARAMS).lead_closing_mps == 0.0
+    assert fit.update(1.3, (26.0, 0.0, 0.0), 20.0, lead(18.0, 2.0), PARAMS).lead_closing_mps == 2.0   # new fit

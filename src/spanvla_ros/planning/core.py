@@ -31,7 +31,7 @@ from ..model.bridge import BridgeSnapshot, LatestBridge
 from ..model.perception import Percept
 from ..model.policy import FreshPerception, SpanVLAPolicy
 from ..model.reasoner import ReasoningResult
-from .envelope import EnvelopeParams, constrain
+from .envelope import EnvelopeParams, LeadSpeedFit, constrain
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class PlannerCore:
         self.ego = EgoHistory(keep_s=cfg.history_dt * cfg.past_poses + 1.0)
         self.bridge = LatestBridge()
         self.fresh = FreshPerception(policy) if policy.reads_front_camera and params.fresh_perception else None
+        self.lead_fit = LeadSpeedFit()
         self.front_camera = self.cameras[policy.reasoner.front_camera]
         self.command = cfg.commands[0]
         self.route_xy: np.ndarray | None = None
@@ -246,6 +247,9 @@ class PlannerCore:
                 pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front,
                 crossing=crossing)
             age = stamp - bridge.stamp
+            pose = self.ego.latest_pose()
+            assert pose is not None    # the odometry is fresh
+            percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
             traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                          perception_age if front is not None else age)
             if limited_by:

@@ -17,7 +17,9 @@ ego could no longer stop behind it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,10 +49,41 @@ class EnvelopeParams:
     crossing_min_probability: float
     crossing_accel_mps2: float     # the ego's acceleration when it judges whether it clears a crossing car's path
     crossing_margin_s: float       # time the ego must have cleared that point before the crossing car reaches it
+    lead_fit_window_s: float       # the lead's speed is also fitted to its read positions over this long (0: off)
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
         return cls(**fields_from(cls, params, "safety envelope"))
+
+
+class LeadSpeedFit:
+    """The lead's speed from how its read position moves (least squares over ``lead_fit_window_s``, world frame
+    along the ego's heading), and the more cautious of that and the closing-speed head's reading. The head reads
+    4 frames 0.5 s apart and lags a braking lead (2-6 m/s where the gap shrinks at 8-14 m/s, real-time traces);
+    the gaps it reads at control rate move with the lead. A frame without a lead starts a new fit."""
+
+    def __init__(self) -> None:
+        self._rears: deque[tuple[float, float]] = deque()    # stamp, the lead's rear along the ego's heading
+
+    def update(self, stamp: float, pose: tuple[float, float, float], speed: float, percept: Percept | None,
+               p: EnvelopeParams) -> Percept | None:
+        if (p.lead_fit_window_s <= 0.0 or percept is None or percept.lead_probability is None
+                or percept.lead_probability < p.lead_min_probability):
+            self._rears.clear()
+            return percept
+        x, y, yaw = pose
+        ahead = max(0.0, percept.lead_gap_m) + p.ego_front_m
+        self._rears.append((stamp, x * math.cos(yaw) + y * math.sin(yaw) + ahead))
+        while self._rears[0][0] < stamp - p.lead_fit_window_s:
+            self._rears.popleft()
+        ts = np.array([r[0] for r in self._rears])
+        if len(ts) < 3 or ts[-1] - ts[0] < 0.5 * p.lead_fit_window_s:
+            return percept
+        fitted = float(np.polyfit(ts - ts[-1], np.array([r[1] for r in self._rears]), 1)[0])
+        closing = speed - max(0.0, fitted)
+        if closing <= percept.lead_closing_mps:
+            return percept
+        return dataclasses.replace(percept, lead_closing_mps=closing)
 
 
 @dataclass(frozen=True)
