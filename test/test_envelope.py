@@ -139,20 +139,26 @@ def test_switched_off_it_never_changes_a_plan():
 
 def test_the_lead_speed_fitted_to_its_read_gaps_overrides_a_lagging_closing_speed():
     """Ego at 20 m/s, the lead read at gaps shrinking 1 m per 0.1 s (closing 10 m/s) while the head's closing
-    speed says 2 m/s: after the window the envelope acts on ~10 m/s; a lead holding its gap keeps the head's
-    reading; a frame without a lead starts over; window 0 switches the fit off."""
+    speed says 2 m/s: after the window the envelope acts on ~10 m/s, unless the lead is read farther than
+    lead_fit_max_gap_m; a lead holding its gap keeps the head's reading; a frame without a lead starts over;
+    window 0 switches the fit off."""
     fit, off = LeadSpeedFit(), EnvelopeParams(**{**PARAMS.__dict__, "lead_fit_window_s": 0.0})
     acted = []
     for k in range(12):
         t = 0.1 * k
-        acted.append(fit.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(30.0 - 10.0 * t, 2.0), PARAMS))
+        acted.append(fit.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(19.0 - 10.0 * t, 2.0), PARAMS))
     assert acted[0].lead_closing_mps == 2.0
     assert acted[-1].lead_closing_mps == pytest.approx(10.0, abs=0.2)
     assert LeadSpeedFit().update(0.0, (0.0, 0.0, 0.0), 20.0, lead(20.0, 2.0), off).lead_closing_mps == 2.0
+    far = LeadSpeedFit()   # beyond lead_fit_max_gap_m the read gap is not trusted to move with the lead
+    for k in range(12):
+        t = 0.1 * k
+        out = far.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(PARAMS.lead_fit_max_gap_m + 15.0 - 10.0 * t, 2.0), PARAMS)
+    assert out.lead_closing_mps == 2.0
     steady = LeadSpeedFit()
     for k in range(12):
         t = 0.1 * k
-        out = steady.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(30.0, 0.5), PARAMS)
+        out = steady.update(t, (20.0 * t, 0.0, 0.0), 20.0, lead(15.0, 0.5), PARAMS)
     assert out.lead_closing_mps == 0.5
     assert fit.update(1.2, (24.0, 0.0, 0.0), 20.0, lead(20.0, 0.0, p=0.1), PARAMS).lead_closing_mps == 0.0
     assert fit.update(1.3, (26.0, 0.0, 0.0), 20.0, lead(18.0, 2.0), PARAMS).lead_closing_mps == 2.0   # new fit

@@ -50,6 +50,7 @@ class EnvelopeParams:
     crossing_accel_mps2: float     # the ego's acceleration when it judges whether it clears a crossing car's path
     crossing_margin_s: float       # time the ego must have cleared that point before the crossing car reaches it
     lead_fit_window_s: float       # the lead's speed is also fitted to its read positions over this long (0: off)
+    lead_fit_max_gap_m: float      # ... while the read gap is below this (beyond, the head's gap hardly moves)
 
     @classmethod
     def from_mapping(cls, params: Mapping) -> EnvelopeParams:
@@ -60,7 +61,9 @@ class LeadSpeedFit:
     """The lead's speed from how its read position moves (least squares over ``lead_fit_window_s``, world frame
     along the ego's heading), and the more cautious of that and the closing-speed head's reading. The head reads
     4 frames 0.5 s apart and lags a braking lead (2-6 m/s where the gap shrinks at 8-14 m/s, real-time traces);
-    the gaps it reads at control rate move with the lead. A frame without a lead starts a new fit."""
+    nearer than ~20 m the gaps it reads at control rate move with the lead, farther they hardly move (a receding
+    lead read at a slowly falling gap would look like a closing one), so the fit runs only below
+    ``lead_fit_max_gap_m``. A frame without a lead, or one farther than that, starts a new fit."""
 
     def __init__(self) -> None:
         self._rears: deque[tuple[float, float]] = deque()    # stamp, the lead's rear along the ego's heading
@@ -68,7 +71,7 @@ class LeadSpeedFit:
     def update(self, stamp: float, pose: tuple[float, float, float], speed: float, percept: Percept | None,
                p: EnvelopeParams) -> Percept | None:
         if (p.lead_fit_window_s <= 0.0 or percept is None or percept.lead_probability is None
-                or percept.lead_probability < p.lead_min_probability):
+                or percept.lead_probability < p.lead_min_probability or percept.lead_gap_m > p.lead_fit_max_gap_m):
             self._rears.clear()
             return percept
         x, y, yaw = pose
