@@ -242,13 +242,13 @@ class PlannerCore:
                     front = self.fresh.tokens(*hist, camera=self.front_camera)
                     perception_age = stamp - hist[1][-1]
                 crossing = self._crossing_views()
-            traj, percept = self.policy.plan_perceived(
-                bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
-                pose=self.ego.latest_pose(), stop_xy=self._stop_lines() if route is not None else None, front=front,
-                crossing=crossing)
-            age = stamp - bridge.stamp
             pose = self.ego.latest_pose()
             assert pose is not None    # the odometry is fresh
+            traj, percept = self.policy.plan_perceived(
+                bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
+                pose=pose, stop_xy=self._stop_lines() if route is not None else None, front=front,
+                crossing=crossing)
+            age = stamp - bridge.stamp
             percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
             traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                          perception_age if front is not None else age)

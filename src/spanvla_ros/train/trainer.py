@@ -279,13 +279,13 @@ def crossing_views(policy, samples) -> list[torch.Tensor]:
 
 def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0,
                            fronts: list[torch.Tensor] | None = None, fit_inputs: bool = True,
-                           views: list[torch.Tensor] | None = None,
+                           crossing: tuple[list[torch.Tensor], torch.Tensor] | None = None,
                            prefixes: tuple[str, ...] = PERCEPTION_PREFIXES) -> None:
     """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
     grounded-reasoning model writes its training bridges' text from them. ``fit_inputs=False`` keeps the heads'
-    input standardisation (continuing to train heads that are already fitted). ``views``: the crossing head's
-    input per sample (crossing_views) for a model with one; ``prefixes``: which heads train (the rest are read
-    only for the loss's sake and left as they are)."""
+    input standardisation (continuing to train heads that are already fitted). ``crossing``: the crossing head's
+    input per sample (crossing_views) and its targets (crossing_targets_tensor), for a model with one;
+    ``prefixes``: which heads train (the others are neither read nor changed)."""
     from tqdm import tqdm
 
     fronts = front_tokens(policy, samples) if fronts is None else fronts
@@ -295,17 +295,18 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     heads = perception_parameters(expert, prefixes)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
     run, batch = distributed(expert), per_rank_batch(batch)
-    trains = {prefix: any(name.startswith(prefix) for name, _ in expert.named_parameters()) for prefix in prefixes}
-
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
         ego = ego_tensor(policy, bs)
-        light = expert.light_logits(front) if trains.get("light_") else None
-        lead = expert.lead_raw(front, ego) if trains.get("lead_head.") else None
-        crossing = (expert.crossing_raw(torch.cat([views[i] for i in ii]), ego)
-                    if views is not None and trains.get("crossing_head.") else None)
-        return perception_loss(policy, bs, light, lead, crossing)
+        light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
+        lead = expert.lead_raw(front, ego) if "lead_head." in prefixes else None
+        loss = perception_loss(policy, bs, light, lead)
+        if crossing is not None and "crossing_head." in prefixes:
+            raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
+            if raw is not None:
+                loss = loss + expert.crossing_head.loss(raw, crossing[1][ii])
+        return loss
 
     step = 0
     for ep in tqdm(range(epochs), desc="perception heads", disable=dist_info()[0] != 0):
@@ -345,20 +346,21 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     fronts = front_tokens(policy, samples)
     before = head_readings(policy, samples, fronts)
     prefixes: tuple[str, ...] = PERCEPTION_PREFIXES
-    views = None
+    crossing = None
     if a.crossing_perception:
         views = crossing_views(policy, samples)
         if not policy.cfg.crossing_perception:   # a new head: trained alone, the others stay as they are
             add_crossing_head(policy, views)
             prefixes = ("crossing_head.",)
-        t = crossing_targets_tensor([s.meta for s in samples], policy.cfg.dt)
+        t = crossing_targets_tensor([s.meta for s in samples], policy.cfg.dt)   # once: geometry over every agent
         print(f"crossing head: {int((t[:, 0] > 0.5).sum())} of {int(torch.isfinite(t[:, 0]).sum())} labelled "
               f"samples with crossing traffic")
+        crossing = (views, t)
     for p in perception_parameters(policy.expert, prefixes):
         p.requires_grad_(True)
     t0 = time.time()
     train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False,
-                           views=views, prefixes=prefixes)
+                           crossing=crossing, prefixes=prefixes)
     after = head_readings(policy, samples, fronts)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
     old_lit = [i for i in old if light_label(samples[i]) >= 0]
@@ -381,13 +383,9 @@ def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
     policy.expert.crossing_head = head
 
 
-def perception_loss(policy, bs, light_logits, lead_raw, crossing_raw=None) -> torch.Tensor:
-    """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead and crossing-traffic
-    head losses."""
+def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
+    """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead head losses."""
     loss = torch.zeros(())
-    if crossing_raw is not None:
-        loss = loss + policy.expert.crossing_head.loss(
-            crossing_raw, crossing_targets_tensor([s.meta for s in bs], policy.cfg.dt))
     if light_logits is not None:
         labels = torch.tensor([light_label(s) for s in bs])
         if (labels >= 0).any():
