@@ -64,6 +64,16 @@ def test_a_stopped_lead_is_not_reached():
     assert np.all(-np.diff(speeds) / DT <= PARAMS.max_decel_mps2 + 1e-6)
 
 
+def test_a_lead_read_within_the_near_gap_holds_a_stopped_car():
+    """Nearer than lead_near_gap_m the head's gap is not to be trusted (it reads ~4 m at 1 m): a car standing
+    behind a lead read there stays put, and moves up once the lead is read farther."""
+    near = constrain(straight(2.0), DT, 0.0, lead(PARAMS.lead_near_gap_m - 0.5, 0.0), PARAMS, 0.0)
+    assert near[1] and progress(near[0])[-1] <= 1e-6
+    far_gap = PARAMS.lead_near_gap_m + 3.0
+    far = progress(constrain(straight(2.0), DT, 0.0, lead(far_gap, 0.0), PARAMS, 0.0)[0])[-1]
+    assert 0.5 < far <= far_gap + PARAMS.ego_front_m - PARAMS.standstill_gap_m + 1e-6
+
+
 def test_a_braking_lead_slows_the_plan_by_how_fast_it_closes():
     slower = [progress(constrain(straight(20.0), DT, 20.0, lead(15.0, c), PARAMS, 0.0)[0])[-1]
               for c in (4.0, 8.0, 12.0)]

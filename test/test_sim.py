@@ -86,6 +86,34 @@ def test_red_light_violation_is_flagged(backend):
     assert "red" in states and ran
 
 
+def test_signal_views_show_one_scene_in_every_colour():
+    """The light head's rendered views: at each sample time with the stop line ahead, the same front frames in the
+    three colours, labelled with the colour drawn; they differ only in the signal head above the horizon."""
+    from itertools import islice
+
+    from spanvla_ros.data.samples import Sample, light_label
+    from spanvla_ros.data.signal_views import signal_views
+    from spanvla_ros.model.config import LIGHT_STATES
+    from spanvla_ros.sim.camera import LIGHT_RGB
+
+    views = list(islice(signal_views(["intersection_straight"], [11], 4, 0.5, 0.5), 24))
+    by_time: dict[float, list] = {}
+    for v in views:
+        assert len(v.front) == 4 and light_label(Sample(v.meta, [])) == LIGHT_STATES.index(v.meta["lights"][0.0])
+        by_time.setdefault(v.meta["t"], []).append(v)
+    assert len(by_time) >= 6
+    for group in by_time.values():
+        drawn = {v.meta["lights"][0.0]: v.front[-1].astype(int) for v in group[:3]}
+        assert set(drawn) == set(LIGHT_STATES)
+        for state, image in drawn.items():
+            other = drawn["red" if state != "red" else "green"]
+            changed = np.abs(image - other).sum(-1) > 0
+            rows = np.nonzero(changed.any(1))[0]
+            assert changed.sum() > 0 and rows.max() < image.shape[0] // 2       # the signal head, above the horizon
+            rgb = image[changed].mean(0)
+            assert np.argmax(rgb) == np.argmax(LIGHT_RGB[state])
+
+
 def test_path_tracker_follows_a_lane_change():
     tracker, x, y, h, v = PathTracker(), 0.0, 0.0, 0.0, 10.0
     dt = 0.05

@@ -195,7 +195,7 @@ def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_datase
 
     from spanvla_ros.data.samples import attach_routes, light_label, load_samples, scene_maps
     from spanvla_ros.model.batch import ego_tensor
-    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.config import LIGHT_STATES, SpanVLAConfig
     from spanvla_ros.model.perception import PooledTokenHead, crossing_targets_tensor
     from spanvla_ros.model.policy import SpanVLAPolicy
     from spanvla_ros.train.trainer import PERCEPTION_PREFIXES, build_initial, crossing_views, front_tokens, main
@@ -224,6 +224,28 @@ def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_datase
     assert not all(eq for name, eq in same.items() if name.startswith(PERCEPTION_PREFIXES))
     assert all(torch.equal(a, b) for a, b in zip(old.reasoner.model.state_dict().values(),
                                                  new.reasoner.model.state_dict().values()))
+
+    # --signal-views: the light head alone, on the data's stop-line frames plus the intersection scenes rendered in
+    # every colour; it learns to read the rendered ones
+    from spanvla_ros.train.trainer import signal_view_tokens
+
+    rendered, rendered_fronts = signal_view_tokens(base, [LIGHT_SEED])
+    assert {s.meta["lights"][0.0] for s in rendered} == set(LIGHT_STATES)
+    rendered_labels = torch.tensor([light_label(s) for s in rendered])
+
+    def rendered_ce(policy):
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(policy.expert.light_logits(torch.cat(rendered_fronts)),
+                                                           rendered_labels))
+
+    assert main(["--data", str(isec_dataset), "--out", str(tmp_path / "sv"), "--heads-finetune",
+                 str(tmp_path / "base"), "--signal-views", str(LIGHT_SEED), "--head-epochs", "40",
+                 "--head-lr", "2e-3"]) == 0
+    repainted = SpanVLAPolicy.from_pretrained(tmp_path / "sv" / "sft")
+    assert rendered_ce(repainted) < 0.5 * rendered_ce(old)
+    changed = {name for (name, a), b in zip(old.expert.state_dict().items(), repainted.expert.state_dict().values())
+               if not torch.equal(a, b)}
+    assert changed and all(name.startswith("light_head.") for name in changed)
 
     # --crossing-perception adds the crossing-traffic head and trains it alone: every other weight is the base's
     assert main(["--data", str(crossing_dataset), "--out", str(tmp_path / "cx"), "--heads-finetune",

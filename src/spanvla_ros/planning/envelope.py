@@ -38,6 +38,7 @@ class EnvelopeParams:
     ego_front_m: float             # base_link (the plan's origin) to the front bumper
     ego_rear_m: float              # base_link to the rear bumper
     standstill_gap_m: float
+    lead_near_gap_m: float         # a lead read this near or nearer is taken as touching (see limits)
     reaction_time_s: float
     brake_decel_mps2: float        # the braking the limit plans with for the ego
     lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (RSS takes it harder than the ego's)
@@ -110,6 +111,8 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
     out = []
     if percept.lead_probability is not None and percept.lead_probability >= p.lead_min_probability:
         gap = max(0.0, percept.lead_gap_m - max(0.0, percept.lead_closing_mps) * max(0.0, percept_age_s))
+        if gap <= p.lead_near_gap_m:   # the head reads ~4 m however near the lead is: no creeping into it
+            gap = 0.0
         lead_speed = max(0.0, speed - percept.lead_closing_mps)
         out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
                          f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))

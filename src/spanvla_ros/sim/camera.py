@@ -19,6 +19,7 @@ ASPHALT = (92, 92, 96)
 MARKING = (235, 235, 235)
 SIGNAL_TOP_M, SIGNAL_HEAD_M, SIGNAL_WIDTH_M = 6.0, 2.0, 1.2   # a far-side signal head, large enough to read
 LIGHT_RGB = {"green": (40, 230, 60), "yellow": (250, 210, 40), "red": (240, 40, 40)}
+POLE_RGB = (40, 40, 40)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class CameraRig:
         if light is not None:
             lx, ly, state = light
             head_bottom = SIGNAL_TOP_M - SIGNAL_HEAD_M
-            items.append((lx, ly, 0.0, 0.4, 0.4, 0.0, head_bottom, (40, 40, 40)))  # pole
+            items.append((lx, ly, 0.0, 0.4, 0.4, 0.0, head_bottom, POLE_RGB))  # pole
             items.append((lx, ly, 0.0, 0.5, SIGNAL_WIDTH_M, head_bottom, SIGNAL_TOP_M,
                           LIGHT_RGB.get(state, (128, 128, 128))))
         for x, y, h, length, width, z0, height, rgb in items:

@@ -58,6 +58,10 @@ class TrainConfig:
                                              "reaches); saved as OUT/sft")
     crossing_perception: bool = _opt(False, "with --heads-finetune: add a crossing-traffic head (every camera's "
                                             "newest frames; read by the safety envelope only) and train it alone")
+    signal_views: str = _opt("", "with --heads-finetune: retrain the traffic-light head alone on the data's "
+                                 "stop-line frames plus views of these seeds' intersections rendered with the signal "
+                                 "in every colour (data.signal_views; e.g. 0:60): the head reads the colour, not "
+                                 "where the car stands")
     signal_labels: str = _opt("stop", "at a light the ego must stop for: teach stopping before the line (a "
                                       "camera-only planner cannot know the phase timing) or keep the expert's "
                                       "logged future (data.samples)", ("stop", "logged"))
@@ -83,6 +87,12 @@ class TrainConfig:
             raise ValueError("--heads-finetune starts from a finished checkpoint: no --vlm-from / --heads-from")
         if self.crossing_perception and not self.heads_finetune:
             raise ValueError("--crossing-perception is added to a finished checkpoint: use it with --heads-finetune")
+        if self.signal_views and not self.heads_finetune:
+            raise ValueError("--signal-views retrains a finished checkpoint's light head: use it with "
+                             "--heads-finetune")
+        if self.signal_views and self.crossing_perception:
+            raise ValueError("--signal-views and --crossing-perception each train one head alone: run "
+                             "them one after the other")
         if self.grounded_reasoning and not (self.lead_perception and self.traffic_lights and self.vlm_from):
             raise ValueError("--grounded-reasoning needs --lead-perception --traffic-lights and --vlm-from (the "
                              "text is written from the perception heads, trained first or taken with --heads-from)")

@@ -36,6 +36,7 @@ from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.perception import CROSSING_FRAMES, PooledTokenHead, crossing_targets_tensor, lead_targets_tensor
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
+from ..sim.scenarios import SCENARIOS, parse_seeds
 from .config import TrainConfig
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
@@ -298,12 +299,11 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
-        ego = ego_tensor(policy, bs)
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
-        lead = expert.lead_raw(front, ego) if "lead_head." in prefixes else None
+        lead = expert.lead_raw(front, ego_tensor(policy, bs)) if "lead_head." in prefixes else None
         loss = perception_loss(policy, bs, light, lead)
         if crossing is not None and "crossing_head." in prefixes:
-            raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
+            raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego_tensor(policy, bs))
             if raw is not None:
                 loss = loss + expert.crossing_head.loss(raw, crossing[1][ii])
         return loss
@@ -356,11 +356,22 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
         print(f"crossing head: {int((t[:, 0] > 0.5).sum())} of {int(torch.isfinite(t[:, 0]).sum())} labelled "
               f"samples with crossing traffic")
         crossing = (views, t)
+    train_samples, train_fronts = samples, fronts
+    if a.signal_views:
+        if not policy.cfg.traffic_lights:
+            raise SystemExit(f"--signal-views: {a.heads_finetune} has no traffic-light head")
+        lit = [i for i, s in enumerate(samples) if light_label(s) >= 0]
+        rendered, rendered_fronts = signal_view_tokens(policy, parse_seeds(a.signal_views))
+        print(f"traffic-light head: {len(lit)} samples with a stop line ahead + {len(rendered)} rendered views "
+              f"{dict(Counter(v.meta['lights'][0.0] for v in rendered))}")
+        train_samples = [samples[i] for i in lit] + rendered
+        train_fronts = [fronts[i] for i in lit] + rendered_fronts
+        prefixes = ("light_",)
     for p in perception_parameters(policy.expert, prefixes):
         p.requires_grad_(True)
     t0 = time.time()
-    train_perception_heads(policy, samples, a.head_epochs, 64, a.head_lr, log, a.seed, fronts, fit_inputs=False,
-                           crossing=crossing, prefixes=prefixes)
+    train_perception_heads(policy, train_samples, a.head_epochs, 64, a.head_lr, log, a.seed, train_fronts,
+                           fit_inputs=False, crossing=crossing, prefixes=prefixes)
     after = head_readings(policy, samples, fronts)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
     old_lit = [i for i in old if light_label(samples[i]) >= 0]
@@ -372,6 +383,23 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     if dist_info()[0] == 0:
         policy.save_pretrained(a.out / "sft")
     return 0
+
+
+def signal_view_tokens(policy, seeds: list[int]) -> tuple[list[Sample], list[torch.Tensor]]:
+    """data.signal_views over the intersection scenarios on ``seeds``: label-carrying samples (meta only; the light
+    head reads their tokens) and the front tokens of each view's frames."""
+    from tqdm import tqdm
+
+    from ..data.signal_views import signal_views
+
+    cfg = policy.cfg
+    scenarios = [name for name, sc in SCENARIOS.items() if sc.traffic_light]
+    samples, fronts = [], []
+    for view in tqdm(signal_views(scenarios, seeds, cfg.history_frames, cfg.history_dt, cfg.dt),
+                     desc="signal views", disable=dist_info()[0] != 0):
+        samples.append(Sample(view.meta, []))
+        fronts.append(policy.reasoner.vision_tokens(view.front)[None])
+    return samples, fronts
 
 
 def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
