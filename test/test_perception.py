@@ -181,6 +181,20 @@ def test_reasoning_facts_are_parsed_as_the_writer_states_them():
     assert stated_facts("the car in front is 27 meters away, so keep speed")["gap"] == 27.0
 
 
+def test_the_text_calls_a_gap_safe_only_beyond_two_seconds_of_headway():
+    """A lead 9 m ahead at 10 m/s holding its distance is not "a safe gap" (the run view once showed that next to a
+    car 9 m ahead); 40 m ahead it is; a closing lead is stated with its time to collision, at any speed."""
+    from spanvla_ros.data.scene_text import SAFE_HEADWAY_S, lead_clause
+    from spanvla_ros.eval.perception_eval import stated_facts
+
+    rng = np.random.default_rng(0)
+    near = {lead_clause(9.0, 0.0, 10.0, rng) for _ in range(20)} | {lead_clause(9.0, 0.0, 10.0)}
+    assert all("safe" not in t and stated_facts(t)["gap"] == 9.0 for t in near)
+    assert "safe" in lead_clause(SAFE_HEADWAY_S * 10.0 + 1.0, 0.0, 10.0)
+    assert "safe" in lead_clause(6.0, 0.0, 0.0)                     # standing behind a stopped car
+    assert "time to collision" in lead_clause(40.0, 10.0, 25.0)
+
+
 def test_signal_stop_labels_stop_before_the_line_only_when_the_expert_rule_says_stop():
     from spanvla_ros.data.samples import STOP_MARGIN_M, stop_at_signal_future
 

@@ -88,12 +88,18 @@ def light_clause(state: str, dist: float, rng: np.random.Generator | None = None
     return options[0] if rng is None else _pick(rng, *options)
 
 
-def lead_clause(gap: float, closing: float, rng: np.random.Generator | None = None) -> str:
-    """What the text says of the lead vehicle ``gap`` m ahead closing at ``closing`` m/s."""
+SAFE_HEADWAY_S = 2.0   # the two-second rule: a nearer lead is not called a safe gap
+
+
+def lead_clause(gap: float, closing: float, speed: float, rng: np.random.Generator | None = None) -> str:
+    """What the text says of the lead vehicle ``gap`` m ahead closing at ``closing`` m/s, the ego at ``speed``."""
     ttc = gap / closing if closing > 0.3 else math.inf
     if ttc < 6:
-        options = (f"the lead vehicle is {gap:.0f} meters ahead and closing, time to collision {ttc:.1f} seconds",
-                   f"we close on the car ahead at {closing:.1f} m/s, gap {gap:.0f} meters")
+        options: tuple[str, ...] = (
+            f"the lead vehicle is {gap:.0f} meters ahead and closing, time to collision {ttc:.1f} seconds",
+            f"we close on the car ahead at {closing:.1f} m/s, gap {gap:.0f} meters")
+    elif gap < SAFE_HEADWAY_S * speed:
+        options = (f"the car in front is {gap:.0f} meters away",)
     else:
         options = (f"lead vehicle {gap:.0f} meters ahead, gap is safe", f"the car in front is {gap:.0f} meters away")
     return options[0] if rng is None else _pick(rng, *options)
@@ -112,7 +118,7 @@ def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str
         parts.append(_pick(rng, f"a car cuts in from the {f.cut_in_side} {f.cut_in_gap:.0f} meters ahead",
                            f"the vehicle on the {f.cut_in_side} is merging into our lane"))
     if f.lead_gap is not None:
-        parts.append(lead_clause(f.lead_gap, f.lead_closing, rng))
+        parts.append(lead_clause(f.lead_gap, f.lead_closing, f.speed, rng))
     if f.merging_side:
         parts.append(_pick(rng, "traffic is merging from the ramp on the right",
                            "a vehicle merges onto the highway from the right"))

@@ -176,7 +176,7 @@ class SpanVLAPolicy:
             state = LIGHT_STATES[int(np.argmax(seen.light))]
             parts.append(light_clause(state, seen.stop_line_m - VEHICLE_LENGTH_M / 2))   # from the bumper
         if seen is not None and seen.lead_probability is not None and seen.lead_probability > 0.5:
-            parts.append(lead_clause(seen.lead_gap_m, seen.lead_closing_mps))
+            parts.append(lead_clause(seen.lead_gap_m, seen.lead_closing_mps, speed))
         return "; ".join(parts)
 
     def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:
