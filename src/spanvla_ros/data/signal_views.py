@@ -44,9 +44,8 @@ def signal_views(scenarios: Sequence[str], seeds: Sequence[int], history_frames:
             while not obs.done:
                 scenes.append((obs.ego, list(obs.agents), obs.light, obs.images.get(camera)))
                 pose = (obs.ego.x, obs.ego.y, obs.ego.heading)
-                picks = list(scenes)[::per_frame]
-                if (len(scenes) == scenes.maxlen and step % every == 0
-                        and all(light is not None for _, _, light, _ in picks)
+                picks = list(scenes)[::per_frame] if len(scenes) == scenes.maxlen and step % every == 0 else []
+                if (picks and all(light is not None for _, _, light, _ in picks)
                         and stop_line_distance(backend.route_xy, backend.stop_lines_xy, pose) is not None):
                     meta = dict(scenario=scenario, seed=seed, t=obs.t, kind="signal_view", pose=pose,
                                 route_xy=backend.route_xy, stop_xy=backend.stop_lines_xy)

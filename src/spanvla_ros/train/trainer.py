@@ -296,14 +296,18 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     heads = perception_parameters(expert, prefixes)
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
     run, batch = distributed(expert), per_rank_batch(batch)
+    trains_crossing = crossing is not None and "crossing_head." in prefixes
+    reads_ego = "lead_head." in prefixes or trains_crossing     # a light-only run may have label-only samples
+
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
+        ego = ego_tensor(policy, bs) if reads_ego else None
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
-        lead = expert.lead_raw(front, ego_tensor(policy, bs)) if "lead_head." in prefixes else None
+        lead = expert.lead_raw(front, ego) if "lead_head." in prefixes else None
         loss = perception_loss(policy, bs, light, lead)
-        if crossing is not None and "crossing_head." in prefixes:
-            raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego_tensor(policy, bs))
+        if trains_crossing:
+            raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
             if raw is not None:
                 loss = loss + expert.crossing_head.loss(raw, crossing[1][ii])
         return loss
