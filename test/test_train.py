@@ -270,6 +270,40 @@ def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_datase
                 < 0.5 * fresh_head.loss(fresh_head(views, ego[:, 0]), targets))
 
 
+def test_finetune_heads_trains_only_the_heads_named(dataset, tmp_path):
+    """--heads-finetune CKPT --finetune-heads lead: the lead head's loss on the data falls and it is the only
+    weight that changes (the light head the text is also written from stays bit-identical)."""
+    import torch
+
+    from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
+    from spanvla_ros.model.batch import ego_tensor
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.policy import SpanVLAPolicy
+    from spanvla_ros.train.trainer import build_initial, front_tokens, main, perception_loss
+
+    samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    base = build_initial(samples, "noise", 0, lights=True, lead=True)
+    base.save_pretrained(tmp_path / "base")
+    fronts = torch.cat(front_tokens(base, samples))
+
+    def lead_loss(policy):
+        with torch.no_grad():
+            return float(perception_loss(policy, samples, None,
+                                         policy.expert.lead_raw(fronts, ego_tensor(policy, samples))))
+
+    with pytest.raises(SystemExit, match="no head"):
+        main(["--data", str(dataset), "--out", str(tmp_path / "x"), "--heads-finetune", str(tmp_path / "base"),
+              "--finetune-heads", "lead,radar"])
+    assert main(["--data", str(dataset), "--out", str(tmp_path / "ft"), "--heads-finetune", str(tmp_path / "base"),
+                 "--finetune-heads", "lead", "--head-epochs", "40", "--head-lr", "2e-3"]) == 0
+    tuned = SpanVLAPolicy.from_pretrained(tmp_path / "ft" / "sft")
+    assert lead_loss(tuned) < 0.5 * lead_loss(base)
+    changed = {name for (name, a), b in zip(base.expert.state_dict().items(), tuned.expert.state_dict().values())
+               if not torch.equal(a, b)}
+    assert changed and all(name.startswith("lead_head.") for name in changed)
+
+
 def test_the_training_command_line_is_the_config_dataclass():
     """Every TrainConfig field is a flag with the field's default; combinations that cannot train are refused
     before anything runs."""

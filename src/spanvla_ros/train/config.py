@@ -56,6 +56,8 @@ class TrainConfig:
     heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")
+    finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
+                                   "crossing; default: every head the checkpoint has); the others stay bit-identical")
     crossing_perception: bool = _opt(False, "with --heads-finetune: add a crossing-traffic head (every camera's "
                                             "newest frames; read by the safety envelope only) and train it alone")
     signal_views: str = _opt("", "with --heads-finetune: retrain the traffic-light head alone on the data's "
@@ -90,6 +92,12 @@ class TrainConfig:
         if self.signal_views and not self.heads_finetune:
             raise ValueError("--signal-views retrains a finished checkpoint's light head: use it with "
                              "--heads-finetune")
+        if self.finetune_heads and not self.heads_finetune:
+            raise ValueError("--finetune-heads chooses the heads --heads-finetune trains: use it with --heads-finetune")
+        if unknown := set(filter(None, self.finetune_heads.split(","))) - {"light", "lead", "crossing"}:
+            raise ValueError(f"--finetune-heads: no head {sorted(unknown)} (light, lead, crossing)")
+        if self.finetune_heads and (self.signal_views or self.crossing_perception):
+            raise ValueError("--signal-views and --crossing-perception choose their head: no --finetune-heads")
         if self.signal_views and self.crossing_perception:
             raise ValueError("--signal-views and --crossing-perception each train one head alone: run "
                              "them one after the other")

@@ -116,6 +116,7 @@ class CsvLog:
 # ------------------------------------------------------------------ stages
 READING_PREFIXES = ("light_", "lead_head.")                  # the heads grounded reasoning's text is written from
 PERCEPTION_PREFIXES = READING_PREFIXES + ("crossing_head.",)
+HEAD_PREFIXES = dict(light="light_", lead="lead_head.", crossing="crossing_head.")   # --finetune-heads names
 
 
 def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
@@ -350,8 +351,10 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     fronts = front_tokens(policy, samples)
     before = head_readings(policy, samples, fronts)
     prefixes: tuple[str, ...] = PERCEPTION_PREFIXES
+    if a.finetune_heads:
+        prefixes = tuple(HEAD_PREFIXES[h] for h in a.finetune_heads.split(","))
     crossing = None
-    if a.crossing_perception:
+    if a.crossing_perception or (policy.cfg.crossing_perception and "crossing_head." in prefixes):
         views = crossing_views(policy, samples)
         if not policy.cfg.crossing_perception:   # a new head: trained alone, the others stay as they are
             add_crossing_head(policy, views)
