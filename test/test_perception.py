@@ -181,6 +181,32 @@ def test_reasoning_facts_are_parsed_as_the_writer_states_them():
     assert stated_facts("the car in front is 27 meters away, so keep speed")["gap"] == 27.0
 
 
+def test_the_lead_label_follows_the_route_not_the_heading():
+    """Through a turn the car straight ahead is not the lead; the one on the turn is, with its speed along the
+    route; a car moving onto the route nearer than that is; without a route the label is along the heading."""
+    from shapely.geometry import LineString
+
+    from spanvla_ros.data.scene_text import facts_from_state, perception_facts
+
+    turn_left = LineString([(-10.0, 0.0), (20.0, 0.0), (20.0, 60.0)])
+    ego = (0.0, 0.0, 0.0, 8.0)                      # x, y, heading, speed
+    straight_on = (1, 30.0, 0.0, 0.0, 0.0)          # stopped beyond the corner, off the route
+    on_the_turn = (2, 20.0, 15.0, math.pi / 2, 5.0)
+
+    def lead(agents, route):
+        return perception_facts(facts_from_state(ego, agents, "intersection_left", "turn left", route=route))
+
+    along_heading = lead([straight_on, on_the_turn], None)
+    assert along_heading["lead_gap"] == pytest.approx(25.0) and along_heading["lead_closing"] == pytest.approx(8.0)
+    along_route = lead([straight_on, on_the_turn], turn_left)
+    assert along_route["lead_gap"] == pytest.approx(30.0) and along_route["lead_closing"] == pytest.approx(3.0)
+    assert lead([straight_on], turn_left)["lead_gap"] is None
+    cutting_in = (3, 12.0, 4.0, -math.pi / 2, 2.0)  # 4 m beside the route, moving onto it
+    standing_beside = (4, 12.0, 4.0, -math.pi / 2, 0.0)
+    assert lead([on_the_turn, cutting_in], turn_left)["lead_gap"] == pytest.approx(7.0)
+    assert lead([on_the_turn, standing_beside], turn_left)["lead_gap"] == pytest.approx(30.0)
+
+
 def test_the_text_calls_a_gap_safe_only_beyond_two_seconds_of_headway():
     """A lead 9 m ahead at 10 m/s holding its distance is not "a safe gap" (the run view once showed that next to a
     car 9 m ahead); 40 m ahead it is; a closing lead is stated with its time to collision, at any speed."""

@@ -269,6 +269,15 @@ def test_heads_finetune_trains_the_perception_heads_and_nothing_else(isec_datase
         assert (trained.loss(trained(views, ego[:, 0]), targets)
                 < 0.5 * fresh_head.loss(fresh_head(views, ego[:, 0]), targets))
 
+    # --heads-from a checkpoint with a crossing head: a fresh expert takes it too, weights and standardisation
+    from spanvla_ros.train.trainer import load_perception_heads
+
+    fresh = SpanVLAPolicy.from_pretrained(tmp_path / "base")
+    load_perception_heads(fresh, tmp_path / "cx" / "sft")
+    taken = fresh.expert.state_dict()
+    assert fresh.cfg.crossing_perception
+    assert all(torch.equal(v, taken[k]) for k, v in state.items() if k.startswith(PERCEPTION_PREFIXES))
+
 
 def test_finetune_heads_trains_only_the_heads_named(dataset, tmp_path):
     """--heads-finetune CKPT --finetune-heads lead: the lead head's loss on the data falls and it is the only

@@ -208,7 +208,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
                 negatives.append(dict(name=name, failed=failed, traj=cand.round(3).tolist()))
         recovering = job.kind == "recovery"
         facts = facts_from_state(pose, now["agents"], job.scenario, rec.b.command, now["light"], now["light_dist"],
-                                 now["lateral"], recovering)
+                                 now["lateral"], recovering, route=rec.scene.route)
         samples.append(dict(
             scenario=job.scenario, seed=job.seed, kind=SAMPLE_KIND[job.kind], bag=bag_rel,
             stamp=BAG_EPOCH + now["t"], t=now["t"], command=rec.b.command,

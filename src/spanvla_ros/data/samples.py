@@ -151,7 +151,7 @@ def derive_facts(sample: Sample, scene) -> None:
     light_dist = None
     if light is not None and scene.stop_s is not None:   # as data.generate logs it: front bumper to the line
         light_dist = scene.stop_s - scene.route.project(Point(m["pose"][0], m["pose"][1])) - VEHICLE_LENGTH_M / 2
-    facts = facts_from_state(m["pose"], agents, m["scenario"], m["command"], light, light_dist)
+    facts = facts_from_state(m["pose"], agents, m["scenario"], m["command"], light, light_dist, route=scene.route)
     m["facts"] = perception_facts(facts)
 
 

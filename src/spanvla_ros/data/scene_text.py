@@ -9,6 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..sim.types import VEHICLE_LENGTH_M
+
+LEAD_HALF_WIDTH_M = 1.8      # a vehicle whose centre is this near the ego's lane (or route) centre is in it
+CUT_IN_REACH_M = 5.5         # ... and one this near, moving towards it, is cutting in
+CUT_IN_SPEED_MPS = 0.4       # towards the lane, faster than this
+LEAD_RANGE_M = 60.0
+CUT_IN_RANGE_M = 30.0
+
 
 @dataclass
 class SceneFacts:
@@ -26,10 +34,13 @@ class SceneFacts:
     lateral_offset: float = 0.0            # m from the lane centre, left > 0
     recovering: bool = False
     command: str = "follow lane"
+    route_lead: tuple[float | None, float] | None = None   # (gap, closing) along the route, where it is known
 
 
 def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, light_dist=None,
-                     lateral_offset: float = 0.0, recovering: bool = False) -> SceneFacts:
+                     lateral_offset: float = 0.0, recovering: bool = False, route=None) -> SceneFacts:
+    """What the simulator knows around the ego; ``route`` (shapely LineString): the lead label follows it
+    (route_lead), the text's lead and cut-in stay along the heading."""
     x0, y0, h0, v0 = ego_xyhv
     c, s = math.cos(h0), math.sin(h0)
     f = SceneFacts(speed=v0, command=command, light=light, light_dist=light_dist, lateral_offset=lateral_offset,
@@ -40,15 +51,54 @@ def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, 
         lon, lat = c * dx + s * dy, -s * dx + c * dy
         v_lon = av * math.cos(ah - h0)
         v_lat = av * math.sin(ah - h0)
-        if 0 < lon < 60 and abs(lat) < 1.8:
+        if 0 < lon < LEAD_RANGE_M and abs(lat) < LEAD_HALF_WIDTH_M:
             if f.lead_gap is None or lon < f.lead_gap:
-                f.lead_gap, f.lead_closing = lon - 5.0, v0 - v_lon
-        elif 0 < lon < 30 and 1.8 <= abs(lat) < 5.5 and lat * v_lat < -0.4:
-            f.cut_in_side, f.cut_in_gap = ("left" if lat > 0 else "right"), lon - 5.0
+                f.lead_gap, f.lead_closing = lon - VEHICLE_LENGTH_M, v0 - v_lon
+        elif (0 < lon < CUT_IN_RANGE_M and LEAD_HALF_WIDTH_M <= abs(lat) < CUT_IN_REACH_M
+              and lat * v_lat < -CUT_IN_SPEED_MPS):
+            f.cut_in_side, f.cut_in_gap = ("left" if lat > 0 else "right"), lon - VEHICLE_LENGTH_M
             f.cut_in_closing = v0 - v_lon
         elif scenario.startswith("merge") and -15 < lon < 50 and lat < -3.0:
             f.merging_side = "right"
+    if route is not None:
+        f.route_lead = route_lead(ego_xyhv, agents, route)
     return f
+
+
+
+
+def route_lead(ego_xyhv, agents, route) -> tuple[float | None, float]:
+    """The lead along the route the ego follows (a shapely LineString, as a map gives it), not straight along its
+    heading: through a junction the car straight ahead is often oncoming or standing beside the turn, and the one
+    the ego will meet is on the turn. The nearest vehicle ahead within LEAD_HALF_WIDTH_M of the route or, nearer,
+    one within CUT_IN_REACH_M of it and moving towards it; (gap bumper to bumper along the route, closing speed:
+    the ego's speed minus the vehicle's along the route), or (None, 0.0) when there is none."""
+    from shapely.geometry import Point
+
+    x0, y0, _, v0 = ego_xyhv
+    s_ego = route.project(Point(x0, y0))
+    best: tuple[float, float] | None = None
+    for (_, ax, ay, ah, av, *_rest) in agents:
+        here = Point(ax, ay)
+        s_a, off = route.project(here), route.distance(here)
+        ahead = s_a - s_ego
+        if ahead <= 0.0 or off >= CUT_IN_REACH_M or s_a >= route.length:
+            continue
+        on_route = route.interpolate(s_a)
+        tangent = np.subtract(route.interpolate(min(s_a + 1.0, route.length)).coords[0], on_route.coords[0])
+        tangent /= max(float(np.linalg.norm(tangent)), 1e-6)
+        velocity = av * np.array([math.cos(ah), math.sin(ah)])
+        if off < LEAD_HALF_WIDTH_M:
+            if ahead >= LEAD_RANGE_M:
+                continue
+        else:
+            towards = np.subtract(on_route.coords[0], (ax, ay)) / off
+            if ahead >= CUT_IN_RANGE_M or float(velocity @ towards) <= CUT_IN_SPEED_MPS:
+                continue
+        gap = ahead - VEHICLE_LENGTH_M
+        if best is None or gap < best[0]:
+            best = (gap, v0 - float(velocity @ tangent))
+    return best if best is not None else (None, 0.0)
 
 
 def perception_facts(f: SceneFacts) -> dict:
@@ -59,7 +109,9 @@ def perception_facts(f: SceneFacts) -> dict:
     def r(x):
         return None if x is None else round(float(x), 3)
     gap, closing = f.lead_gap, f.lead_closing
-    if f.cut_in_gap is not None and (gap is None or f.cut_in_gap < gap):
+    if f.route_lead is not None:
+        gap, closing = f.route_lead
+    elif f.cut_in_gap is not None and (gap is None or f.cut_in_gap < gap):
         gap, closing = f.cut_in_gap, f.cut_in_closing
     return dict(lead_gap=r(gap), lead_closing=r(closing if gap is not None else None),
                 light=f.light, light_dist=r(f.light_dist))

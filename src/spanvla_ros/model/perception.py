@@ -5,7 +5,7 @@ The flow expert did not find the lead vehicle's gap and closing speed in ~1000 b
 of TransFuser / InterFuser, a small head reads the VLM's vision-encoder tokens of the front camera's history
 frames and is supervised with the simulator's truth (labels only; never a planner input):
 
-* whether a vehicle is ahead in the ego lane (within ``LEAD_RANGE_M``),
+* whether a vehicle is ahead in the ego lane (within ``data.scene_text.LEAD_RANGE_M``),
 * its bumper-to-bumper gap,
 * its closing speed (ego speed minus lead speed along the ego heading; > 0 when the gap shrinks).
 
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEAD_RANGE_M = 60.0          # a vehicle farther ahead than this is not "the lead" (scene_text.facts_from_state)
 GAP_SCALE_M = 30.0
 CLOSING_SCALE_MPS = 10.0
 LEAD_FEATURES = 3            # P(lead), P * gap / GAP_SCALE_M, P * closing / CLOSING_SCALE_MPS

@@ -125,6 +125,8 @@ def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
     state = {k: v for k, v in load_file(checkpoint / "expert.safetensors").items() if k.startswith(PERCEPTION_PREFIXES)}
+    if any(k.startswith("crossing_head.") for k in state) and not policy.cfg.crossing_perception:
+        new_crossing_head(policy)   # its weights and input standardisation come with the others
     missing = [k for k in policy.expert.state_dict() if k.startswith(PERCEPTION_PREFIXES) and k not in state]
     if missing or not state:
         raise SystemExit(f"--heads-from {checkpoint}: its expert lacks the perception heads this model needs {missing}")
@@ -409,13 +411,18 @@ def signal_view_tokens(policy, seeds: list[int]) -> tuple[list[Sample], list[tor
     return samples, fronts
 
 
-def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
-    """A fresh crossing-traffic head on a finished checkpoint, its input standardisation fitted on ``views``."""
+def new_crossing_head(policy) -> PooledTokenHead:
+    """An untrained crossing-traffic head on ``policy``'s expert."""
     r = policy.reasoner
     policy.cfg.crossing_perception = True
-    head = PooledTokenHead(r.front_token_dim, r.front_tokens, len(policy.cfg.cameras) * CROSSING_FRAMES)
-    head.fit(torch.cat(views[::4]), r.front_token_rc)
-    policy.expert.crossing_head = head
+    policy.expert.crossing_head = PooledTokenHead(r.front_token_dim, r.front_tokens,
+                                                  len(policy.cfg.cameras) * CROSSING_FRAMES)
+    return policy.expert.crossing_head
+
+
+def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
+    """A fresh crossing-traffic head on a finished checkpoint, its input standardisation fitted on ``views``."""
+    new_crossing_head(policy).fit(torch.cat(views[::4]), policy.reasoner.front_token_rc)
 
 
 def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
