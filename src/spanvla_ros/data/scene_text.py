@@ -65,8 +65,6 @@ def facts_from_state(ego_xyhv, agents, scenario: str, command: str, light=None, 
     return f
 
 
-
-
 def route_lead(ego_xyhv, agents, route) -> tuple[float | None, float]:
     """The lead along the route the ego follows (a shapely LineString, as a map gives it), not straight along its
     heading: through a junction the car straight ahead is often oncoming or standing beside the turn, and the one

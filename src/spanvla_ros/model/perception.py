@@ -5,9 +5,9 @@ The flow expert did not find the lead vehicle's gap and closing speed in ~1000 b
 of TransFuser / InterFuser, a small head reads the VLM's vision-encoder tokens of the front camera's history
 frames and is supervised with the simulator's truth (labels only; never a planner input):
 
-* whether a vehicle is ahead in the ego lane (within ``data.scene_text.LEAD_RANGE_M``),
-* its bumper-to-bumper gap,
-* its closing speed (ego speed minus lead speed along the ego heading; > 0 when the gap shrinks).
+* whether a vehicle is ahead on the ego's route (``data.scene_text.route_lead``, within ``LEAD_RANGE_M``),
+* its bumper-to-bumper gap along the route,
+* its closing speed (ego speed minus lead speed along the route; > 0 when the gap shrinks).
 
 Each frame's tokens are attention-pooled (a per-token score says "this is the lead", the pooled vector is what it
 looks like and where it is: each token carries its patch row / column, since the bottom edge's image row and the

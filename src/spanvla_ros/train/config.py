@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+HEAD_PREFIXES = dict(light="light_", lead="lead_head.", crossing="crossing_head.")   # --finetune-heads names: weights
+
 
 def _opt(default: Any, help: str = "", choices: tuple | None = None) -> Any:
     return field(default=default, metadata=dict(help=help, choices=choices))
@@ -94,8 +96,8 @@ class TrainConfig:
                              "--heads-finetune")
         if self.finetune_heads and not self.heads_finetune:
             raise ValueError("--finetune-heads chooses the heads --heads-finetune trains: use it with --heads-finetune")
-        if unknown := set(filter(None, self.finetune_heads.split(","))) - {"light", "lead", "crossing"}:
-            raise ValueError(f"--finetune-heads: no head {sorted(unknown)} (light, lead, crossing)")
+        if unknown := set(filter(None, self.finetune_heads.split(","))) - set(HEAD_PREFIXES):
+            raise ValueError(f"--finetune-heads: no head {sorted(unknown)} ({', '.join(HEAD_PREFIXES)})")
         if self.finetune_heads and (self.signal_views or self.crossing_perception):
             raise ValueError("--signal-views and --crossing-perception choose their head: no --finetune-heads")
         if self.signal_views and self.crossing_perception:

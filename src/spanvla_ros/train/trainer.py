@@ -37,7 +37,7 @@ from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_d
 from ..model.perception import CROSSING_FRAMES, PooledTokenHead, crossing_targets_tensor, lead_targets_tensor
 from ..model.policy import SpanVLAPolicy, state_digest, vlm_digest
 from ..sim.scenarios import SCENARIOS, parse_seeds
-from .config import TrainConfig
+from .config import HEAD_PREFIXES, TrainConfig
 
 STAGES = ("sft", "grpo_warmup", "grpo_pos", "grpo_neg", "grpo_rec")
 
@@ -116,7 +116,6 @@ class CsvLog:
 # ------------------------------------------------------------------ stages
 READING_PREFIXES = ("light_", "lead_head.")                  # the heads grounded reasoning's text is written from
 PERCEPTION_PREFIXES = READING_PREFIXES + ("crossing_head.",)
-HEAD_PREFIXES = dict(light="light_", lead="lead_head.", crossing="crossing_head.")   # --finetune-heads names
 
 
 def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
