@@ -3,13 +3,13 @@
 The planner runs as its own process (`spanvla-drive --no-sim`, params/spanvla.yaml, the embedded default or
 --checkpoint). This process plays a pre-rendered highway-env episode into it in real time: 3 cameras at
 10 Hz and odometry at 20 Hz, stamped with the wall clock at publication, and listens to its Path, PlanStatus
-and Reasoning. Per reasoner rate it prints:
+and Reasoning. Per reasoner rate (and per ``--variant``: planner parameters measured side by side) it prints:
 
 * input stamp -> Path received: odometry stamp (what the plan is stamped with) to arrival here, p50/p99,
   split into plans that arrived while the reasoner was generating and plans that arrived while it was idle;
 * camera stamp -> Path: the same plus the age of the bridge it was planned from (frames -> reasoning -> plan);
 * achieved control rate (busy / idle), reasoner rate and latency, expert compute time;
-* CPU (% of one core) and peak RSS of the planner process.
+* CPU (% of one core) and peak RSS of the planner: the node's process and its reasoner process together.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ class Player:
 
 
 def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: float, steps, sim_dt, route,
-            checkpoint: str, env: dict, camera_size: tuple[int, int] | None = None) -> dict:
+            checkpoint: str, env: dict, camera_size: tuple[int, int] | None = None,
+            overrides: tuple[str, ...] = ()) -> dict:
     import psutil
     import rclpy
     from nav_msgs.msg import Path as PathMsg
@@ -144,6 +145,8 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
            "--set", f"spanvla_planner.reasoner_rate_hz={reasoner_hz}"]
     if checkpoint:
         cmd += ["--set", f"spanvla_planner.checkpoint={checkpoint}"]
+    for item in overrides:
+        cmd += ["--set", item]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
@@ -175,12 +178,17 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
             raise RuntimeError("planner produced no reasoning: " + tail)
         time.sleep(warmup)
         t_start = time.time()
-        ps.cpu_percent()
-        rss, cpu = [], []
+        # the node and its reasoner process (planning.reasoner_process), if it runs one: the CPU it all costs
+        procs = [ps, *ps.children(recursive=True)]
+        for q in procs:
+            q.cpu_percent()
+        rss, cpu, cpu_main = [], [], []
         while time.time() - t_start < duration:
             time.sleep(0.5)
-            cpu.append(ps.cpu_percent())
-            rss.append(ps.memory_info().rss)
+            per = [q.cpu_percent() for q in procs]
+            cpu.append(sum(per))
+            cpu_main.append(per[0])
+            rss.append(sum(q.memory_info().rss for q in procs))
         t_end = time.time()
     finally:
         player.stop.set()
@@ -230,6 +238,8 @@ def measure(params_file: Path, reasoner_hz: float, duration: float, warmup: floa
         expert_compute_p99_ms=pct([s.expert_latency for s in sts], 99) * 1e3,
         degraded_plans=sum(s.degraded for s in sts), plans=len(win),
         cpu_percent_of_one_core=float(np.mean(cpu)) if cpu else float("nan"),
+        cpu_percent_main_process=float(np.mean(cpu_main)) if cpu_main else float("nan"),
+        processes=len(procs),
         peak_rss_mb=max(rss) / 1e6 if rss else float("nan"))
 
 
@@ -248,13 +258,15 @@ ROWS = [("control rate (Hz)", "control_rate_hz", "{:.1f}"), ("  while reasoner b
         ("expert compute p50 (ms)", "expert_compute_p50_ms", "{:.1f}"),
         ("expert compute p99 (ms)", "expert_compute_p99_ms", "{:.1f}"),
         ("plans in window (degraded)", None, None),
-        ("planner CPU (% of one core)", "cpu_percent_of_one_core", "{:.0f}"),
-        ("planner peak RSS (MB)", "peak_rss_mb", "{:.0f}")]
+        ("planner CPU, all its processes (% of one core)", "cpu_percent_of_one_core", "{:.0f}"),
+        ("  of which the node's process", "cpu_percent_main_process", "{:.0f}"),
+        ("planner processes (node + reasoner)", "processes", "{:d}"),
+        ("planner peak RSS, all its processes (MB)", "peak_rss_mb", "{:.0f}")]
 
 
 def table(results: list[dict]) -> str:
     head = "| metric | " + " | ".join(f"reasoner {r['reasoner_hz_param']:g} Hz, {r['camera_size']}"
-                                      for r in results) + " |"
+                                      + (f", {r['variant']}" if r["variant"] else "") for r in results) + " |"
     lines = [head, "|---" * (len(results) + 1) + "|"]
     for label, key, fmt in ROWS:
         if key is None:
@@ -280,7 +292,18 @@ def main(argv=None) -> int:
     ap.add_argument("--camera-sizes", default="native",
                     help="comma list of frame sizes the cameras publish: native (the simulator's) or WxH, e.g. "
                          "native,1920x1080 (one planner run per size and reasoner rate)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:NODE.PARAM=VALUE[;...]",
+                    help="a planner configuration to measure side by side with the others (repeatable; one run "
+                         "per variant, size and rate), e.g. 'in-process:spanvla_planner.reasoner_process=false'")
     a = ap.parse_args(argv)
+    variants: list[tuple[str, tuple[str, ...]]] = [("", ())]
+    if a.variant:
+        variants = []
+        for spec in a.variant:
+            name, sep, sets = spec.partition(":")
+            if not sep or not name:
+                ap.error(f"--variant {spec!r}: expected NAME:NODE.PARAM=VALUE[;...]")
+            variants.append((name, tuple(x for x in sets.split(";") if x)))
     steps, sim_dt, route = record_episode(a.scenario, a.seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     def size(spec: str) -> tuple[int, int] | None:
@@ -291,11 +314,12 @@ def main(argv=None) -> int:
 
     sizes = [size(x) for x in a.camera_sizes.split(",")]
     results = []
-    for wh, hz in [(wh, float(x)) for wh in sizes for x in a.reasoner_hz.split(",")]:
-        results.append(measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env,
-                               wh))
+    for (name, sets), wh, hz in [(v, wh, float(x)) for v in variants for wh in sizes
+                                 for x in a.reasoner_hz.split(",")]:
+        results.append({**measure(a.params_file, hz, a.duration, a.warmup, steps, sim_dt, route, a.checkpoint, env,
+                                  wh, sets), "variant": name, "overrides": list(sets)})
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()}
-        print(f"reasoner {hz:g} Hz: {json.dumps(rounded)}",
+        print(f"reasoner {hz:g} Hz{', ' + name if name else ''}: {json.dumps(rounded)}",
               flush=True)
     print(f"\nplanner process (spanvla-drive --no-sim), {os.cpu_count()} CPU cores, {a.duration:g} s per run, "
           f"inputs: 3 cameras 10 Hz (raw rgb8) + odometry 20 Hz over DDS (loopback)\n")

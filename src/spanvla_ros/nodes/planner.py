@@ -1,10 +1,12 @@
-"""spanvla_planner: VLM reasoner at low rate and flow-matching action expert at control rate, one process,
-sharing the bridge in memory.
+"""spanvla_planner: VLM reasoner at low rate and flow-matching action expert at control rate, sharing the bridge.
 
-The reasoner runs in its own worker thread at its own rate, so a reasoner run (hundreds of ms) never blocks
-the control timer, which runs with the subscriptions on the node's executor; torch releases the GIL in its
-kernels. (Two callback groups on rclpy's MultiThreadedExecutor were tried first: its wait loop spins on
-the GIL and starved the sensor callbacks to a few Hz on this 2-core machine.)
+The reasoner is driven by its own worker thread at its own rate, so a reasoner run (hundreds of ms) never blocks
+the control timer, which runs with the subscriptions on the node's executor. With ``reasoner_process`` (the
+default) the run itself happens in a process of its own (planning.reasoner_process) and its bridge comes back
+through a pipe: in one process the decode loop and the plans share one interpreter lock, and a plan that takes
+8 ms alone took up to 35 ms while the reasoner generated. (Two callback groups on rclpy's MultiThreadedExecutor
+were tried first: its wait loop spins on the GIL and starved the sensor callbacks to a few Hz on this 2-core
+machine.)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from spanvla_ros.model.errors import ReasoningCancelled
 from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.msg import PlanStatus, Reasoning
 from spanvla_ros.planning.core import Plan, PlannerCore, PlannerParams
+from spanvla_ros.planning.reasoner_process import ReasonerProcess
 from spanvla_ros.ros import topics
 from spanvla_ros.ros.images import ImageDecodeError, decode_compressed_msg, decode_image_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
@@ -45,8 +48,11 @@ class PlannerNode(Node):
         super().__init__(name, **node_kw)
         p = self._declare_params()
         set_torch_threads(p["torch_threads"])
-        self.policy = policy or SpanVLAPolicy.from_pretrained(resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT),
-                                                              device=p["device"], dtype=p["dtype"])
+        checkpoint = resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT)
+        self.policy = policy or SpanVLAPolicy.from_pretrained(checkpoint, device=p["device"], dtype=p["dtype"])
+        # the same weights in a second process (a policy built in memory is pickled across, not re-read)
+        self._reasoner_source = checkpoint if policy is None else policy
+        self.reasoner_process = self._start_reasoner_process() if p["reasoner_process"] else None
         cams = tuple(p["camera_names"])
         self._warned: dict[str, float] = {}
         self.core = PlannerCore(self.policy, PlannerParams.from_mapping(p), cams, warn=self._warn)
@@ -95,7 +101,8 @@ class PlannerNode(Node):
         self._reasoner_thread.start()
         self.get_logger().info(f"model {self.policy.model_id}: reasoner {p['reasoner_rate_hz']} Hz, "
                                f"expert {p['control_rate_hz']} Hz, bridge layers {self.policy.reasoner.layer_ids}, "
-                               f"fresh perception {'on' if self.core.fresh else 'off'}")
+                               f"fresh perception {'on' if self.core.fresh else 'off'}, reasoner "
+                               + (f"process {self.reasoner_process.pid}" if self.reasoner_process else "in process"))
 
     def _declare_params(self) -> dict[str, Any]:
         """From params/spanvla.schema.yaml (descriptors, no defaults: the params file gives every value); changes
@@ -135,6 +142,7 @@ class PlannerNode(Node):
                        "plans limited (safety envelope)": c["plans_limited"],
                        "plans withheld (stale odometry)": c["plans_withheld_stale_odometry"],
                        "reasoner runs": c["reasoner_runs"], "dropped messages": self.bad_messages,
+                       "reasoner process restarts": c["reasoner_process_restarts"],
                        "bridge age (s)": f"{plan.bridge_age:.2f}" if plan else "-",
                        "perception age (s)": f"{plan.perception_age:.2f}" if plan else "-",
                        "model": self.policy.model_id})
@@ -215,6 +223,8 @@ class PlannerNode(Node):
         if hasattr(self, "_reasoner_thread"):   # absent when construction failed (e.g. a missing parameter)
             self._stop.set()
             self._reasoner_thread.join()
+        if getattr(self, "reasoner_process", None) is not None:
+            self.reasoner_process.close()
         return super().destroy_node()
 
     # ------------------------------------------------------------------ reasoner (low rate, own thread)
@@ -230,8 +240,20 @@ class PlannerNode(Node):
                 self.counters["reasoner_errors"] += 1
                 self.get_logger().error(f"reasoner run failed: {exc!r}", throttle_duration_sec=2.0)
 
+    def _start_reasoner_process(self) -> ReasonerProcess:
+        p = self.params
+        return ReasonerProcess(self._reasoner_source, p["reasoner_torch_threads"], p["device"], p["dtype"])
+
     def _reason(self) -> None:
-        r = self.core.reason(cancel=self._stop.is_set)
+        if self.reasoner_process is not None and not self.reasoner_process.alive():
+            # killed from outside (out of memory, a signal): plans go on from the last bridge, marked degraded
+            # once it is stale, until a new process answers
+            self.counters["reasoner_process_restarts"] += 1
+            self.get_logger().error("the reasoner process exited; starting a new one")
+            self.reasoner_process.close()
+            self.reasoner_process = self._start_reasoner_process()
+        r = self.core.reason(cancel=self._stop.is_set,
+                             run=self.reasoner_process.reason if self.reasoner_process else None)
         if r is None:
             return
         self.core.bridge.publish(r.bridge)

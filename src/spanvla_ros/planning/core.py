@@ -146,10 +146,12 @@ class PlannerCore:
         return None
 
     # ------------------------------------------------------------------ reasoner (low rate)
-    def reason(self, cancel: Callable[[], bool] | None = None) -> ReasoningResult | None:
+    def reason(self, cancel: Callable[[], bool] | None = None,
+               run: Callable[..., ReasoningResult] | None = None) -> ReasoningResult | None:
         """One reasoner run on the newest complete frame set; None (counted) while inputs are missing. The caller
         publishes ``result.bridge`` to ``self.bridge`` when it becomes available (at once in real time; after the
-        modelled latency in lockstep)."""
+        modelled latency in lockstep). ``run`` takes ``SpanVLAPolicy.reason``'s arguments (a ReasonerProcess's
+        ``reason``); the policy's own by default."""
         hist = self.frames.history()
         ego = self.ego.state(self.policy.cfg.past_poses, self.policy.cfg.history_dt)
         if hist is None or ego is None:
@@ -162,7 +164,7 @@ class PlannerCore:
         images, stamp = hist
         past, speed, accel, _, _ = ego
         route = self._route(for_plan=False)
-        r = self.policy.reason(images, self.command, speed, accel, past, stamp=stamp,
+        r = (run or self.policy.reason)(images, self.command, speed, accel, past, stamp=stamp,
                                max_new_tokens=self.params.max_new_tokens, route_xy=route, pose=self.ego.latest_pose(),
                                stop_xy=self._stop_lines(for_plan=False) if route is not None else None,
                                cancel=cancel)
