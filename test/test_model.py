@@ -55,6 +55,18 @@ def test_full_path_shapes_and_dtypes(policy):
     assert traj.shape == (cfg.horizon, 4) and traj.dtype == np.float32 and np.isfinite(traj).all()
 
 
+def test_reasoning_that_repeats_one_token_is_ended_with_the_action_token(policy):
+    from spanvla_ros.model.reasoner import MAX_TOKEN_REPEATS, degenerate
+
+    assert degenerate([5, 7, 7, 7, 7]) and not degenerate([7, 7, 7, 5]) and not degenerate([7] * 3)
+    # an untrained VLM decodes greedily into one token again and again: the text ends there, not at the budget
+    r = policy.reason(frames(seed=4), "follow lane", 8.0, 0.0, PAST, max_new_tokens=40)
+    body = r.token_ids[:-1]
+    assert r.token_ids[-1] == policy.reasoner.action_token_id and len(body) < 40 and not r.hit_action_token
+    assert degenerate(body) and not any(degenerate(body[:k]) for k in range(len(body)))
+    assert MAX_TOKEN_REPEATS <= len(body)
+
+
 def test_bridge_is_exactly_the_selected_cache_layers(tokenizer):
     cfg = SpanVLAConfig(bridge_layer_stride=3)
     pol = SpanVLAPolicy.build(cfg, tokenizer, seed=1)

@@ -134,3 +134,22 @@ def test_a_foreign_bag_replays_with_remaps_only(tmp_path):
             "progress_ratio", "plan_consistency_m"} <= set(m)
     assert all(np.isfinite(v) for v in m.values())
     assert rep["planner_counters"].get("reasoner_runs", 0) >= 1 and rep["planner_counters"].get("bad_encoding", 0) == 0
+
+
+def test_the_run_view_finds_a_foreign_bags_cameras_through_the_remaps(tmp_path):
+    """A bag with its own camera names: the run view takes each camera from the topic replay maps onto it (by
+    carla-ros-bridge naming alone it finds none)."""
+    from helpers.foreign_bag import FOREIGN_CAMERAS, remaps_to, write_foreign_bag
+    from spanvla_ros.config import node_params
+    from spanvla_ros.eval.replay import camera_names_of, parse_remaps
+    from spanvla_ros.eval.run_view import read_run
+
+    params = REPO / "params" / "spanvla.yaml"
+    bag = write_foreign_bag(tmp_path / "foreign", seconds=1.0, width=64, height=48)
+    remap = parse_remaps(remaps_to(node_params("spanvla_planner", params)["camera_names"],
+                                   node_params("topics", params)))
+    names = camera_names_of(remap, params)
+    assert names == {topic: cam for cam, topic in FOREIGN_CAMERAS.items()}
+    log = read_run([bag], camera_topics=names)
+    assert all(len(log.images[c]) == 10 and log.images[c][0][1].shape == (48, 64, 3) for c in FOREIGN_CAMERAS)
+    assert not any(read_run([bag]).images.values())

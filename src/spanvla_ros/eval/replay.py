@@ -94,6 +94,18 @@ def planner_inputs(pp: dict) -> dict[str, str]:
     return topics
 
 
+def camera_names_of(target: dict[str, str], params_file: Path) -> dict[str, str]:
+    """Bag topic -> the planner's camera name, for the bag topics ``target`` sends to a camera input (raw or
+    /compressed)."""
+    from ..config import node_params
+    from ..ros.topics import COMPRESSED
+
+    wire = dict(zip(node_params("topics", params_file)["camera_topics"],
+                    node_params("spanvla_planner", params_file)["camera_names"]))
+    return {bag_topic: wire[t.removesuffix(COMPRESSED)] for bag_topic, t in target.items()
+            if t.removesuffix(COMPRESSED) in wire}
+
+
 def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, checkpoint: str = "",
            settle_s: float = 3.0, remap: dict[str, str] | None = None, start_s: float = 0.0,
            duration_s: float | None = None, view: bool = True) -> dict:
@@ -206,7 +218,8 @@ def replay(bag: Path, params_file: Path, out_dir: Path, rate: float = 1.0, check
     if recorder.records and view:
         from .run_view import read_run, render_strip
         # keyframes from the plans, then only the frames they show are kept from the input bag
-        report["run_view"] = str(render_strip(read_run([bag, out_bag], keyframes_from=out_bag),
+        report["run_view"] = str(render_strip(read_run([bag, out_bag], keyframes_from=out_bag,
+                                                       camera_topics=camera_names_of(target, params_file)),
                                               out_dir / "run_view.png", title=bag.name))
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
     return report

@@ -62,10 +62,12 @@ def _plan_times(bag) -> list[float]:
     return out
 
 
-def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_from=None, rows: int = 6) -> RunLog:
+def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_from=None, rows: int = 6,
+             camera_topics: dict[str, str] | None = None) -> RunLog:
     """Collect what the view needs from one or more bags; a bag that breaks mid-way contributes what it read.
     With ``keyframes_from`` (the bag holding the plans) only the camera frames the strip's keyframes show are
-    kept, so memory does not grow with the bags' length."""
+    kept, so memory does not grow with the bags' length. ``camera_topics``: bag topic -> camera name, for a bag
+    with its own names (replay's --remap); without it cameras are found by carla-ros-bridge naming (rgb_<camera>/)."""
     from rosbags.highlevel import AnyReader
 
     from ..ros.images import decode_rgb
@@ -82,7 +84,8 @@ def read_run(bags, cameras=("front_left", "front", "front_right"), keyframes_fro
             with AnyReader([Path(bag)], default_typestore=typestore(with_spanvla_msgs=True)) as reader:
                 for conn, _, raw in reader.messages():
                     typ, topic = conn.msgtype, conn.topic
-                    cam = next((c for c in cameras if f"rgb_{c}/" in topic), None)
+                    cam = (camera_topics.get(topic) if camera_topics is not None
+                           else next((c for c in cameras if f"rgb_{c}/" in topic), None))
                     if cam and typ.startswith("sensor_msgs/msg/") and "Image" in typ:
                         m: Any = reader.deserialize(raw, typ)
                         t_img = _t(m.header.stamp)

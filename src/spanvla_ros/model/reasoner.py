@@ -24,6 +24,15 @@ from .perception import CROSSING_FRAMES
 from .prompt import build_prompt
 
 IMAGE_PAD = "<|image_pad|>"
+# one token this many times in a row ends the text: the shipped default's greedy reasoning never repeats a token
+# twice in a row on training frames (300 sampled), so this only cuts off a degenerate loop
+MAX_TOKEN_REPEATS = 4
+
+
+def degenerate(tokens: Sequence[int]) -> bool:
+    """The decoded text has fallen into repeating one token (seen on frames far from the training data: "roundabout"
+    thirty times); greedy decoding then stays there until the budget runs out, so the reasoner ends the text."""
+    return len(tokens) >= MAX_TOKEN_REPEATS and len(set(tokens[-MAX_TOKEN_REPEATS:])) == 1
 
 
 @dataclass
@@ -34,7 +43,7 @@ class ReasoningResult:
     prefill_s: float
     decode_s: float
     num_vision_tokens: int
-    hit_action_token: bool      # False when max_new_tokens ran out and the action token was forced
+    hit_action_token: bool      # False when the action token was forced (budget out, or a degenerate repeat)
     cache: object = None        # full KV cache, only with keep_cache=True (the AR baseline continues from it)
     last_logits: torch.Tensor | None = None
 
@@ -234,7 +243,7 @@ class VLMReasoner:
         while True:
             if cancel is not None and cancel():
                 raise ReasoningCancelled(f"cancelled after {len(generated)} decode steps")
-            if len(generated) >= max_new_tokens:
+            if len(generated) >= max_new_tokens or degenerate(generated):
                 tok = self.action_token_id
             elif temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, -1)
@@ -250,7 +259,8 @@ class VLMReasoner:
             if tok == self.action_token_id:
                 break
         t2 = time.perf_counter()
-        hit = len(generated) <= max_new_tokens  # else the action token was forced after the budget
+        # else the action token was forced: the budget ran out, or the text had degenerated
+        hit = len(generated) <= max_new_tokens and not degenerate(generated[:-1])
         text = (prefix + self.tokenizer.decode(generated[:-1], skip_special_tokens=True)).strip()
         seq_len = cache.get_seq_length()
         bridge = BridgeSnapshot.from_cache(

@@ -71,7 +71,10 @@ class ReasonerProcess:
         if not self._conn.poll(START_TIMEOUT_S):
             self.close()
             raise RuntimeError(f"the reasoner process did not start within {START_TIMEOUT_S:.0f} s")
-        kind, payload = self._conn.recv()
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:                       # it died before it could say why
+            kind, payload = "error", f"the process exited (code {self._proc.exitcode})"
         if kind != "ready":
             self.close()
             raise RuntimeError(f"the reasoner process could not load the model: {payload}")
