@@ -68,6 +68,35 @@ def test_plans_degrade_and_withhold_as_inputs_age(policy, params):
     assert core.counters["plans_degraded"] == 2 and core.counters["plans_withheld_stale_odometry"] == 2
 
 
+def test_before_the_first_bridge_the_envelope_holds_the_plan_to_what_the_heads_see(policy, params):
+    import copy
+
+    import torch
+
+    from spanvla_ros.model.perception import CLOSING_SCALE_MPS, GAP_SCALE_M
+
+    seeing = copy.deepcopy(policy)
+    last = seeing.expert.lead_head.out[-1]          # the lead head reads a lead 4 m ahead, closing at 5 m/s
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([10.0, 4.0 / GAP_SCALE_M, 5.0 / CLOSING_SCALE_MPS]))
+    core = PlannerCore(seeing, params, CAMS)
+    feed(core, 0.0, 1.6)
+    plan = core.plan(now=1.6)
+    assert plan.degraded and "no bridge" in plan.reason and plan.bridge is None
+    assert plan.percept.lead_probability > 0.99 and plan.percept.lead_gap_m == pytest.approx(4.0, abs=0.01)
+    assert plan.limited_by and core.counters["plans_limited"] == 1
+    unlimited = seeing.history_init(*core.ego.state(seeing.cfg.past_poses, seeing.cfg.history_dt)[:2])
+    assert (plan.traj[:, 3] <= unlimited[:, 3] + 1e-6).all() and (plan.traj[:, 0] < unlimited[:, 0]).all()
+    assert plan.traj[:, 3].min() < 1.0 < unlimited[:, 3].min()       # it brakes for the lead first
+    # and without fresh perception there is nothing to hold it to: the history-initialised plan as it is
+    blind = PlannerCore(seeing, dataclasses.replace(params, fresh_perception=False), CAMS)
+    feed(blind, 0.0, 1.6)
+    as_is = blind.plan(now=1.6)
+    assert as_is.percept is None and not as_is.limited_by
+    np.testing.assert_allclose(as_is.traj, unlimited)
+
+
 def test_route_stop_lines_and_command_are_gated(policy, params):
     core = PlannerCore(policy, params, CAMS)
     feed(core, 0.0, 1.6, frame="odom")

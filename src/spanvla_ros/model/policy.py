@@ -249,6 +249,16 @@ class SpanVLAPolicy:
                                   percept=self.expert.percept_from(light, lead))[0].cpu().numpy()
         return traj, self._percept(light, lead, route, self.expert.crossing_raw(crossing, ego))
 
+    @torch.inference_mode()
+    def perceive(self, front: torch.Tensor, speed: float, accel: float, yaw_rate: float, command: str,
+                 route_xy: np.ndarray | None = None, pose=None, stop_xy: np.ndarray | None = None) -> Percept | None:
+        """What the perception heads read in the newest front frames' tokens (FreshPerception) without a bridge,
+        as ``plan_perceived`` reads them: before the reasoner's first bridge the planner still knows the lead and
+        the light (None for a model without heads)."""
+        route = self.route_input(route_xy, pose, stop_xy)
+        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(self.reasoner.device)
+        return self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
+
     def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None, route: np.ndarray | None,
                  crossing: torch.Tensor | None = None) -> Percept | None:
         from .perception import CLOSING_SCALE_MPS, CROSSING_SCALE_M, CROSSING_TIME_SCALE_S, GAP_SCALE_M

@@ -41,6 +41,7 @@ from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
 DIAGNOSTICS_PERIOD_S = 1.0
+REASONER_INPUT_POLL_S = 0.05   # while the reasoner waits for its first frames and odometry
 
 
 class PlannerNode(Node):
@@ -229,22 +230,27 @@ class PlannerNode(Node):
 
     # ------------------------------------------------------------------ reasoner (low rate, own thread)
     def _reasoner_loop(self) -> None:
-        next_t = time.monotonic() + 1.0 / self.params["reasoner_rate_hz"]
+        # the first run as soon as there are frames and odometry (the lockstep loop's reasoner runs at its first
+        # step too): until then the expert has no bridge
+        next_t = time.monotonic()
         while not self._stop.wait(max(0.0, next_t - time.monotonic())):
-            next_t = max(next_t + 1.0 / self.params["reasoner_rate_hz"], time.monotonic())   # may be set at run time
+            scheduled = max(next_t + 1.0 / self.params["reasoner_rate_hz"], time.monotonic())   # set at run time
             try:
-                self._reason()
+                ran = self._reason()
             except ReasoningCancelled:
                 return
             except Exception as exc:  # a bad frame set must not kill the reasoner thread
+                ran = True
                 self.counters["reasoner_errors"] += 1
                 self.get_logger().error(f"reasoner run failed: {exc!r}", throttle_duration_sec=2.0)
+            next_t = scheduled if ran else time.monotonic() + REASONER_INPUT_POLL_S
 
     def _start_reasoner_process(self) -> ReasonerProcess:
         p = self.params
         return ReasonerProcess(self._reasoner_source, p["reasoner_torch_threads"], p["device"], p["dtype"])
 
-    def _reason(self) -> None:
+    def _reason(self) -> bool:
+        """One reasoner run and its bridge and messages; False when the inputs are not there yet."""
         if self.reasoner_process is not None and not self.reasoner_process.alive():
             # killed from outside (out of memory, a signal): plans go on from the last bridge, marked degraded
             # once it is stale, until a new process answers
@@ -255,7 +261,7 @@ class PlannerNode(Node):
         r = self.core.reason(cancel=self._stop.is_set,
                              run=self.reasoner_process.reason if self.reasoner_process else None)
         if r is None:
-            return
+            return False
         self.core.bridge.publish(r.bridge)
         self.reasoner_latencies.append(r.latency_s)
         msg = Reasoning()
@@ -267,6 +273,7 @@ class PlannerNode(Node):
         msg.model_id = self.policy.model_id
         self.pub_reasoning.publish(msg)
         self.pub_reasoning_text.publish(String(data=r.text))
+        return True
 
     # ------------------------------------------------------------------ action expert (control rate)
     def _control(self) -> None:

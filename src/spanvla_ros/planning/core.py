@@ -233,33 +233,40 @@ class PlannerCore:
         t0 = time.perf_counter()
         perception_age = -1.0
         percept, limited_by = None, ""
+        front = None
+        if self.fresh is not None:
+            hist = self.frames.camera_history(self.front_camera)
+            if hist is not None:
+                front = self.fresh.tokens(*hist, camera=self.front_camera)
+                perception_age = stamp - hist[1][-1]
+        pose = self.ego.latest_pose()
+        assert pose is not None    # the odometry is fresh
         if bridge is None:
             traj = self.policy.history_init(past, speed)
             degraded, reason, age = True, "no bridge yet: history-initialised trajectory only", math.inf
+            if front is not None:
+                # the reasoner's first bridge is a second or more away at start-up; the envelope already holds
+                # the history-initialised plan to what the heads see in the newest frames
+                percept = self.policy.perceive(front, speed, accel, yaw_rate, self.command, route_xy=route,
+                                               pose=pose, stop_xy=self._stop_lines() if route is not None else None)
+                percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
+                traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
+                                             perception_age)
         else:
-            front = crossing = None
-            if self.fresh is not None:
-                hist = self.frames.camera_history(self.front_camera)
-                if hist is not None:
-                    front = self.fresh.tokens(*hist, camera=self.front_camera)
-                    perception_age = stamp - hist[1][-1]
-                crossing = self._crossing_views()
-            pose = self.ego.latest_pose()
-            assert pose is not None    # the odometry is fresh
             traj, percept = self.policy.plan_perceived(
                 bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
                 pose=pose, stop_xy=self._stop_lines() if route is not None else None, front=front,
-                crossing=crossing)
+                crossing=self._crossing_views())
             age = stamp - bridge.stamp
             percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
             traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                          perception_age if front is not None else age)
-            if limited_by:
-                self.counters["plans_limited"] += 1
             stale = self.params.bridge_stale_s
             reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
                       f"front camera stale: {perception_age:.2f} s > {stale:.2f} s" if perception_age > stale else "")
             degraded = bool(reason)
+        if limited_by:
+            self.counters["plans_limited"] += 1
         self.counters["plans_published"] += 1
         self.counters["plans_degraded"] += int(degraded)
         return Plan(traj, stamp, degraded, reason, bridge, age, perception_age,
