@@ -41,7 +41,7 @@ from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 
 DEFAULT_CHECKPOINT = "checkpoints/spanvla_default"
 DIAGNOSTICS_PERIOD_S = 1.0
-REASONER_INPUT_POLL_S = 0.05   # while the reasoner waits for its first frames and odometry
+REASONER_INPUT_POLL_S = 0.05   # while the reasoner waits for its first frames, odometry and route
 
 
 class PlannerNode(Node):
@@ -230,10 +230,15 @@ class PlannerNode(Node):
 
     # ------------------------------------------------------------------ reasoner (low rate, own thread)
     def _reasoner_loop(self) -> None:
-        # the first run as soon as there are frames and odometry (the lockstep loop's reasoner runs at its first
-        # step too): until then the expert has no bridge
+        # the first run as soon as frames, odometry and the route are there (the lockstep loop's first run is at
+        # its first step, with the route), without a route after one period; until the first bridge the safety
+        # envelope holds the history-initialised plan to what the heads see (PlannerCore.plan)
         next_t = time.monotonic()
+        route_deadline = next_t + 1.0 / self.params["reasoner_rate_hz"]
         while not self._stop.wait(max(0.0, next_t - time.monotonic())):
+            if (self.policy.uses_route and self.core.route_xy is None and time.monotonic() < route_deadline):
+                next_t = time.monotonic() + REASONER_INPUT_POLL_S
+                continue
             scheduled = max(next_t + 1.0 / self.params["reasoner_rate_hz"], time.monotonic())   # set at run time
             try:
                 ran = self._reason()
