@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from helpers.planner_inputs import CAMS, feed, perception_policy
 from spanvla_ros.config import node_params
 from spanvla_ros.model import SpanVLAConfig
 from spanvla_ros.model.corpus import tokenizer_corpus
@@ -13,27 +14,15 @@ from spanvla_ros.model.policy import SpanVLAPolicy
 from spanvla_ros.model.tokenizer import train_tokenizer
 from spanvla_ros.planning.core import PlannerCore, PlannerParams
 
-CAMS = ("front", "front_left", "front_right")
-
 
 @pytest.fixture(scope="module")
 def policy():
-    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=80))
-    return SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, lead_perception=True), tok, seed=0)
+    return perception_policy()
 
 
 @pytest.fixture
 def params():
     return PlannerParams.from_mapping(node_params("spanvla_planner"))
-
-
-def feed(core, t0: float, t1: float, speed: float = 10.0, frame: str = "map", cameras=CAMS):
-    rng = np.random.default_rng(0)
-    for k in range(int(round((t1 - t0) / 0.1)) + 1):
-        t = t0 + 0.1 * k
-        for c in cameras:
-            core.add_image(c, t, rng.integers(0, 255, (112, 196, 3), dtype=np.uint8))
-        core.add_odometry(t, speed * t, 0.0, 0.0, speed, frame, received=t)
 
 
 def test_params_come_from_the_params_file_and_must_match_the_model(policy, params):

@@ -12,22 +12,16 @@ import pytest
 import torch
 
 from conftest import REPO, requires_msgs, requires_ros
+from helpers.planner_inputs import CAMS, feed, perception_policy
 from spanvla_ros.config import node_params
-from spanvla_ros.model import SpanVLAConfig
-from spanvla_ros.model.corpus import tokenizer_corpus
 from spanvla_ros.model.errors import ReasoningCancelled
-from spanvla_ros.model.policy import SpanVLAPolicy
-from spanvla_ros.model.tokenizer import train_tokenizer
 from spanvla_ros.planning.core import PlannerCore, PlannerParams
 from spanvla_ros.planning.reasoner_process import ReasonerProcess
-
-CAMS = ("front", "front_left", "front_right")
 
 
 @pytest.fixture(scope="module")
 def policy():
-    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=80))
-    return SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, lead_perception=True), tok, seed=0)
+    return perception_policy()
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +33,7 @@ def worker(policy):
 
 def fed_core(policy) -> PlannerCore:
     core = PlannerCore(policy, PlannerParams.from_mapping(node_params("spanvla_planner")), CAMS)
-    rng = np.random.default_rng(3)
-    for k in range(17):
-        t = 0.1 * k
-        for c in CAMS:
-            core.add_image(c, t, rng.integers(0, 255, (112, 196, 3), dtype=np.uint8))
-        core.add_odometry(t, 10.0 * t, 0.0, 0.0, 10.0, "map", received=t)
+    feed(core, 0.0, 1.6)
     return core
 
 

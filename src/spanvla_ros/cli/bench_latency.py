@@ -260,7 +260,7 @@ ROWS = [("control rate (Hz)", "control_rate_hz", "{:.1f}"), ("  while reasoner b
         ("plans in window (degraded)", None, None),
         ("planner CPU, all its processes (% of one core)", "cpu_percent_of_one_core", "{:.0f}"),
         ("  of which the node's process", "cpu_percent_main_process", "{:.0f}"),
-        ("planner processes (node + reasoner)", "processes", "{:d}"),
+        ("planner processes (the node and its children)", "processes", "{:d}"),
         ("planner peak RSS, all its processes (MB)", "peak_rss_mb", "{:.0f}")]
 
 

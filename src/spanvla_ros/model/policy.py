@@ -240,8 +240,7 @@ class SpanVLAPolicy:
         do, instead of by a fresh sample of the flow's spread each time."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
-        route = self.route_input(route_xy, pose, stop_xy)
-        ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(dev)
+        route, ego = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
         gen = torch.Generator(device=dev).manual_seed(PLAN_NOISE_SEED)
         source = bridge if front is None else front
         light, lead = self.expert.light_logits(source), self.expert.lead_raw(source, ego)
@@ -255,9 +254,15 @@ class SpanVLAPolicy:
         """What the perception heads read in the newest front frames' tokens (FreshPerception) without a bridge,
         as ``plan_perceived`` reads them: before the reasoner's first bridge the planner still knows the lead and
         the light (None for a model without heads)."""
+        route, ego = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
+        return self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
+
+    def _route_and_ego(self, speed: float, accel: float, yaw_rate: float, command: str, route_xy, pose,
+                       stop_xy) -> tuple[np.ndarray | None, torch.Tensor]:
+        """The route input (None without a route) and the (1, ego_dim) ego vector the expert and the heads read."""
         route = self.route_input(route_xy, pose, stop_xy)
         ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(self.reasoner.device)
-        return self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
+        return route, ego
 
     def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None, route: np.ndarray | None,
                  crossing: torch.Tensor | None = None) -> Percept | None:

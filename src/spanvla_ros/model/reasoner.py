@@ -243,7 +243,8 @@ class VLMReasoner:
         while True:
             if cancel is not None and cancel():
                 raise ReasoningCancelled(f"cancelled after {len(generated)} decode steps")
-            if len(generated) >= max_new_tokens or degenerate(generated):
+            forced = len(generated) >= max_new_tokens or degenerate(generated)
+            if forced:
                 tok = self.action_token_id
             elif temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, -1)
@@ -259,8 +260,7 @@ class VLMReasoner:
             if tok == self.action_token_id:
                 break
         t2 = time.perf_counter()
-        # else the action token was forced: the budget ran out, or the text had degenerated
-        hit = len(generated) <= max_new_tokens and not degenerate(generated[:-1])
+        hit = not forced      # the action token came from the model, not from the budget or a degenerate text
         text = (prefix + self.tokenizer.decode(generated[:-1], skip_special_tokens=True)).strip()
         seq_len = cache.get_seq_length()
         bridge = BridgeSnapshot.from_cache(

@@ -49,10 +49,12 @@ class PlannerNode(Node):
         super().__init__(name, **node_kw)
         p = self._declare_params()
         set_torch_threads(p["torch_threads"])
-        checkpoint = resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT)
-        self.policy = policy or SpanVLAPolicy.from_pretrained(checkpoint, device=p["device"], dtype=p["dtype"])
-        # the same weights in a second process (a policy built in memory is pickled across, not re-read)
-        self._reasoner_source = checkpoint if policy is None else policy
+        # the reasoner process loads the same checkpoint, or is handed a policy built in memory (pickled across)
+        self._reasoner_source: Any = policy
+        if policy is None:
+            self._reasoner_source = resolve_share_path(p["checkpoint"] or DEFAULT_CHECKPOINT)
+            policy = SpanVLAPolicy.from_pretrained(self._reasoner_source, device=p["device"], dtype=p["dtype"])
+        self.policy = policy
         self.reasoner_process = self._start_reasoner_process() if p["reasoner_process"] else None
         cams = tuple(p["camera_names"])
         self._warned: dict[str, float] = {}
@@ -236,7 +238,7 @@ class PlannerNode(Node):
         next_t = time.monotonic()
         route_deadline = next_t + 1.0 / self.params["reasoner_rate_hz"]
         while not self._stop.wait(max(0.0, next_t - time.monotonic())):
-            if (self.policy.uses_route and self.core.route_xy is None and time.monotonic() < route_deadline):
+            if self.policy.uses_route and self.core.route_xy is None and time.monotonic() < route_deadline:
                 next_t = time.monotonic() + REASONER_INPUT_POLL_S
                 continue
             scheduled = max(next_t + 1.0 / self.params["reasoner_rate_hz"], time.monotonic())   # set at run time

@@ -232,7 +232,7 @@ class PlannerCore:
         bridge = self.bridge.latest()
         t0 = time.perf_counter()
         perception_age = -1.0
-        percept, limited_by = None, ""
+        percept = None
         front = None
         if self.fresh is not None:
             hist = self.frames.camera_history(self.front_camera)
@@ -249,22 +249,20 @@ class PlannerCore:
                 # the history-initialised plan to what the heads see in the newest frames
                 percept = self.policy.perceive(front, speed, accel, yaw_rate, self.command, route_xy=route,
                                                pose=pose, stop_xy=self._stop_lines() if route is not None else None)
-                percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
-                traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
-                                             perception_age)
         else:
             traj, percept = self.policy.plan_perceived(
                 bridge, past, speed, accel, yaw_rate, self.command, steps=self.params.flow_steps, route_xy=route,
                 pose=pose, stop_xy=self._stop_lines() if route is not None else None, front=front,
                 crossing=self._crossing_views())
             age = stamp - bridge.stamp
-            percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
-            traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
-                                         perception_age if front is not None else age)
             stale = self.params.bridge_stale_s
             reason = (f"bridge stale: {age:.2f} s > {stale:.2f} s" if age > stale else
                       f"front camera stale: {perception_age:.2f} s > {stale:.2f} s" if perception_age > stale else "")
             degraded = bool(reason)
+        # nothing perceived (no bridge and no fresh frames): the envelope leaves the plan as it is
+        percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
+        traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
+                                     perception_age if front is not None else age)
         if limited_by:
             self.counters["plans_limited"] += 1
         self.counters["plans_published"] += 1

@@ -31,8 +31,8 @@ def _serve(source: Any, device: str, dtype: str, torch_threads: int, conn, cance
         from ..model.policy import SpanVLAPolicy
 
         set_torch_threads(torch_threads)
-        policy = (SpanVLAPolicy.from_pretrained(source, device=device, dtype=dtype)
-                  if isinstance(source, str | Path) else source)
+        policy = (SpanVLAPolicy.from_pretrained(source, device=device, dtype=dtype) if isinstance(source, str)
+                  else source)
         conn.send(("ready", policy.model_id))
     except Exception as exc:  # the parent raises it: a checkpoint that cannot load is the caller's error
         conn.send(("error", f"{exc!r}\n{traceback.format_exc()}"))
