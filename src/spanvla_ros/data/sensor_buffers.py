@@ -111,7 +111,12 @@ class EgoHistory:
     def _interp(self, arr: np.ndarray, t: float) -> np.ndarray:
         ts = arr[:, 0]
         if t <= ts[0]:
-            return arr[0, 1:]
+            # before the first sample (start-up): where the car was at its first speed and heading, as a constant-
+            # velocity past; repeating the first pose would be a standing past at a speed (the model never trains
+            # on one: its samples start after a full history)
+            _, x, y, yaw, v = arr[0]
+            back = v * (ts[0] - t)
+            return np.array([x - back * math.cos(yaw), y - back * math.sin(yaw), yaw, v])
         yaw = np.unwrap(arr[:, 3])
         cols = [np.interp(t, ts, arr[:, 1]), np.interp(t, ts, arr[:, 2]), np.interp(t, ts, yaw),
                 np.interp(t, ts, arr[:, 4])]
