@@ -14,6 +14,8 @@ from collections import deque
 
 import numpy as np
 
+from ..geometry import to_ego, to_world
+
 
 class FrameHistory:
     def __init__(self, cameras, history_frames: int, history_dt: float, max_skew: float, keep_s: float | None = None):
@@ -115,8 +117,8 @@ class EgoHistory:
             # velocity past; repeating the first pose would be a standing past at a speed (the model never trains
             # on one: its samples start after a full history)
             _, x, y, yaw, v = arr[0]
-            back = v * (ts[0] - t)
-            return np.array([x - back * math.cos(yaw), y - back * math.sin(yaw), yaw, v])
+            behind = to_world((x, y, yaw), np.array([[-v * (ts[0] - t), 0.0, 0.0]]))[0]
+            return np.array([*behind, v])
         yaw = np.unwrap(arr[:, 3])
         cols = [np.interp(t, ts, arr[:, 1]), np.interp(t, ts, arr[:, 2]), np.interp(t, ts, yaw),
                 np.interp(t, ts, arr[:, 4])]
@@ -129,13 +131,9 @@ class EgoHistory:
                 return None
             arr = np.array(self._buf, dtype=np.float64)
         t_now, x0, y0, h0, v0 = arr[-1]
-        c, s = math.cos(h0), math.sin(h0)
-        past = []
-        for k in range(past_poses - 1, -1, -1):
-            x, y, h, _ = self._interp(arr, t_now - k * dt)
-            dx, dy = x - x0, y - y0
-            past.append((c * dx + s * dy, -s * dx + c * dy, math.atan2(math.sin(h - h0), math.cos(h - h0))))
+        poses = np.array([self._interp(arr, t_now - k * dt)[:3] for k in range(past_poses - 1, -1, -1)])
+        past = to_ego((x0, y0, h0), poses)
         _, _, h_prev, v_prev = self._interp(arr, t_now - dt)
         accel = (v0 - v_prev) / dt if len(arr) > 1 else 0.0
         yaw_rate = math.atan2(math.sin(h0 - h_prev), math.cos(h0 - h_prev)) / dt if len(arr) > 1 else 0.0
-        return np.array(past), float(v0), float(accel), float(yaw_rate), float(t_now)
+        return past, float(v0), float(accel), float(yaw_rate), float(t_now)
