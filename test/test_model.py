@@ -341,6 +341,47 @@ def test_stop_line_distance_along_the_route():
         assert not stop_line_features(route, stops, (10.0, 0.0, 0.0)).any()
 
 
+def test_at_a_junction_from_before_a_stop_line_of_the_route_to_past_it():
+    from spanvla_ros.model.route import JUNCTION_RANGE_M, at_junction
+
+    straight = np.stack([np.arange(-100.0, 200.0, 2.0), np.zeros(150)], 1)
+    line = np.array([[50.0, 0.5]])
+    before, past = JUNCTION_RANGE_M[1], -JUNCTION_RANGE_M[0]
+    assert not at_junction(straight, line, (50.0 - before - 1.0, 0.0, 0.0))
+    assert at_junction(straight, line, (50.0 - before + 1.0, 0.0, 0.0))
+    assert at_junction(straight, line, (55.0, 0.0, 0.0))                  # in the box: stop_line_distance says None
+    assert at_junction(straight, line, (50.0 + past - 1.0, 0.0, 0.0))
+    assert not at_junction(straight, line, (50.0 + past + 1.0, 0.0, 0.0))
+    assert not at_junction(straight, np.array([[50.0, 8.0]]), (45.0, 0.0, 0.0))   # another road's line
+    for route, stops in ((straight, None), (straight, np.zeros((0, 2))), (None, line)):
+        assert not at_junction(route, stops, (45.0, 0.0, 0.0))
+
+
+def test_the_junction_lead_head_reads_the_frames_at_a_junction_only(tokenizer):
+    """lead_raw picks the head per sample: the lead head away from junctions, the junction lead head at one; a
+    model without a junction head reads its lead head everywhere."""
+    import dataclasses
+
+    cfg = SpanVLAConfig(traffic_lights=True, lead_perception=True, junction_lead_head=True)
+    expert = SpanVLAPolicy.build(cfg, tokenizer, seed=0).expert
+    with torch.no_grad():
+        expert.junction_lead_head.out[-1].bias.add_(torch.tensor([3.0, -1.0, 2.0]))
+    tokens, dim = expert.lead_head.token_position.shape[0], expert.lead_head.token_mean.shape[0]
+    views = torch.randn(3, cfg.history_frames, tokens, dim)
+    ego = torch.randn(3, cfg.ego_dim)
+    lead, junction = expert.lead_head(views, ego[:, 0]), expert.junction_lead_head(views, ego[:, 0])
+    assert not torch.allclose(lead, junction)
+    torch.testing.assert_close(expert.lead_raw(views, ego), lead)
+    torch.testing.assert_close(expert.lead_raw(views, ego, True), junction)
+    mixed = expert.lead_raw(views, ego, torch.tensor([True, False, True]))
+    torch.testing.assert_close(mixed, torch.stack([junction[0], lead[1], junction[2]]))
+    plain = SpanVLAPolicy.build(dataclasses.replace(cfg, junction_lead_head=False), tokenizer, seed=0).expert
+    plain.load_state_dict({k: v for k, v in expert.state_dict().items() if not k.startswith("junction_lead_head.")})
+    torch.testing.assert_close(plain.lead_raw(views, ego, True), lead)
+    with pytest.raises(ValueError, match="junction_lead_head needs"):
+        SpanVLAConfig(traffic_lights=True, junction_lead_head=True)
+
+
 def test_traffic_light_head_conditions_the_expert_only_before_a_stop_line(tokenizer):
     """The light head reads the bridge's front-frame features; its probabilities join the ego conditioning only
     while a stop line is ahead, so away from intersections the frames' colours cannot move the plan."""

@@ -313,6 +313,46 @@ def test_finetune_heads_trains_only_the_heads_named(dataset, tmp_path):
     assert changed and all(name.startswith("lead_head.") for name in changed)
 
 
+def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(dataset, isec_dataset, tmp_path):
+    """--finetune-heads junction_lead on a checkpoint without one: a junction lead head (a copy of the lead head)
+    is added and trained on the frames at a junction, where its lead loss falls; every other weight stays
+    bit-identical, so away from junctions the model reads exactly what it read before."""
+    import torch
+
+    from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
+    from spanvla_ros.model.batch import ego_tensor, junction_tensor
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.policy import SpanVLAPolicy
+    from spanvla_ros.train.trainer import build_initial, front_tokens, main, perception_loss
+
+    samples = [s for d in (dataset, isec_dataset) for s in load_samples(d, SpanVLAConfig().cameras, progress=False)]
+    attach_routes(samples, scene_maps(samples))
+    at = junction_tensor(samples)
+    assert at.any() and not at.all()
+    base = build_initial(samples, "noise", 0, lights=True, lead=True)
+    base.save_pretrained(tmp_path / "base")
+    fronts = torch.cat(front_tokens(base, samples))
+    ego = ego_tensor(base, samples)
+
+    def lead_loss(policy, rows):
+        with torch.no_grad():
+            raw = policy.expert.lead_raw(fronts[rows], ego[rows], at[rows])
+            return float(perception_loss(policy, [samples[i] for i in rows.nonzero()[:, 0]], None, raw))
+
+    assert main(["--data", str(dataset), str(isec_dataset), "--out", str(tmp_path / "ft"),
+                 "--heads-finetune", str(tmp_path / "base"), "--finetune-heads", "junction_lead",
+                 "--head-epochs", "40", "--head-lr", "2e-3"]) == 0
+    tuned = SpanVLAPolicy.from_pretrained(tmp_path / "ft" / "sft")
+    assert tuned.cfg.junction_lead_head
+    assert lead_loss(tuned, at) < 0.5 * lead_loss(base, at)
+    old, new = base.expert.state_dict(), tuned.expert.state_dict()
+    assert all(torch.equal(v, new[k]) for k, v in old.items())
+    assert set(new) - set(old) == {k for k in new if k.startswith("junction_lead_head.")}
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.expert.lead_raw(fronts[~at], ego[~at], at[~at]),
+                                   base.expert.lead_raw(fronts[~at], ego[~at]))
+
+
 def test_the_training_command_line_is_the_config_dataclass():
     """Every TrainConfig field is a flag with the field's default; combinations that cannot train are refused
     before anything runs."""

@@ -60,7 +60,7 @@ def reasoning_fact_accuracy(texts, facts_list) -> dict:
 def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
     """Held-out accuracy of the expert's perception heads on the bridges' front frames (empty without heads)."""
     from ..data.samples import light_label
-    from ..model.batch import ego_tensor
+    from ..model.batch import ego_tensor, junction_tensor
     from ..model.bridge import collate_bridges
     from ..model.perception import crossing_metrics, crossing_targets_tensor, lead_metrics, lead_targets_tensor
 
@@ -73,7 +73,7 @@ def head_metrics(policy, samples, bridges, batch: int = 32) -> dict:
         if policy.cfg.traffic_lights:
             light_logits.append(expert.light_logits(br))
         if policy.cfg.lead_perception:
-            lead_raw.append(expert.lead_raw(br, ego_tensor(policy, bs)))
+            lead_raw.append(expert.lead_raw(br, ego_tensor(policy, bs), junction_tensor(bs)))
     if light_logits:
         labels = torch.tensor([light_label(s) for s in samples])
         pred = torch.cat(light_logits).argmax(-1)

@@ -26,6 +26,14 @@ def ego_tensor(policy: SpanVLAPolicy, samples: list[Sample], route_dropout: floa
                                                         s.meta["command"], route(s)) for s in samples]))
 
 
+def junction_tensor(samples: list[Sample]) -> torch.Tensor:
+    """(B,) whether each sample's ego is at a junction (model.route.at_junction; which lead head reads it)."""
+    from .route import at_junction
+
+    return torch.tensor([at_junction(s.meta.get("route_xy"), s.meta.get("stop_xy"), s.meta["pose"]) for s in samples],
+                        dtype=torch.bool)
+
+
 def his_tensor(policy: SpanVLAPolicy, samples: list[Sample]) -> torch.Tensor:
     return torch.from_numpy(np.stack([policy.history_init(s.past, s.meta["speed"]) for s in samples]))
 

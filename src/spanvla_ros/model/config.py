@@ -65,6 +65,11 @@ class SpanVLAConfig:
     # frames says whether another vehicle will be on the ego's path within the horizon (model.perception); read by
     # the safety envelope only (yield at the stop line), so adding it leaves the flow as it was.
     crossing_perception: bool = False
+    # A second lead head for junctions (`spanvla-train --heads-finetune --finetune-heads junction_lead`): read instead
+    # of the lead head while a stop line of the route is near (model.route.at_junction). Junction frames (oncoming
+    # cars, cars beside a turn, leads receding through the box) and lane changes on the open road (a car moving in
+    # from the next lane) pull one head two ways; the map says which of the two situations the car is in.
+    junction_lead_head: bool = False
     # Grounded reasoning: the reasoning text starts with what the perception heads read from the frames (the light
     # before a stop line, the lead vehicle), in the text's own phrasing, and the VLM writes the rest from there, so
     # text, bridge and plan agree with what was perceived. The expert is trained on bridges made the same way.
@@ -78,6 +83,8 @@ class SpanVLAConfig:
             raise ValueError(f"light_frames must be 1..history_frames ({self.history_frames}), got {self.light_frames}")
         if self.grounded_reasoning and not self.lead_perception:
             raise ValueError("grounded_reasoning needs the perception heads (lead_perception)")
+        if self.junction_lead_head and not (self.lead_perception and self.traffic_lights):
+            raise ValueError("junction_lead_head needs the lead head and the route's stop lines (traffic_lights)")
         if self.traffic_lights and not self.route_lookahead_m:
             raise ValueError("traffic_lights needs the route input (stop lines are measured along the route)")
         expected = ego_dim_for(self.commands, self.route_lookahead_m, self.traffic_lights)
@@ -106,6 +113,7 @@ class SpanVLAConfig:
         d.setdefault("traffic_lights", False)     # saved before the traffic-light input existed
         d.setdefault("lead_perception", False)
         d.setdefault("crossing_perception", False)
+        d.setdefault("junction_lead_head", False)
         d.setdefault("light_frames", 1)
         d.setdefault("grounded_reasoning", False)
         for k in ("cameras", "action_scale", "commands", "route_lookahead_m"):

@@ -19,9 +19,11 @@ entry), join the ego conditioning: a stop/go decision the flow would otherwise h
 tokens, which it did not (results/training/results.md).
 
 Lead vehicle (``cfg.lead_perception``): a PooledTokenHead (model.perception) on the front camera's history frames
-gives P(lead), gap and closing speed, detached, to the conditioning. Both heads can read tokens fresher than the
-bridge: ``percept`` / ``front`` arguments take the newest frames' tokens computed at control rate. The crossing-traffic
-head (``cfg.crossing_perception``) reads every camera's newest frames, at control rate only, for the safety envelope.
+gives P(lead), gap and closing speed, detached, to the conditioning; a model with a junction lead head
+(``cfg.junction_lead_head``) reads that one instead near the route's stop lines. Both heads can read tokens fresher
+than the bridge: ``percept`` / ``front`` arguments take the newest frames' tokens computed at control rate. The
+crossing-traffic head (``cfg.crossing_perception``) reads every camera's newest frames, at control rate only, for
+the safety envelope.
 """
 from __future__ import annotations
 
@@ -115,6 +117,8 @@ class FlowActionExpert(nn.Module):
             if front_token_dim <= 0 or front_tokens <= 0:
                 raise ValueError("lead_perception needs the reasoner's vision token size and count")
             self.lead_head = PooledTokenHead(front_token_dim, front_tokens, cfg.history_frames)
+        if cfg.junction_lead_head:
+            self.junction_lead_head = PooledTokenHead(front_token_dim, front_tokens, cfg.history_frames)
         if cfg.crossing_perception:
             self.crossing_head = PooledTokenHead(front_token_dim, front_tokens, len(cfg.cameras) * CROSSING_FRAMES)
         self.ego_mlp = nn.Sequential(nn.Linear(cfg.ego_dim + n_light + n_lead, D), nn.SiLU(), nn.Linear(D, D))
@@ -167,12 +171,21 @@ class FlowActionExpert(nn.Module):
         self.light_mean.copy_(flat.mean(0))
         self.light_std.copy_(flat.std(0).clamp(min=1e-3))
 
-    def lead_raw(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:
-        """(B, 3) the lead head's raw outputs (model.perception.PooledTokenHead); None without one."""
+    def lead_raw(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor,
+                 junction: bool | torch.Tensor = False) -> torch.Tensor | None:
+        """(B, 3) the lead head's raw outputs (model.perception.PooledTokenHead); None without one. ``junction``
+        (one flag, or (B,) per sample; model.route.at_junction): read by the junction lead head there, for a model
+        with one."""
         if not self.cfg.lead_perception:
             return None
         front = self._front(source)
-        return self.lead_head(front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0])   # ego[:, 0]: the speed
+        front, speed = front.expand(ego.shape[0], *front.shape[1:]), ego[:, 0]   # ego[:, 0]: the speed
+        where = torch.as_tensor(junction, dtype=torch.bool, device=ego.device).expand(ego.shape[0])
+        if not self.cfg.junction_lead_head or not where.any():
+            return self.lead_head(front, speed)
+        if where.all():
+            return self.junction_lead_head(front, speed)
+        return torch.where(where[:, None], self.junction_lead_head(front, speed), self.lead_head(front, speed))
 
     def crossing_raw(self, views: torch.Tensor | None, ego: torch.Tensor) -> torch.Tensor | None:
         """(B, 3) the crossing-traffic head's raw outputs from every camera's newest frames (B, C * CROSSING_FRAMES,
@@ -188,10 +201,11 @@ class FlowActionExpert(nn.Module):
                 ([PooledTokenHead.features(lead_raw)] if lead_raw is not None else [])
         return torch.cat(parts, -1) if parts else None
 
-    def percept(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor) -> torch.Tensor | None:
+    def percept(self, source: BridgeSnapshot | torch.Tensor, ego: torch.Tensor,
+                junction: bool | torch.Tensor = False) -> torch.Tensor | None:
         """(B, P) what the heads perceive in the front frames (the bridge's, or fresher ones), detached: the flow
         reads it; only the auxiliary losses train the heads. Computed once per plan, not per Euler step."""
-        return self.percept_from(self.light_logits(source), self.lead_raw(source, ego))
+        return self.percept_from(self.light_logits(source), self.lead_raw(source, ego, junction))
 
     def conditioning(self, ego: torch.Tensor, percept: torch.Tensor | None) -> torch.Tensor:
         """The ego vector, plus the light probabilities (zero unless a stop line is ahead) for a light model, plus

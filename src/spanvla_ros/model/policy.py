@@ -23,7 +23,7 @@ from .errors import CheckpointError
 from .expert import FlowActionExpert
 from .perception import Percept
 from .reasoner import ReasoningResult, VLMReasoner
-from .route import route_features, stop_line_features
+from .route import at_junction, route_features, stop_line_features
 from .trajectory import ego_state_vector, history_trajectory
 
 # Shapes of the VLMs this project builds from scratch. "tiny" is the embedded default; "qwen0.5b-class" has
@@ -158,19 +158,22 @@ class SpanVLAPolicy:
         if self.cfg.grounded_reasoning:
             kw["prefix"] = self.perceived_text(
                 self.reasoner.vision_tokens([images[i] for i in self.reasoner.front_image_indices])[None],
-                speed, self.route_input(route_xy, pose, stop_xy))
+                speed, self.route_input(route_xy, pose, stop_xy),
+                junction=pose is not None and at_junction(route_xy, stop_xy, pose))
         return self.reasoner.reason(images, prompt, stamp=stamp, **kw)
 
     @torch.inference_mode()
-    def perceived_text(self, front: torch.Tensor, speed: float, route: np.ndarray | None) -> str:
+    def perceived_text(self, front: torch.Tensor, speed: float, route: np.ndarray | None,
+                       junction: bool = False) -> str:
         """The facts the perception heads read from the front frames, in the reasoning text's own phrasing
-        (data.scene_text): the light when a stop line is ahead, the lead vehicle when one is seen."""
+        (data.scene_text): the light when a stop line is ahead, the lead vehicle when one is seen (by the junction
+        lead head at a junction, for a model with one)."""
         from ..data.scene_text import lead_clause, light_clause
         from ..sim.types import VEHICLE_LENGTH_M
         from .config import LIGHT_STATES
 
         ego = torch.from_numpy(self.ego_vector(speed, 0.0, 0.0, self.cfg.commands[0], route))[None]
-        seen = self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
+        seen = self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego, junction), route)
         parts = []
         if seen is not None and seen.light is not None and seen.stop_line_m is not None:   # a stop line ahead
             state = LIGHT_STATES[int(np.argmax(seen.light))]
@@ -240,10 +243,10 @@ class SpanVLAPolicy:
         do, instead of by a fresh sample of the flow's spread each time."""
         dev = self.reasoner.device
         a_his = torch.from_numpy(self.history_init(past_xyh, speed, horizon))[None].to(dev)
-        route, ego = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
+        route, ego, junction = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
         gen = torch.Generator(device=dev).manual_seed(PLAN_NOISE_SEED)
         source = bridge if front is None else front
-        light, lead = self.expert.light_logits(source), self.expert.lead_raw(source, ego)
+        light, lead = self.expert.light_logits(source), self.expert.lead_raw(source, ego, junction)
         traj = self.expert.sample(bridge, a_his, ego, steps=steps, generator=gen,
                                   percept=self.expert.percept_from(light, lead))[0].cpu().numpy()
         return traj, self._percept(light, lead, route, self.expert.crossing_raw(crossing, ego))
@@ -254,15 +257,17 @@ class SpanVLAPolicy:
         """What the perception heads read in the newest front frames' tokens (FreshPerception) without a bridge,
         as ``plan_perceived`` reads them: before the reasoner's first bridge the planner still knows the lead and
         the light (None for a model without heads)."""
-        route, ego = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
-        return self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego), route)
+        route, ego, junction = self._route_and_ego(speed, accel, yaw_rate, command, route_xy, pose, stop_xy)
+        return self._percept(self.expert.light_logits(front), self.expert.lead_raw(front, ego, junction), route)
 
     def _route_and_ego(self, speed: float, accel: float, yaw_rate: float, command: str, route_xy, pose,
-                       stop_xy) -> tuple[np.ndarray | None, torch.Tensor]:
-        """The route input (None without a route) and the (1, ego_dim) ego vector the expert and the heads read."""
+                       stop_xy) -> tuple[np.ndarray | None, torch.Tensor, bool]:
+        """The route input (None without a route), the (1, ego_dim) ego vector the expert and the heads read, and
+        whether the ego is at a junction (model.route.at_junction: which lead head reads the frames)."""
         route = self.route_input(route_xy, pose, stop_xy)
         ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(self.reasoner.device)
-        return route, ego
+        junction = self.uses_route and pose is not None and at_junction(route_xy, stop_xy, pose)
+        return route, ego, junction
 
     def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None, route: np.ndarray | None,
                  crossing: torch.Tensor | None = None) -> Percept | None:

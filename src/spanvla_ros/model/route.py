@@ -86,18 +86,36 @@ def route_features(route_xy: np.ndarray | None, pose, lookahead_m) -> np.ndarray
     return out
 
 
-def stop_line_distance(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> float | None:
-    """Arc length along the route from the ego's projection to the nearest stop line in STOP_RANGE_M, or None."""
+JUNCTION_RANGE_M = (-40.0, 60.0)   # the ego is at a junction from 60 m before a stop line to 40 m past it (the box
+                                   # and the exit: a turn is ~30 m of route)
+
+
+def stop_line_offsets(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> list[float]:
+    """Arc lengths along the route from the ego's projection to each of the route's stop lines (negative: passed);
+    stop lines farther than STOP_MAX_OFFSET_M from the route belong to another road and are left out."""
     if route_xy is None or len(route_xy) < 2 or stop_xy is None or len(stop_xy) == 0:
-        return None
+        return []
     route_xy = np.asarray(route_xy, np.float64)
     s_ego = _project(route_xy, float(pose[0]), float(pose[1]))[0]
-    ahead = []
+    out = []
     for x, y in np.asarray(stop_xy, np.float64).reshape(-1, 2):
         s, offset, _, _ = _project(route_xy, float(x), float(y))
-        if abs(offset) <= STOP_MAX_OFFSET_M and STOP_RANGE_M[0] <= s - s_ego <= STOP_RANGE_M[1]:
-            ahead.append(s - s_ego)
+        if abs(offset) <= STOP_MAX_OFFSET_M:
+            out.append(s - s_ego)
+    return out
+
+
+def stop_line_distance(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> float | None:
+    """Arc length along the route from the ego's projection to the nearest stop line in STOP_RANGE_M, or None."""
+    ahead = [d for d in stop_line_offsets(route_xy, stop_xy, pose) if STOP_RANGE_M[0] <= d <= STOP_RANGE_M[1]]
     return min(ahead) if ahead else None
+
+
+def at_junction(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> bool:
+    """Whether a stop line of the route is within JUNCTION_RANGE_M of the ego (the junction lead head's domain)."""
+    lo, hi = JUNCTION_RANGE_M
+    return any(lo <= d <= hi for d in stop_line_offsets(route_xy, stop_xy, pose))
+
 
 
 def stop_line_features(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> np.ndarray:

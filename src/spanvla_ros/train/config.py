@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HEAD_PREFIXES = dict(light="light_", lead="lead_head.", crossing="crossing_head.")   # --finetune-heads names: weights
+# --finetune-heads names: weights
+HEAD_PREFIXES = dict(light="light_", lead="lead_head.", junction_lead="junction_lead_head.", crossing="crossing_head.")
 
 
 def _opt(default: Any, help: str = "", choices: tuple | None = None) -> Any:
@@ -59,7 +60,9 @@ class TrainConfig:
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")
     finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
-                                   "crossing; default: every head the checkpoint has); the others stay bit-identical")
+                                   "junction_lead, crossing; default: every head the checkpoint has); the others stay "
+                                   "bit-identical. junction_lead alone adds a junction lead head to a checkpoint "
+                                   "without one (a copy of its lead head) and trains it on the frames at a junction")
     crossing_perception: bool = _opt(False, "with --heads-finetune: add a crossing-traffic head (every camera's "
                                             "newest frames; read by the safety envelope only) and train it alone")
     signal_views: str = _opt("", "with --heads-finetune: retrain the traffic-light head alone on the data's "

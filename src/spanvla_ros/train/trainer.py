@@ -31,7 +31,7 @@ from ..data.samples import (
     score_plan,
 )
 from ..data.scene_text import light_token_weight
-from ..model.batch import ego_tensor, his_tensor, prompts, reason_all
+from ..model.batch import ego_tensor, his_tensor, junction_tensor, prompts, reason_all
 from ..model.bridge import BridgeSnapshot, collate_bridges, split_bridge
 from ..model.config import LIGHT_STATES, ROUTE_LOOKAHEAD_M, SpanVLAConfig, ego_dim_for
 from ..model.perception import CROSSING_FRAMES, PooledTokenHead, crossing_targets_tensor, lead_targets_tensor
@@ -114,7 +114,7 @@ class CsvLog:
 
 # ------------------------------------------------------------------ batches
 # ------------------------------------------------------------------ stages
-READING_PREFIXES = ("light_", "lead_head.")                  # the heads grounded reasoning's text is written from
+READING_PREFIXES = ("light_", "lead_head.", "junction_lead_head.")   # the heads grounded reasoning's text is from
 PERCEPTION_PREFIXES = READING_PREFIXES + ("crossing_head.",)
 
 
@@ -126,6 +126,8 @@ def load_perception_heads(policy: SpanVLAPolicy, checkpoint: Path) -> None:
     state = {k: v for k, v in load_file(checkpoint / "expert.safetensors").items() if k.startswith(PERCEPTION_PREFIXES)}
     if any(k.startswith("crossing_head.") for k in state) and not policy.cfg.crossing_perception:
         new_crossing_head(policy)   # its weights and input standardisation come with the others
+    if any(k.startswith("junction_lead_head.") for k in state) and not policy.cfg.junction_lead_head:
+        add_junction_lead_head(policy)
     missing = [k for k in policy.expert.state_dict() if k.startswith(PERCEPTION_PREFIXES) and k not in state]
     if missing or not state:
         raise SystemExit(f"--heads-from {checkpoint}: its expert lacks the perception heads this model needs {missing}")
@@ -299,14 +301,15 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     opt = torch.optim.AdamW(heads, lr=lr, weight_decay=0.01)
     run, batch = distributed(expert), per_rank_batch(batch)
     trains_crossing = crossing is not None and "crossing_head." in prefixes
-    reads_ego = "lead_head." in prefixes or trains_crossing     # a light-only run may have label-only samples
+    trains_lead = "lead_head." in prefixes or "junction_lead_head." in prefixes
+    reads_ego = trains_lead or trains_crossing     # a light-only run may have label-only samples
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
         ego = ego_tensor(policy, bs) if reads_ego else None
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
-        lead = expert.lead_raw(front, ego) if "lead_head." in prefixes else None
+        lead = expert.lead_raw(front, ego, junction_tensor(bs)) if trains_lead else None
         loss = perception_loss(policy, bs, light, lead)
         if trains_crossing:
             raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
@@ -332,7 +335,7 @@ def head_readings(policy, samples, fronts: list[torch.Tensor]) -> list[tuple[int
     expert, out = policy.expert, []
     for s, f in zip(samples, fronts):
         light = expert.light_logits(f)
-        lead = expert.lead_raw(f, ego_tensor(policy, [s]))
+        lead = expert.lead_raw(f, ego_tensor(policy, [s]), junction_tensor([s]))
         out.append((int(light.argmax(-1)) if light is not None else -1,
                     bool(lead[0, 0] > 0) if lead is not None else False))
     return out
@@ -365,6 +368,14 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
               f"samples with crossing traffic")
         crossing = (views, t)
     train_samples, train_fronts = samples, fronts
+    if "junction_lead_head." in prefixes:
+        if not policy.cfg.junction_lead_head:
+            add_junction_lead_head(policy)
+        if prefixes == ("junction_lead_head.",):   # the lead head's frames would only pass through it, frozen
+            at = junction_tensor(samples).tolist()
+            train_samples = [s for s, j in zip(samples, at) if j]
+            train_fronts = [f for f, j in zip(fronts, at) if j]
+            print(f"junction lead head: {len(train_samples)} of {len(samples)} samples at a junction")
     if a.signal_views:
         if not policy.cfg.traffic_lights:
             raise SystemExit(f"--signal-views: {a.heads_finetune} has no traffic-light head")
@@ -408,6 +419,17 @@ def signal_view_tokens(policy, seeds: list[int]) -> tuple[list[Sample], list[tor
         samples.append(Sample(view.meta, []))
         fronts.append(policy.reasoner.vision_tokens(view.front)[None])
     return samples, fronts
+
+
+def add_junction_lead_head(policy) -> None:
+    """A junction lead head on a finished checkpoint, starting as a copy of its lead head (weights and input
+    standardisation): it is then trained on the frames at a junction only (model.route.at_junction)."""
+    import copy
+
+    if not (policy.cfg.lead_perception and policy.cfg.traffic_lights):
+        raise SystemExit("a junction lead head needs a checkpoint with a lead head and the route's stop lines")
+    policy.cfg.junction_lead_head = True
+    policy.expert.junction_lead_head = copy.deepcopy(policy.expert.lead_head)
 
 
 def new_crossing_head(policy) -> PooledTokenHead:
@@ -486,7 +508,8 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
         a = torch.from_numpy(np.stack([s.future for s in bs]))
         br = collate_bridges([bridges[i] for i in ii])
         ego = ego_tensor(policy, bs, policy.cfg.route_dropout, rng)
-        light, lead = expert.light_logits(br), expert.lead_raw(br, ego)   # once per batch, not per flow step
+        # once per batch, not per flow step
+        light, lead = expert.light_logits(br), expert.lead_raw(br, ego, junction_tensor(bs))
         loss = expert.flow_loss(br, a, his_tensor(policy, bs), ego, generator=gen,
                                 percept=expert.percept_from(light, lead))
         if policy.cfg.grounded_reasoning:   # frozen heads (load_perception_heads)
