@@ -127,6 +127,16 @@ def test_lead_head_learns_presence_gap_and_closing_from_where_the_lead_is():
     assert lead_targets(dict(lead_gap=None))[0] == 0.0 and math.isnan(lead_targets(dict(lead_gap=None))[1])
 
 
+def test_a_presence_weight_makes_a_missed_lead_cost_more_than_a_false_one():
+    from spanvla_ros.model.perception import PooledTokenHead
+
+    unsure = torch.tensor([[0.0, 0.3, 0.2]])            # P(lead) 0.5, the regressions on target
+    lead, empty = torch.tensor([[1.0, 0.3, 0.2]]), torch.tensor([[0.0, math.nan, math.nan]])
+    for weight in (2.0, 3.0):
+        assert PooledTokenHead.loss(unsure, lead, weight) == pytest.approx(weight * PooledTokenHead.loss(unsure, lead))
+        assert PooledTokenHead.loss(unsure, empty, weight) == pytest.approx(PooledTokenHead.loss(unsure, empty))
+
+
 def test_crossing_traffic_labels_are_vehicles_coming_onto_the_ego_path():
     """An ego driving north at 8 m/s; a car from the east crossing its path 16 m ahead 2 s from now is crossing
     traffic (where and when); the lead in the lane, a car alongside in the next lane, one behind and one that

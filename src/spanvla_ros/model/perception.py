@@ -188,13 +188,15 @@ class PooledTokenHead(nn.Module):
         return torch.cat([p, p * raw[:, 1:2], p * raw[:, 2:3]], -1)
 
     @staticmethod
-    def loss(raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """BCE on presence (where known) + smooth L1 on gap and closing speed (where a lead exists)."""
+    def loss(raw: torch.Tensor, targets: torch.Tensor, presence_weight: float = 1.0) -> torch.Tensor:
+        """BCE on presence (where known; the present class weighted ``presence_weight``) + smooth L1 on gap and
+        closing speed (where a lead exists)."""
         present = targets[:, 0]
         known = torch.isfinite(present)
         if not known.any():
             return raw.sum() * 0.0
-        loss = F.binary_cross_entropy_with_logits(raw[known, 0], present[known])
+        weight = torch.tensor(presence_weight, dtype=raw.dtype, device=raw.device)
+        loss = F.binary_cross_entropy_with_logits(raw[known, 0], present[known], pos_weight=weight)
         lead = known & (present > 0.5)
         if lead.any():
             loss = loss + F.smooth_l1_loss(raw[lead, 1:], targets[lead, 1:], beta=0.1) * 4.0

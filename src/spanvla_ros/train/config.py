@@ -56,6 +56,8 @@ class TrainConfig:
     head_epochs: int = _opt(30, "--grounded-reasoning without --heads-from (or --heads-finetune): epochs of the "
                                 "perception heads")
     head_lr: float = _opt(1e-4, "--heads-finetune: peak LR (training heads from scratch uses 1e-3)")
+    lead_presence_weight: float = _opt(1.0, "weight of the lead-present class in the lead heads' presence loss "
+                                            "(> 1: a missed lead costs more than a false one)")
     heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")

@@ -285,12 +285,13 @@ def crossing_views(policy, samples) -> list[torch.Tensor]:
 def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, log: CsvLog, seed: int = 0,
                            fronts: list[torch.Tensor] | None = None, fit_inputs: bool = True,
                            crossing: tuple[list[torch.Tensor], torch.Tensor] | None = None,
-                           prefixes: tuple[str, ...] = PERCEPTION_PREFIXES) -> None:
+                           prefixes: tuple[str, ...] = PERCEPTION_PREFIXES, lead_presence_weight: float = 1.0) -> None:
     """Perception heads first, on the front camera's vision tokens alone (no reasoning needed), then frozen: a
     grounded-reasoning model writes its training bridges' text from them. ``fit_inputs=False`` keeps the heads'
     input standardisation (continuing to train heads that are already fitted). ``crossing``: the crossing head's
     input per sample (crossing_views) and its targets (crossing_targets_tensor), for a model with one;
-    ``prefixes``: which heads train (the others are neither read nor changed)."""
+    ``prefixes``: which heads train (the others are neither read nor changed); ``lead_presence_weight``: the
+    lead-present class's weight in the presence loss."""
     from tqdm import tqdm
 
     fronts = front_tokens(policy, samples) if fronts is None else fronts
@@ -310,7 +311,7 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
         ego = ego_tensor(policy, bs) if reads_ego else None
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
         lead = expert.lead_raw(front, ego, junction_tensor(bs)) if trains_lead else None
-        loss = perception_loss(policy, bs, light, lead)
+        loss = perception_loss(policy, bs, light, lead, lead_presence_weight)
         if trains_crossing:
             raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
             if raw is not None:
@@ -390,7 +391,8 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
         p.requires_grad_(True)
     t0 = time.time()
     train_perception_heads(policy, train_samples, a.head_epochs, 64, a.head_lr, log, a.seed, train_fronts,
-                           fit_inputs=False, crossing=crossing, prefixes=prefixes)
+                           fit_inputs=False, crossing=crossing, prefixes=prefixes,
+                           lead_presence_weight=a.lead_presence_weight)
     after = head_readings(policy, samples, fronts)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
     old_lit = [i for i in old if light_label(samples[i]) >= 0]
@@ -446,7 +448,7 @@ def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
     new_crossing_head(policy).fit(torch.cat(views[::4]), policy.reasoner.front_token_rc)
 
 
-def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
+def perception_loss(policy, bs, light_logits, lead_raw, lead_presence_weight: float = 1.0) -> torch.Tensor:
     """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead head losses."""
     loss = torch.zeros(())
     if light_logits is not None:
@@ -454,7 +456,8 @@ def perception_loss(policy, bs, light_logits, lead_raw) -> torch.Tensor:
         if (labels >= 0).any():
             loss = loss + torch.nn.functional.cross_entropy(light_logits, labels, ignore_index=-100)
     if lead_raw is not None:
-        loss = loss + policy.expert.lead_head.loss(lead_raw, lead_targets_tensor([s.meta.get("facts") for s in bs]))
+        loss = loss + PooledTokenHead.loss(lead_raw, lead_targets_tensor([s.meta.get("facts") for s in bs]),
+                                           lead_presence_weight)
     return loss
 
 
@@ -681,7 +684,8 @@ def train(a: TrainConfig) -> int:
         print(f"route: {dropped} samples dropped, their future leaves the route they are given")
     if policy.cfg.grounded_reasoning and not a.heads_from and not done("sft"):
         t0 = time.time()
-        train_perception_heads(policy, samples, a.head_epochs, 64, 1e-3, log, a.seed)
+        train_perception_heads(policy, samples, a.head_epochs, 64, 1e-3, log, a.seed,
+                               lead_presence_weight=a.lead_presence_weight)
         print(f"perception heads (then frozen): {time.time() - t0:.0f} s")
     bridges = cached_bridges(policy, samples, a.bridge_text, a.bridge_cache)
     if a.signal_labels == "stop":
