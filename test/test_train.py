@@ -351,6 +351,13 @@ def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(data
     with torch.no_grad():
         torch.testing.assert_close(tuned.expert.lead_raw(fronts[~at], ego[~at], at[~at]),
                                    base.expert.lead_raw(fronts[~at], ego[~at]))
+    # then the lead head alone: it trains on the frames away from junctions, the junction head stays as it is
+    assert main(["--data", str(dataset), str(isec_dataset), "--out", str(tmp_path / "ft2"),
+                 "--heads-finetune", str(tmp_path / "ft" / "sft"), "--finetune-heads", "lead",
+                 "--head-epochs", "5", "--head-lr", "2e-3"]) == 0
+    again = SpanVLAPolicy.from_pretrained(tmp_path / "ft2" / "sft").expert.state_dict()
+    changed = {k for k, v in new.items() if not torch.equal(v, again[k])}
+    assert changed and all(k.startswith("lead_head.") for k in changed)
 
 
 def test_the_training_command_line_is_the_config_dataclass():

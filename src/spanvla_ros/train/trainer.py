@@ -369,14 +369,15 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
               f"samples with crossing traffic")
         crossing = (views, t)
     train_samples, train_fronts = samples, fronts
-    if "junction_lead_head." in prefixes:
-        if not policy.cfg.junction_lead_head:
-            add_junction_lead_head(policy)
-        if prefixes == ("junction_lead_head.",):   # the lead head's frames would only pass through it, frozen
-            at = junction_tensor(samples).tolist()
-            train_samples = [s for s, j in zip(samples, at) if j]
-            train_fronts = [f for f, j in zip(fronts, at) if j]
-            print(f"junction lead head: {len(train_samples)} of {len(samples)} samples at a junction")
+    if "junction_lead" in a.finetune_heads.split(",") and not policy.cfg.junction_lead_head:
+        add_junction_lead_head(policy)   # named: a new head (the default, every head, means those it has)
+    if policy.cfg.junction_lead_head and prefixes in (("junction_lead_head.",), ("lead_head.",)):
+        # each lead head reads its own frames: the other head's would only pass through it, frozen
+        at = junction_tensor(samples).tolist()
+        keep = [j == (prefixes == ("junction_lead_head.",)) for j in at]
+        train_samples = [s for s, k in zip(samples, keep) if k]
+        train_fronts = [f for f, k in zip(fronts, keep) if k]
+        print(f"{prefixes[0].rstrip('.')}: {len(train_samples)} of {len(samples)} samples ({sum(at)} at a junction)")
     if a.signal_views:
         if not policy.cfg.traffic_lights:
             raise SystemExit(f"--signal-views: {a.heads_finetune} has no traffic-light head")
