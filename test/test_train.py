@@ -298,7 +298,7 @@ def test_finetune_heads_trains_only_the_heads_named(dataset, tmp_path):
 
     def lead_loss(policy):
         with torch.no_grad():
-            return float(perception_loss(policy, samples, None,
+            return float(perception_loss(samples, None,
                                          policy.expert.lead_raw(fronts, ego_tensor(policy, samples))))
 
     with pytest.raises(SystemExit, match="no head"):
@@ -337,7 +337,7 @@ def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(data
     def lead_loss(policy, rows):
         with torch.no_grad():
             raw = policy.expert.lead_raw(fronts[rows], ego[rows], at[rows])
-            return float(perception_loss(policy, [samples[i] for i in rows.nonzero()[:, 0]], None, raw))
+            return float(perception_loss([samples[i] for i in rows.nonzero()[:, 0]], None, raw))
 
     assert main(["--data", str(dataset), str(isec_dataset), "--out", str(tmp_path / "ft"),
                  "--heads-finetune", str(tmp_path / "base"), "--finetune-heads", "junction_lead",

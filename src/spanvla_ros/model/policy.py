@@ -158,8 +158,7 @@ class SpanVLAPolicy:
         if self.cfg.grounded_reasoning:
             kw["prefix"] = self.perceived_text(
                 self.reasoner.vision_tokens([images[i] for i in self.reasoner.front_image_indices])[None],
-                speed, self.route_input(route_xy, pose, stop_xy),
-                junction=pose is not None and at_junction(route_xy, stop_xy, pose))
+                speed, self.route_input(route_xy, pose, stop_xy), self.at_junction(route_xy, stop_xy, pose))
         return self.reasoner.reason(images, prompt, stamp=stamp, **kw)
 
     @torch.inference_mode()
@@ -266,8 +265,11 @@ class SpanVLAPolicy:
         whether the ego is at a junction (model.route.at_junction: which lead head reads the frames)."""
         route = self.route_input(route_xy, pose, stop_xy)
         ego = torch.from_numpy(self.ego_vector(speed, accel, yaw_rate, command, route))[None].to(self.reasoner.device)
-        junction = self.uses_route and pose is not None and at_junction(route_xy, stop_xy, pose)
-        return route, ego, junction
+        return route, ego, self.at_junction(route_xy, stop_xy, pose)
+
+    def at_junction(self, route_xy, stop_xy, pose) -> bool:
+        """Whether the junction lead head reads the frames: a stop line of the route is near (model.route)."""
+        return self.uses_route and pose is not None and at_junction(route_xy, stop_xy, pose)
 
     def _percept(self, light: torch.Tensor | None, lead: torch.Tensor | None, route: np.ndarray | None,
                  crossing: torch.Tensor | None = None) -> Percept | None:

@@ -117,7 +117,6 @@ def at_junction(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -
     return any(lo <= d <= hi for d in stop_line_offsets(route_xy, stop_xy, pose))
 
 
-
 def stop_line_features(route_xy: np.ndarray | None, stop_xy: np.ndarray | None, pose) -> np.ndarray:
     """(distance to the next stop line / STOP_SCALE_M, validity); zeros when none is ahead or none is known.
     The validity bit is the last entry of the expert's conditioning vector (it gates the traffic-light head)."""

@@ -311,7 +311,7 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
         ego = ego_tensor(policy, bs) if reads_ego else None
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
         lead = expert.lead_raw(front, ego, junction_tensor(bs)) if trains_lead else None
-        loss = perception_loss(policy, bs, light, lead, lead_presence_weight)
+        loss = perception_loss(bs, light, lead, lead_presence_weight)
         if trains_crossing:
             raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
             if raw is not None:
@@ -449,7 +449,7 @@ def add_crossing_head(policy, views: list[torch.Tensor]) -> None:
     new_crossing_head(policy).fit(torch.cat(views[::4]), policy.reasoner.front_token_rc)
 
 
-def perception_loss(policy, bs, light_logits, lead_raw, lead_presence_weight: float = 1.0) -> torch.Tensor:
+def perception_loss(bs, light_logits, lead_raw, lead_presence_weight: float = 1.0) -> torch.Tensor:
     """Auxiliary losses of the perception heads: light CE on samples with a stop line ahead, lead head losses."""
     loss = torch.zeros(())
     if light_logits is not None:
@@ -518,7 +518,7 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
                                 percept=expert.percept_from(light, lead))
         if policy.cfg.grounded_reasoning:   # frozen heads (load_perception_heads)
             return loss
-        return loss + perception_loss(policy, bs, light, lead)
+        return loss + perception_loss(bs, light, lead)
 
     supervised_epochs(policy.expert, samples, epochs, batch, lr, 0.05, log, tag, f"{tag} (flow matching)",
                       batch_loss, seed)
