@@ -304,13 +304,14 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
     trains_crossing = crossing is not None and "crossing_head." in prefixes
     trains_lead = "lead_head." in prefixes or "junction_lead_head." in prefixes
     reads_ego = trains_lead or trains_crossing     # a light-only run may have label-only samples
+    junction = junction_tensor(samples) if trains_lead else None   # once: a route projection per sample
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
         front = torch.cat([fronts[i] for i in ii])
         ego = ego_tensor(policy, bs) if reads_ego else None
         light = expert.light_logits(front) if "light_" in prefixes else None       # None without the head
-        lead = expert.lead_raw(front, ego, junction_tensor(bs)) if trains_lead else None
+        lead = expert.lead_raw(front, ego, junction[torch.as_tensor(ii)]) if junction is not None else None
         loss = perception_loss(bs, light, lead, lead_presence_weight)
         if trains_crossing:
             raw = expert.crossing_raw(torch.cat([crossing[0][i] for i in ii]), ego)
@@ -331,12 +332,13 @@ def train_perception_heads(policy, samples, epochs: int, batch: int, lr: float, 
 
 
 @torch.no_grad()
-def head_readings(policy, samples, fronts: list[torch.Tensor]) -> list[tuple[int, bool]]:
-    """What the heads read on each sample: (light class or -1, lead present)."""
+def head_readings(policy, samples, fronts: list[torch.Tensor], junction: torch.Tensor) -> list[tuple[int, bool]]:
+    """What the heads read on each sample (``junction``: junction_tensor(samples)): (light class or -1, lead
+    present)."""
     expert, out = policy.expert, []
-    for s, f in zip(samples, fronts):
+    for s, f, j in zip(samples, fronts, junction):
         light = expert.light_logits(f)
-        lead = expert.lead_raw(f, ego_tensor(policy, [s]), junction_tensor([s]))
+        lead = expert.lead_raw(f, ego_tensor(policy, [s]), j)
         out.append((int(light.argmax(-1)) if light is not None else -1,
                     bool(lead[0, 0] > 0) if lead is not None else False))
     return out
@@ -354,7 +356,8 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     attach_routes(samples, scene_maps(samples))
     samples, dropped = drop_off_route_labels(samples)
     fronts = front_tokens(policy, samples)
-    before = head_readings(policy, samples, fronts)
+    junction = junction_tensor(samples)
+    before = head_readings(policy, samples, fronts, junction)
     prefixes: tuple[str, ...] = PERCEPTION_PREFIXES
     if a.finetune_heads:
         prefixes = tuple(HEAD_PREFIXES[h] for h in a.finetune_heads.split(","))
@@ -373,11 +376,11 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
         add_junction_lead_head(policy)   # named: a new head (the default, every head, means those it has)
     if policy.cfg.junction_lead_head and prefixes in (("junction_lead_head.",), ("lead_head.",)):
         # each lead head reads its own frames: the other head's would only pass through it, frozen
-        at = junction_tensor(samples).tolist()
-        keep = [j == (prefixes == ("junction_lead_head.",)) for j in at]
+        keep = (junction == (prefixes == ("junction_lead_head.",))).tolist()
         train_samples = [s for s, k in zip(samples, keep) if k]
         train_fronts = [f for f, k in zip(fronts, keep) if k]
-        print(f"{prefixes[0].rstrip('.')}: {len(train_samples)} of {len(samples)} samples ({sum(at)} at a junction)")
+        print(f"{prefixes[0].rstrip('.')}: {len(train_samples)} of {len(samples)} samples "
+              f"({int(junction.sum())} at a junction)")
     if a.signal_views:
         if not policy.cfg.traffic_lights:
             raise SystemExit(f"--signal-views: {a.heads_finetune} has no traffic-light head")
@@ -394,7 +397,7 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     train_perception_heads(policy, train_samples, a.head_epochs, 64, a.head_lr, log, a.seed, train_fronts,
                            fit_inputs=False, crossing=crossing, prefixes=prefixes,
                            lead_presence_weight=a.lead_presence_weight)
-    after = head_readings(policy, samples, fronts)
+    after = head_readings(policy, samples, fronts, junction)
     old = [i for i, s in enumerate(samples) if s.meta["kind"] != "dagger"]
     old_lit = [i for i in old if light_label(samples[i]) >= 0]
     light_changed = sum(before[i][0] != after[i][0] for i in old_lit)
@@ -506,6 +509,7 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
     if not policy.cfg.grounded_reasoning:   # else the heads were trained first and are frozen
         fit_perception_inputs(policy, samples, [b.front_features for b in bridges])
     expert = policy.expert
+    junction = junction_tensor(samples)   # once: a route projection per sample
 
     def batch_loss(ii):
         bs = [samples[i] for i in ii]
@@ -513,7 +517,7 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
         br = collate_bridges([bridges[i] for i in ii])
         ego = ego_tensor(policy, bs, policy.cfg.route_dropout, rng)
         # once per batch, not per flow step
-        light, lead = expert.light_logits(br), expert.lead_raw(br, ego, junction_tensor(bs))
+        light, lead = expert.light_logits(br), expert.lead_raw(br, ego, junction[torch.as_tensor(ii)])
         loss = expert.flow_loss(br, a, his_tensor(policy, bs), ego, generator=gen,
                                 percept=expert.percept_from(light, lead))
         if policy.cfg.grounded_reasoning:   # frozen heads (load_perception_heads)
