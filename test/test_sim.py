@@ -170,6 +170,31 @@ def test_data_generation_writes_replayable_bags(tmp_path):
     assert [x["future"] for x in idx2["samples"]] == [x["future"] for x in pos]
 
 
+def test_data_from_a_scenario_file_rebuilds_its_own_road(tmp_path):
+    """A scenario file's scenario is not a built-in: the dataset carries it, so the maps and routes a trainer rebuilds
+    are those of the road the episode ran on (two lanes here), not of the built-in base (three)."""
+    import dataclasses
+
+    from spanvla_ros.data.generate import generate
+    from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
+    from spanvla_ros.sim.scenarios import get, scenario_of, spec_of
+
+    two_lanes = dataclasses.replace(get("lead_brake"), name="lead_brake_2_lanes", duration_s=6.0,
+                                    env_config={**get("lead_brake").env_config, "lanes_count": 2})
+    assert spec_of(get("lead_brake")) is None and scenario_of("x", spec_of(two_lanes)) == two_lanes
+    idx = generate(tmp_path, [two_lanes, "highway"], [3], kinds=("expert",), progress=False)
+    assert {(e["scenario"], "scenario_spec" in e) for e in idx["episodes"]} == {("lead_brake_2_lanes", True),
+                                                                               ("highway", False)}
+    samples = load_samples(tmp_path, ("front",), progress=False)
+    scenes = scene_maps(samples)
+    lanes = {name: len(scene.lanes) for (name, _), scene in scenes.items()}
+    assert lanes["lead_brake_2_lanes"] * 3 == lanes["highway"] * 2
+    attach_routes(samples, scenes)
+    for s in samples:   # every sample's logged pose lies in a lane of the road rebuilt for it
+        x, y, heading = s.meta["pose"][:3]
+        assert scenes[(s.meta["scenario"], 3)].lane_info(x, y, heading)[0] is not None
+
+
 def test_corrupt_bag_raises_bag_error_with_partial_log(tmp_path):
     from spanvla_ros.data.bag_io import BagError, read_episode
     from spanvla_ros.data.generate import generate

@@ -31,6 +31,7 @@ from ..eval.pdm import score
 from ..geometry import to_ego, to_world
 from ..model.config import CAMERAS, SpanVLAConfig
 from ..sim.agents import agent_futures, futures_to_json
+from ..sim.scenarios import Scenario, scenario_of, spec_of
 from ..sim.types import Control
 from .bag_io import BAG_EPOCH, EpisodeBagWriter
 from .scene_text import describe, facts_from_state, perception_facts
@@ -53,6 +54,11 @@ class EpisodeJob:
     carla_host: str = ""
     carla_port: int = 0
     threads: int = 1   # torch threads of the worker (a DAgger policy): workers run side by side
+    scenario_spec: dict | None = None   # a scenario file's scenario (sim.scenarios.spec_of); None: a built-in
+
+    def simulated(self):
+        """What the backend resets to: the built-in's name, or the scenario rebuilt from its spec."""
+        return self.scenario if self.scenario_spec is None else scenario_of(self.scenario, self.scenario_spec)
 
 
 def negative_candidates(speed: float) -> dict[str, np.ndarray]:
@@ -81,7 +87,7 @@ class EpisodeRecorder:
 
     def run(self, bag_path: Path):
         b, job = self.b, self.job
-        obs = b.reset(job.scenario, job.seed)
+        obs = b.reset(job.simulated(), job.seed)
         rng = np.random.default_rng(job.seed * 7 + (1 if job.kind == "recovery" else 0))
         writer = EpisodeBagWriter(bag_path, b.cameras)
         writer.write_route(0.0, b.route_xy, b.command, b.stop_lines_xy)
@@ -210,7 +216,7 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
         facts = facts_from_state(pose, now["agents"], job.scenario, rec.b.command, now["light"], now["light_dist"],
                                  now["lateral"], recovering, route=rec.scene.route)
         samples.append(dict(
-            scenario=job.scenario, seed=job.seed, kind=SAMPLE_KIND[job.kind], bag=bag_rel,
+            scenario=job.scenario, **_spec_field(job), seed=job.seed, kind=SAMPLE_KIND[job.kind], bag=bag_rel,
             stamp=BAG_EPOCH + now["t"], t=now["t"], command=rec.b.command,
             frame_stamps=[BAG_EPOCH + now["t"] - k * DT for k in range(HISTORY_FRAMES - 1, -1, -1)],
             past=past.round(4).tolist(), speed=round(pose[3], 4), accel=round(accel, 4), yaw_rate=round(yaw_rate, 4),
@@ -222,6 +228,10 @@ def build_samples(rec: EpisodeRecorder, job: EpisodeJob, bag_rel: str) -> list[d
             pose=[round(float(v), 4) for v in pose], ref_progress=round(float(ref_progress), 3), lights=lights,
             agents_future=futures_to_json(agents_future), agent_sizes=sizes))
     return samples
+
+
+def _spec_field(job: EpisodeJob) -> dict:
+    return {} if job.scenario_spec is None else {"scenario_spec": job.scenario_spec}
 
 
 def run_job(job: EpisodeJob) -> dict:
@@ -243,8 +253,8 @@ def run_job(job: EpisodeJob) -> dict:
     finally:
         backend.close()   # CARLA: actors destroyed and settings restored, also on an error or an interrupt
     last = steps[-1]
-    return dict(episode=dict(name=name, scenario=job.scenario, seed=job.seed, kind=job.kind, bag=f"episodes/{name}",
-                             duration_s=last["t"], collision=bool(last["flags"].collision),
+    return dict(episode=dict(name=name, scenario=job.scenario, **_spec_field(job), seed=job.seed, kind=job.kind,
+                             bag=f"episodes/{name}", duration_s=last["t"], collision=bool(last["flags"].collision),
                              route_completion=last["progress"] / last["route_length"]),
                 samples=samples)
 
@@ -271,8 +281,9 @@ def generate(out_dir: Path, scenarios, seeds, kinds=("expert", "recovery"), work
     if "dagger" in kinds and backend != "highway_env":
         raise ValueError("dagger labels roll the expert out on a copy of the running world, which only "
                          "highway-env can make (a CARLA world cannot be forked)")
-    jobs = [EpisodeJob(s, seed, k, str(out_dir), sample_every_s, str(Path(policy).resolve()) if policy else "",
-                       backend, carla_host, carla_port)
+    jobs = [EpisodeJob(getattr(s, "name", s), seed, k, str(out_dir), sample_every_s,
+                       str(Path(policy).resolve()) if policy else "", backend, carla_host, carla_port,
+                       scenario_spec=spec_of(s) if isinstance(s, Scenario) else None)
             for s in scenarios for seed in seeds for k in kinds]
     t0 = time.time()
     results = []
@@ -298,11 +309,12 @@ def main(argv=None) -> int:
     from ..config import interrupt_on_sigterm
     from ..distributed import parse_servers
     from ..sim.backends import add_backend_arguments
-    from ..sim.scenarios import SCENARIOS, parse_seeds
+    from ..sim.scenarios import SCENARIOS, parse_seeds, resolve
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scenarios", default="all", help=f"comma list or 'all' ({', '.join(SCENARIOS)})")
+    ap.add_argument("--scenarios", default="all", help=f"comma list or 'all' ({', '.join(SCENARIOS)}), or a YAML "
+                    "scenario file (sim.scenarios.load_scenarios)")
     ap.add_argument("--seeds", default="0:4", help="a:b range or comma list")
     ap.add_argument("--kinds", default="expert,recovery", help="expert, recovery, dagger (comma list)")
     ap.add_argument("--workers", type=int, default=1)
@@ -313,7 +325,7 @@ def main(argv=None) -> int:
                     "workers), 'auto' or ray://head:10001; default: local processes (--workers)")
     ap.add_argument("--carla-servers", default="", help="host:port,host:port: one Ray worker per CARLA server")
     a = ap.parse_args(argv)
-    scen = list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(",")
+    scen = resolve(a.scenarios)
     interrupt_on_sigterm()
     try:
         idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers,

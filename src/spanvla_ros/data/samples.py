@@ -10,6 +10,7 @@ from typing import cast
 import numpy as np
 
 from ..sim.agents import futures_from_json
+from ..sim.scenarios import scenario_of
 from .bag_io import read_episode
 
 
@@ -63,7 +64,7 @@ def scene_maps(samples: list[Sample]) -> dict:
     for s in samples:
         key = (s.meta["scenario"], s.meta["seed"])
         if key not in out:
-            backend.reset(*key)
+            backend.reset(scenario_of(s.meta["scenario"], s.meta.get("scenario_spec")), s.meta["seed"])
             out[key] = backend.scene_map()
     backend.close()
     return out
@@ -94,13 +95,12 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
 
     from ..geometry import to_world
     from ..model.route import hindsight_lane_route
-    from ..sim.scenarios import get
 
     for s in samples:
         scene = scenes[(s.meta["scenario"], s.meta["seed"])]
         derive_facts(s, scene)
         route = np.asarray(scene.route.coords)
-        if get(s.meta["scenario"]).expert_changes_lanes:
+        if scenario_of(s.meta["scenario"], s.meta.get("scenario_spec")).expert_changes_lanes:
             # only there does the expert leave the route's lane by choice; elsewhere a label that ends in another
             # lane (a DAgger state the policy left the lane in) must not move the route the planner is given
             goal = to_world(s.meta["pose"], s.future[-1:])[0, :2]

@@ -94,11 +94,26 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
             raise ValueError(f"{path}: unknown scenario fields {sorted(unknown)} (known: {sorted(names)})")
         if "env_config" in e:
             e["env_config"] = {**base.env_config, **e["env_config"]}
-        for k in ("event_time_s", "event_gap_m", "lead_brake_to_mps"):
-            if k in e:
-                e[k] = tuple(float(v) for v in e[k])
-        out.append(dataclasses.replace(base, **e))
+        out.append(dataclasses.replace(base, **_ranges_as_tuples(e)))
     return out
+
+
+def _ranges_as_tuples(fields: dict) -> dict:
+    return {k: tuple(float(x) for x in v) if k in _RANGE_FIELDS else v for k, v in fields.items()}
+
+
+_RANGE_FIELDS = ("event_time_s", "event_gap_m", "lead_brake_to_mps")
+
+
+def spec_of(scenario: Scenario) -> dict | None:
+    """What a dataset keeps to rebuild a scenario that is not a built-in one (a scenario file's): all its fields;
+    None for a built-in, which its name identifies."""
+    return None if SCENARIOS.get(scenario.name) == scenario else dataclasses.asdict(scenario)
+
+
+def scenario_of(name: str, spec: dict | None = None) -> Scenario:
+    """The scenario a dataset's episode ran: a built-in by ``name``, or rebuilt from its ``spec`` (spec_of)."""
+    return get(name) if spec is None else Scenario(**_ranges_as_tuples(spec))
 
 
 def resolve(spec: str) -> list[Scenario]:
