@@ -173,19 +173,21 @@ def test_data_generation_writes_replayable_bags(tmp_path):
 def test_data_from_a_scenario_file_rebuilds_its_own_road(tmp_path):
     """A scenario file's scenario is not a built-in: the dataset carries it, so the maps and routes a trainer rebuilds
     are those of the road the episode ran on (two lanes here), not of the built-in base (three)."""
-    import dataclasses
-
-    from spanvla_ros.data.generate import generate
+    from spanvla_ros.data.generate import main
     from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
-    from spanvla_ros.sim.scenarios import get, scenario_of, spec_of
+    from spanvla_ros.sim.scenarios import get, load_scenarios, scenario_of, spec_of
 
-    two_lanes = dataclasses.replace(get("lead_brake"), name="lead_brake_2_lanes", duration_s=6.0,
-                                    env_config={**get("lead_brake").env_config, "lanes_count": 2})
-    assert spec_of(get("lead_brake")) is None and scenario_of("x", spec_of(two_lanes)) == two_lanes
-    idx = generate(tmp_path, [two_lanes, "highway"], [3], kinds=("expert",), progress=False)
+    f = tmp_path / "roads.yaml"
+    f.write_text("- {name: lead_brake_2_lanes, base: lead_brake, duration_s: 6, env_config: {lanes_count: 2}}\n"
+                 "- {base: highway}\n")
+    two_lanes, highway = load_scenarios(f)
+    assert spec_of(highway) is None and scenario_of("x", spec_of(two_lanes)) == two_lanes and highway == get("highway")
+    out = tmp_path / "data"
+    assert main(["--out", str(out), "--scenarios", str(f), "--seeds", "3", "--kinds", "expert"]) == 0
+    idx = json.loads((out / "index.json").read_text())
     assert {(e["scenario"], "scenario_spec" in e) for e in idx["episodes"]} == {("lead_brake_2_lanes", True),
                                                                                ("highway", False)}
-    samples = load_samples(tmp_path, ("front",), progress=False)
+    samples = load_samples(out, ("front",), progress=False)
     scenes = scene_maps(samples)
     lanes = {name: len(scene.lanes) for (name, _), scene in scenes.items()}
     assert lanes["lead_brake_2_lanes"] * 3 == lanes["highway"] * 2

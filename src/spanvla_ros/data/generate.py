@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     from ..config import interrupt_on_sigterm
     from ..distributed import parse_servers
     from ..sim.backends import add_backend_arguments
-    from ..sim.scenarios import SCENARIOS, parse_seeds, resolve
+    from ..sim.scenarios import SCENARIOS, is_scenario_file, parse_seeds, resolve
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -325,7 +325,9 @@ def main(argv=None) -> int:
                     "workers), 'auto' or ray://head:10001; default: local processes (--workers)")
     ap.add_argument("--carla-servers", default="", help="host:port,host:port: one Ray worker per CARLA server")
     a = ap.parse_args(argv)
-    scen = resolve(a.scenarios)
+    # names pass through as they are: on CARLA a name is not a highway-env scenario ("town": a spawn point's road)
+    scen = (resolve(a.scenarios) if is_scenario_file(a.scenarios)
+            else list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(","))
     interrupt_on_sigterm()
     try:
         idx = generate(Path(a.out), scen, parse_seeds(a.seeds), tuple(a.kinds.split(",")), a.workers,

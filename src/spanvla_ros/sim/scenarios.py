@@ -116,8 +116,12 @@ def scenario_of(name: str, spec: dict | None = None) -> Scenario:
     return get(name) if spec is None else Scenario(**_ranges_as_tuples(spec))
 
 
+def is_scenario_file(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml"))
+
+
 def resolve(spec: str) -> list[Scenario]:
     """'all', a comma list of built-in names, or a YAML scenario file."""
-    if spec.endswith((".yaml", ".yml")):
+    if is_scenario_file(spec):
         return load_scenarios(spec)
     return list(SCENARIOS.values()) if spec == "all" else [get(n) for n in spec.split(",")]
