@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     from ..config import interrupt_on_sigterm
     from ..distributed import parse_servers
     from ..sim.backends import add_backend_arguments
-    from ..sim.scenarios import SCENARIOS, is_scenario_file, parse_seeds, resolve
+    from ..sim.scenarios import SCENARIOS, is_scenario_file, load_scenarios, parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--carla-servers", default="", help="host:port,host:port: one Ray worker per CARLA server")
     a = ap.parse_args(argv)
     # names pass through as they are: on CARLA a name is not a highway-env scenario ("town": a spawn point's road)
-    scen = (resolve(a.scenarios) if is_scenario_file(a.scenarios)
+    scen = (load_scenarios(a.scenarios) if is_scenario_file(a.scenarios)
             else list(SCENARIOS) if a.scenarios == "all" else a.scenarios.split(","))
     interrupt_on_sigterm()
     try:

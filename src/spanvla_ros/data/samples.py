@@ -55,6 +55,11 @@ def load_samples(data_dir: Path, cameras, kinds=None, scenarios=None, limit: int
     return out
 
 
+def sample_scenario(sample: Sample):
+    """The scenario the sample's episode ran (a scenario file's is carried in the sample: data.generate)."""
+    return scenario_of(sample.meta["scenario"], sample.meta.get("scenario_spec"))
+
+
 def scene_maps(samples: list[Sample]) -> dict:
     """(scenario, seed) -> the road's SceneMap, rebuilt by resetting the simulator (deterministic by seed)."""
     from ..sim.highway_backend import HighwayEnvBackend
@@ -64,7 +69,7 @@ def scene_maps(samples: list[Sample]) -> dict:
     for s in samples:
         key = (s.meta["scenario"], s.meta["seed"])
         if key not in out:
-            backend.reset(scenario_of(s.meta["scenario"], s.meta.get("scenario_spec")), s.meta["seed"])
+            backend.reset(sample_scenario(s), s.meta["seed"])
             out[key] = backend.scene_map()
     backend.close()
     return out
@@ -100,7 +105,7 @@ def attach_routes(samples: list[Sample], scenes: dict) -> None:
         scene = scenes[(s.meta["scenario"], s.meta["seed"])]
         derive_facts(s, scene)
         route = np.asarray(scene.route.coords)
-        if scenario_of(s.meta["scenario"], s.meta.get("scenario_spec")).expert_changes_lanes:
+        if sample_scenario(s).expert_changes_lanes:
             # only there does the expert leave the route's lane by choice; elsewhere a label that ends in another
             # lane (a DAgger state the policy left the lane in) must not move the route the planner is given
             goal = to_world(s.meta["pose"], s.future[-1:])[0, :2]

@@ -98,11 +98,11 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
     return out
 
 
+_RANGE_FIELDS = ("event_time_s", "event_gap_m", "lead_brake_to_mps")
+
+
 def _ranges_as_tuples(fields: dict) -> dict:
     return {k: tuple(float(x) for x in v) if k in _RANGE_FIELDS else v for k, v in fields.items()}
-
-
-_RANGE_FIELDS = ("event_time_s", "event_gap_m", "lead_brake_to_mps")
 
 
 def spec_of(scenario: Scenario) -> dict | None:
