@@ -313,6 +313,46 @@ def test_finetune_heads_trains_only_the_heads_named(dataset, tmp_path):
     assert changed and all(name.startswith("lead_head.") for name in changed)
 
 
+def test_expert_finetune_trains_the_flow_and_keeps_the_vlm_and_heads(dataset, tmp_path):
+    """--expert-finetune CKPT: the flow-matching loss on the data falls from the checkpoint's expert (continued,
+    not a fresh one), and the VLM and the perception heads stay bit-identical."""
+    import torch
+
+    from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
+    from spanvla_ros.model.batch import ego_tensor, his_tensor
+    from spanvla_ros.model.bridge import collate_bridges
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.policy import SpanVLAPolicy, vlm_digest
+    from spanvla_ros.train.trainer import PERCEPTION_PREFIXES, build_initial, main, precompute_bridges
+
+    samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    base = build_initial(samples, "history", 0, lights=True, lead=True)
+    base.save_pretrained(tmp_path / "base")
+    bridges = collate_bridges(precompute_bridges(base, samples))
+    future = torch.from_numpy(np.stack([s.future for s in samples]))
+
+    def flow_loss(policy):
+        with torch.no_grad():
+            ego = ego_tensor(policy, samples)
+            return float(policy.expert.flow_loss(bridges, future, his_tensor(policy, samples), ego,
+                                                 t=torch.full((len(samples),), 0.5),
+                                                 generator=torch.Generator().manual_seed(0),
+                                                 percept=policy.expert.percept(bridges, ego)))
+
+    with pytest.raises(SystemExit, match="keeps its VLM"):
+        main(["--data", str(dataset), "--out", str(tmp_path / "x"), "--expert-finetune", str(tmp_path / "base"),
+              "--vlm-from", str(tmp_path / "base")])
+    assert main(["--data", str(dataset), "--out", str(tmp_path / "ft"), "--expert-finetune", str(tmp_path / "base"),
+                 "--flow-epochs", "20", "--flow-lr", "2e-3", "--batch", "4", "--skip-grpo"]) == 0
+    tuned = SpanVLAPolicy.from_pretrained(tmp_path / "ft" / "sft")
+    assert flow_loss(tuned) < 0.7 * flow_loss(base)
+    changed = {name for (name, a), b in zip(base.expert.state_dict().items(), tuned.expert.state_dict().values())
+               if not torch.equal(a, b)}
+    assert changed and not any(name.startswith(PERCEPTION_PREFIXES) for name in changed)
+    assert vlm_digest(tuned) == vlm_digest(base)
+
+
 def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(dataset, isec_dataset, tmp_path):
     """--finetune-heads junction_lead on a checkpoint without one: a junction lead head (a copy of the lead head)
     is added and trained on the frames at a junction, where its lead loss falls; every other weight stays

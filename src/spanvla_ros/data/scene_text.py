@@ -155,6 +155,13 @@ def lead_clause(gap: float, closing: float, speed: float, rng: np.random.Generat
     return options[0] if rng is None else _pick(rng, *options)
 
 
+def free_road_clause(rng: np.random.Generator | None = None) -> str:
+    """What the text says when nothing it names is there: no lead, no cut-in, no signal ahead; the first phrasing
+    without rng."""
+    options = ("the lane ahead is free", "clear road, no vehicles nearby")
+    return options[0] if rng is None else _pick(rng, *options)
+
+
 def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str:
     """future: (N, 4) expert trajectory x, y, heading, speed in the ego frame (0.5 s spacing)."""
     parts = []
@@ -178,7 +185,7 @@ def describe(f: SceneFacts, future: np.ndarray, rng: np.random.Generator) -> str
     if f.intersection and f.light is None:
         parts.append("intersection ahead")
     if not parts:
-        parts.append(_pick(rng, "clear road, no vehicles nearby", "the lane ahead is free"))
+        parts.append(free_road_clause(rng))
 
     v_end, v_mid = float(future[-1, 3]), float(future[min(3, len(future) - 1), 3])
     dy, dh = float(future[-1, 1]), float(future[-1, 2])

@@ -166,8 +166,9 @@ class SpanVLAPolicy:
                        junction: bool = False) -> str:
         """The facts the perception heads read from the front frames, in the reasoning text's own phrasing
         (data.scene_text): the light when a stop line is ahead, the lead vehicle when one is seen (by the junction
-        lead head at a junction, for a model with one)."""
-        from ..data.scene_text import lead_clause, light_clause
+        lead head at a junction, for a model with one); with neither, that the lane ahead is free, as the training
+        text says of such a scene (left to the decoder, it states facts no head saw, and the plan follows them)."""
+        from ..data.scene_text import free_road_clause, lead_clause, light_clause
         from ..sim.types import VEHICLE_LENGTH_M
         from .config import LIGHT_STATES
 
@@ -179,7 +180,7 @@ class SpanVLAPolicy:
             parts.append(light_clause(state, seen.stop_line_m - VEHICLE_LENGTH_M / 2))   # from the bumper
         if seen is not None and seen.lead_probability is not None and seen.lead_probability > 0.5:
             parts.append(lead_clause(seen.lead_gap_m, seen.lead_closing_mps, speed))
-        return "; ".join(parts)
+        return "; ".join(parts) or free_road_clause()
 
     def history_init(self, past_xyh: np.ndarray, speed: float, horizon: int | None = None) -> np.ndarray:
         return history_trajectory(past_xyh, speed, self.cfg.history_dt, horizon or self.cfg.horizon, self.cfg.dt)

@@ -29,6 +29,7 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "SFT stage 1: the VLM recomputes activations in the backward pass "
                                            "(memory for a 3B model's long multi-image sequences)")
     flow_epochs: int = _opt(30, "SFT stage 2 (flow matching) epochs")
+    flow_lr: float = _opt(1e-3, "SFT stage 2 peak LR")
     grpo_iters: int = _opt(40, "per GRPO stage (warm-up and each branch)")
     grpo_lr: float = _opt(5e-5)
     grpo_std: float = _opt(0.05, "per-Euler-step std (normalised units)")
@@ -58,6 +59,9 @@ class TrainConfig:
     head_lr: float = _opt(1e-4, "--heads-finetune: peak LR (training heads from scratch uses 1e-3)")
     lead_presence_weight: float = _opt(1.0, "weight of the lead-present class in the lead heads' presence loss "
                                             "(> 1: a missed lead costs more than a false one)")
+    expert_finetune: Path | None = _opt(None, "continue SFT stage 2 of this finished checkpoint's action expert on "
+                                              "--data (e.g. DAgger frames of states its own driving reaches), its VLM "
+                                              "and perception heads unchanged; saved as OUT/sft")
     heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")
@@ -94,6 +98,9 @@ class TrainConfig:
             raise ValueError("--traffic-lights needs the route input (stop lines are measured along the route)")
         if self.heads_finetune and (self.vlm_from or self.heads_from):
             raise ValueError("--heads-finetune starts from a finished checkpoint: no --vlm-from / --heads-from")
+        if self.expert_finetune and (self.vlm_from or self.heads_from or self.heads_finetune):
+            raise ValueError("--expert-finetune starts from a finished checkpoint and keeps its VLM and heads: no "
+                             "--vlm-from / --heads-from / --heads-finetune")
         if self.crossing_perception and not self.heads_finetune:
             raise ValueError("--crossing-perception is added to a finished checkpoint: use it with --heads-finetune")
         if self.signal_views and not self.heads_finetune:

@@ -500,13 +500,16 @@ def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[Bridg
     return [stored[key(s)] for s in samples]
 
 
-def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
+def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2",
+             heads_frozen: bool = False):
     """Flow matching; a model with perception heads also trains them (light CE on the samples with a stop line
     ahead, lead vehicle presence / gap / closing speed; the flow reads their outputs detached, so the heads stay
-    plain perception models supervised by the simulator's truth)."""
+    plain perception models supervised by the simulator's truth) unless they are frozen: a grounded-reasoning
+    model's (trained first), or ``heads_frozen`` (an expert fine-tuned on a finished checkpoint)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    if not policy.cfg.grounded_reasoning:   # else the heads were trained first and are frozen
+    heads_frozen = heads_frozen or policy.cfg.grounded_reasoning
+    if not heads_frozen:
         fit_perception_inputs(policy, samples, [b.front_features for b in bridges])
     expert = policy.expert
     junction = junction_tensor(samples)   # once: a route projection per sample
@@ -520,7 +523,7 @@ def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, t
         light, lead = expert.light_logits(br), expert.lead_raw(br, ego, junction[torch.as_tensor(ii)])
         loss = expert.flow_loss(br, a, his_tensor(policy, bs), ego, generator=gen,
                                 percept=expert.percept_from(light, lead))
-        if policy.cfg.grounded_reasoning:   # frozen heads (load_perception_heads)
+        if heads_frozen:
             return loss
         return loss + perception_loss(bs, light, lead)
 
@@ -661,6 +664,12 @@ def train(a: TrainConfig) -> int:
     if done("sft"):
         policy = SpanVLAPolicy.from_pretrained(a.out / "sft")
         print("resume: loaded finished stage sft")
+    elif a.expert_finetune:
+        policy = SpanVLAPolicy.from_pretrained(a.expert_finetune)
+        for p in perception_parameters(policy.expert):
+            p.requires_grad_(False)
+        print(f"SFT stage 1 and the perception heads skipped: {a.expert_finetune}'s VLM and expert, the expert "
+              f"fine-tuned")
     elif a.vlm_from:
         policy = fresh_expert(SpanVLAPolicy.from_pretrained(a.vlm_from), a.flow_init, a.seed,
                               route=not a.no_route, lights=a.traffic_lights, lead=a.lead_perception,
@@ -687,7 +696,7 @@ def train(a: TrainConfig) -> int:
         attach_routes(samples, scenes)
         samples, dropped = drop_off_route_labels(samples)
         print(f"route: {dropped} samples dropped, their future leaves the route they are given")
-    if policy.cfg.grounded_reasoning and not a.heads_from and not done("sft"):
+    if policy.cfg.grounded_reasoning and not (a.heads_from or a.expert_finetune) and not done("sft"):
         t0 = time.time()
         train_perception_heads(policy, samples, a.head_epochs, 64, 1e-3, log, a.seed,
                                lead_presence_weight=a.lead_presence_weight)
@@ -698,7 +707,8 @@ def train(a: TrainConfig) -> int:
     if not done("sft"):
         t0 = time.time()
         # stage 2 trains on positives and recovery alike: both are the expert's behaviour
-        sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, 1e-3, log, a.seed)
+        sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, a.flow_lr, log, a.seed,
+                 heads_frozen=a.expert_finetune is not None)
         print(f"sft stage 2: {time.time() - t0:.0f} s")
         if rank == 0:
             policy.save_pretrained(a.out / "sft")
