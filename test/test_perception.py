@@ -342,9 +342,11 @@ def test_policy_driver_with_a_reasoner_slower_than_its_period_still_publishes(po
 
 def test_grounded_reasoning_states_what_the_heads_see(policy):
     """A grounded-reasoning model starts its text with the heads' facts in the text's own phrasing: the parser of
-    the stated facts reads back exactly what the heads output, and the light only with a stop line ahead."""
+    the stated facts reads back exactly what the heads output, the light only with a stop line ahead, and with
+    nothing seen that the lane ahead is free (no fact left to the decoder)."""
     import dataclasses
 
+    from spanvla_ros.data.scene_text import free_road_clause
     from spanvla_ros.eval.perception_eval import stated_facts
 
     pol = SpanVLAPolicy(dataclasses.replace(policy.cfg, grounded_reasoning=True), policy.reasoner, policy.expert)
@@ -363,6 +365,12 @@ def test_grounded_reasoning_states_what_the_heads_see(policy):
     r = pol.reason(imgs, "go straight", 10.0, 0.0, PAST, max_new_tokens=4, route_xy=route, pose=(0, 0, 0),
                    stop_xy=np.array([[22.5, 0.0]]))
     assert r.text.startswith(with_light)
+    with torch.no_grad():
+        pol.expert.lead_head.out[-1].bias[0] = -5.0                                      # no lead seen
+    nothing = pol.perceived_text(front, 10.0, pol.route_input(route, (0, 0, 0), None))
+    with torch.no_grad():
+        pol.expert.lead_head.out[-1].bias[0] = 5.0                                       # as the tests after read it
+    assert nothing == free_road_clause() and stated_facts(nothing) == dict(lead=False, gap=None, light=None)
 
 
 def test_fork_rollout_is_what_the_expert_does_from_that_state():
