@@ -500,15 +500,14 @@ def cached_bridges(policy, samples, text: str, cache: Path | None) -> list[Bridg
     return [stored[key(s)] for s in samples]
 
 
-def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2",
-             heads_frozen: bool = False):
+def sft_flow(policy, samples, bridges, epochs, batch, lr, log: CsvLog, seed=0, tag="sft2"):
     """Flow matching; a model with perception heads also trains them (light CE on the samples with a stop line
     ahead, lead vehicle presence / gap / closing speed; the flow reads their outputs detached, so the heads stay
     plain perception models supervised by the simulator's truth) unless they are frozen: a grounded-reasoning
-    model's (trained first), or ``heads_frozen`` (an expert fine-tuned on a finished checkpoint)."""
+    model's (trained first, or taken with --heads-from) and an expert fine-tuned on a finished checkpoint's."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    heads_frozen = heads_frozen or policy.cfg.grounded_reasoning
+    heads_frozen = not any(p.requires_grad for p in perception_parameters(policy.expert))
     if not heads_frozen:
         fit_perception_inputs(policy, samples, [b.front_features for b in bridges])
     expert = policy.expert
@@ -707,8 +706,7 @@ def train(a: TrainConfig) -> int:
     if not done("sft"):
         t0 = time.time()
         # stage 2 trains on positives and recovery alike: both are the expert's behaviour
-        sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, a.flow_lr, log, a.seed,
-                 heads_frozen=a.expert_finetune is not None)
+        sft_flow(policy, samples, bridges, a.flow_epochs, a.batch, a.flow_lr, log, a.seed)
         print(f"sft stage 2: {time.time() - t0:.0f} s")
         if rank == 0:
             policy.save_pretrained(a.out / "sft")
