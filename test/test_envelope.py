@@ -12,6 +12,12 @@ DT = 0.5
 PARAMS = EnvelopeParams.from_mapping({**node_params("spanvla_planner"), "crossing_yield": True})
 
 
+def following_gap(speed: float, p: EnvelopeParams = PARAMS) -> float:
+    """The nearest gap a lead at the ego's ``speed`` may keep without binding: the distance the ego covers in the
+    reaction time and the time gap, plus the standstill gap, measured from the front bumper."""
+    return speed * (p.reaction_time_s + p.lead_time_gap_s) + p.standstill_gap_m - p.ego_front_m
+
+
 def straight(speed: float, horizon: int = 8) -> np.ndarray:
     t = DT * np.arange(1, horizon + 1)
     return np.stack([speed * t, 0 * t, 0 * t, np.full_like(t, speed)], 1).astype(np.float32)
@@ -33,7 +39,7 @@ def progress(traj: np.ndarray) -> np.ndarray:
     return np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))
 
 
-@pytest.mark.parametrize("percept", [None, lead(40.0, 0.0), lead(16.0, 0.0), lead(6.0, 5.0, p=0.2),
+@pytest.mark.parametrize("percept", [None, lead(40.0, 0.0), lead(following_gap(20.0) + 1.0, 0.0), lead(6.0, 5.0, p=0.2),
                                      light(0, 20.0), light(2, 8.0)])
 def test_plans_the_envelope_does_not_bind_are_returned_unchanged(percept):
     """No perception, a lead keeping the ego's speed at a normal following gap (what a car mistaken for the lead
@@ -72,6 +78,19 @@ def test_a_lead_read_within_the_near_gap_holds_a_stopped_car():
     far_gap = PARAMS.lead_near_gap_m + 3.0
     far = progress(constrain(straight(2.0), DT, 0.0, lead(far_gap, 0.0), PARAMS, 0.0)[0])[-1]
     assert 0.5 < far <= far_gap + PARAMS.ego_front_m - PARAMS.standstill_gap_m + 1e-6
+
+
+def test_a_lead_at_the_egos_speed_is_followed_at_the_time_gap():
+    """At 20 m/s a lead keeping the ego's speed binds inside the reaction time plus the time gap, not beyond; with
+    no time gap only the reaction distance counts, so the same lead does not bind."""
+    assert PARAMS.lead_time_gap_s > 0.0
+    inside = following_gap(20.0) - 3.0
+    out, cause = constrain(straight(20.0), DT, 20.0, lead(inside, 0.0), PARAMS, 0.0)
+    assert cause.startswith("lead") and progress(out)[-1] < progress(straight(20.0))[-1]
+    no_gap = EnvelopeParams(**{**PARAMS.__dict__, "lead_time_gap_s": 0.0})
+    assert inside > following_gap(20.0, no_gap)
+    plan = straight(20.0)
+    assert constrain(plan, DT, 20.0, lead(inside, 0.0), no_gap, 0.0) == (plan, "")
 
 
 def test_a_braking_lead_slows_the_plan_by_how_fast_it_closes():

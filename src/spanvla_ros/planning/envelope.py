@@ -8,12 +8,13 @@ is; otherwise its path is kept and its progress along the path is slowed to the 
 
 The limit is a braking-distance rule (RSS's safe longitudinal distance): at every moment the ego must be able to
 stop, after ``reaction_time_s`` at its speed and then braking at ``brake_decel_mps2``, behind the point where the
-lead would stop braking at ``lead_brake_decel_mps2`` (plus ``standstill_gap_m``), or before a red / yellow stop line
+lead would stop braking at ``lead_brake_decel_mps2`` (plus ``standstill_gap_m``; for a lead the ego goes on
+``lead_time_gap_s`` longer before it brakes, the time gap adaptive cruise keeps), or before a red / yellow stop line
 it can still stop at, or before a stop line while the crossing-traffic head sees a vehicle coming onto the ego's
 path (yield: a car already past the line clears the junction rather than stop in it). With equal braking (the
-shipped values) a lead at the ego's speed binds only within the reaction distance plus the standstill gap (15 m at
-20 m/s), so a far car mistaken for the lead costs nothing; a lead that is slower, or brakes, binds as soon as the
-ego could no longer stop behind it.
+shipped values) a lead at the ego's speed binds only within the distance the ego covers in the reaction time and
+the time gap, plus the standstill gap, so a far car mistaken for the lead costs nothing; a lead that is slower, or
+brakes, binds as soon as the ego could no longer stop behind it.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class EnvelopeParams:
     reaction_time_s: float
     brake_decel_mps2: float        # the braking the limit plans with for the ego
     lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (RSS takes it harder than the ego's)
+    lead_time_gap_s: float         # kept to a lead on top of the reaction time (an ACC time gap)
     max_decel_mps2: float          # the hardest braking a limited plan may ask for
     lead_min_probability: float
     light_min_probability: float
@@ -93,10 +95,12 @@ class LeadSpeedFit:
 @dataclass(frozen=True)
 class Limit:
     """Where the ego's centre must be able to stop by time t (metres along the plan's path): ``base + speed * t +
-    speed^2 / (2 decel)`` for a lead moving at ``speed``; ``base`` for a stop line."""
+    speed^2 / (2 decel)`` for a lead moving at ``speed``; ``base`` for a stop line. ``time_gap_s``: how much longer
+    than the reaction time the ego goes on at its speed before it brakes for this limit."""
     base: float
     speed: float
     cause: str
+    time_gap_s: float = 0.0
 
     def at(self, t: float, lead_decel: float) -> float:
         return self.base + self.speed * t + self.speed ** 2 / (2.0 * lead_decel)
@@ -115,7 +119,7 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
             gap = 0.0
         lead_speed = max(0.0, speed - percept.lead_closing_mps)
         out.append(Limit(gap + p.ego_front_m - p.standstill_gap_m, lead_speed,
-                         f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s"))
+                         f"lead {gap:.1f} m ahead, closing {percept.lead_closing_mps:.1f} m/s", p.lead_time_gap_s))
     if percept.stop_line_m is None:
         return out
     line = max(0.0, percept.stop_line_m - p.ego_front_m)      # front bumper to the stop line
@@ -148,11 +152,11 @@ def clears_first(where_m: float, when_s: float, speed: float, p: EnvelopeParams)
     return t_clear + p.crossing_margin_s <= when_s
 
 
-def allowed_speed(room: float, p: EnvelopeParams) -> float:
-    """Largest v with v * reaction + v^2 / (2 decel) <= room."""
+def allowed_speed(room: float, p: EnvelopeParams, time_gap_s: float = 0.0) -> float:
+    """Largest v with v * (reaction + time_gap_s) + v^2 / (2 decel) <= room."""
     if room <= 0.0:
         return 0.0
-    b, rho = p.brake_decel_mps2, p.reaction_time_s
+    b, rho = p.brake_decel_mps2, p.reaction_time_s + time_gap_s
     return b * (-rho + math.sqrt(rho * rho + 2.0 * room / b))
 
 
@@ -174,8 +178,8 @@ def constrain(traj: np.ndarray, dt: float, speed: float, percept: Percept | None
     s_out, v_out, cause = [], [], ""
     for k in range(len(traj)):
         for _ in range(SUBSTEPS):
-            binding = min(active, key=lambda lim: lim.at(t, p.lead_brake_decel_mps2))
-            cap = allowed_speed(binding.at(t, p.lead_brake_decel_mps2) - s, p)
+            cap, binding = min(((allowed_speed(lim.at(t, p.lead_brake_decel_mps2) - s, p, lim.time_gap_s), lim)
+                                for lim in active), key=lambda c: c[0])
             target = float(plan_speed[k])
             if cap < target:
                 target, cause = cap, cause or binding.cause
