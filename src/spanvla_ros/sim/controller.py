@@ -26,7 +26,8 @@ class TrackerConfig:
     integral_limit: float = 2.0        # m/s*s: the I-term can add at most ki*limit = 0.2 m/s^2 (anti-windup: a
                                        # long braking phase must not keep braking once the plan's speed is met)
     preview_s: float = 0.8             # speed target: planned speed this far ahead
-    max_accel: float = 3.0
+    max_accel: float = 6.0             # the expert vehicle's (highway-env IDMVehicle.ACC_MAX): the plans are learnt
+                                       # from its driving, and a lower cap lags their launches from a stop
     max_decel: float = 7.0
     max_steer: float = 0.6
 
