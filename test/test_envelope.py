@@ -6,7 +6,7 @@ import pytest
 
 from spanvla_ros.config import node_params
 from spanvla_ros.model.perception import Percept
-from spanvla_ros.planning.envelope import EnvelopeParams, LeadSpeedFit, constrain
+from spanvla_ros.planning.envelope import EnvelopeParams, LeadSpeedFit, constrain, limits
 
 DT = 0.5
 PARAMS = EnvelopeParams.from_mapping({**node_params("spanvla_planner"), "crossing_yield": True})
@@ -105,11 +105,28 @@ def test_red_and_yellow_stop_at_the_line_when_the_car_can():
         out, cause = constrain(straight(12.0), DT, 12.0, light(state, 30.0), PARAMS, 0.0)
         assert cause.split()[0] in ("red", "yellow")
         assert progress(out)[-1] <= 30.0 - PARAMS.ego_front_m - PARAMS.stop_line_margin_m + 1e-6
-    # from 20 m/s a yellow 30 m ahead needs 40 m at the planned braking: go on (no dilemma-zone stop)
+    # from 20 m/s a yellow 30 m ahead is too near for a comfortable stop: go on (no dilemma-zone stop)
     assert constrain(straight(20.0), DT, 20.0, light(1, 30.0), PARAMS, 0.0)[1] == ""
     # a car stopped at the line stays stopped while red
     out, cause = constrain(straight(3.0), DT, 0.0, light(2, PARAMS.ego_front_m + 0.3), PARAMS, 0.0)
     assert cause and progress(out)[-1] <= 1e-6
+
+
+def test_on_yellow_the_envelope_stops_where_the_expert_did():
+    """The labels come from the expert's rule (sim.types.must_stop: stop on yellow where a comfortable stop reaches
+    the line); an envelope that stopped where the expert went on cost a whole red phase at the line. Over gaps
+    and speeds of an intersection approach the two decide alike, up to the envelope's half-metre tolerance."""
+    from spanvla_ros.sim.types import must_stop
+
+    disagree = []
+    for speed in np.arange(2.0, 14.01, 1.0):
+        for gap in np.arange(1.0, 40.01, 1.0):     # front bumper to the line
+            stops = any(lim.cause.startswith("yellow")
+                        for lim in limits(light(1, gap + PARAMS.ego_front_m), speed, PARAMS, 0.0))
+            if stops != must_stop("yellow", gap, speed) and abs(speed ** 2 / (2 * PARAMS.yellow_stop_decel_mps2)
+                                                                - gap) > 0.5:
+                disagree.append((speed, gap))
+    assert not disagree
 
 
 def crossing(p: float, stop_line_m: float | None, where: float = 20.0, when: float = 1.5) -> Percept:

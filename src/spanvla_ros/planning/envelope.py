@@ -45,6 +45,7 @@ class EnvelopeParams:
     lead_brake_decel_mps2: float   # the braking the lead is assumed able to do (RSS takes it harder than the ego's)
     lead_time_gap_s: float         # kept to a lead on top of the reaction time (an ACC time gap)
     max_decel_mps2: float          # the hardest braking a limited plan may ask for
+    yellow_stop_decel_mps2: float  # on yellow, stop only where braking no harder than this reaches the line
     lead_min_probability: float
     light_min_probability: float
     stop_line_margin_m: float      # a limited stop ends this far before the stop line (the labels' stop margin)
@@ -125,8 +126,8 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
     line = max(0.0, percept.stop_line_m - p.ego_front_m)      # front bumper to the stop line
     if percept.light is not None:
         _, yellow, red = percept.light
-        # red: stop wherever the car still can; yellow: only where a normal stop reaches the line
-        for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.brake_decel_mps2)):
+        # red: stop wherever the car still can; yellow: only where a comfortable stop reaches the line
+        for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.yellow_stop_decel_mps2)):
             if prob >= p.light_min_probability and speed ** 2 / (2.0 * decel) <= line + 0.5:
                 out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0, f"{colour} light, stop line {line:.1f} m"))
                 break
