@@ -128,17 +128,23 @@ def limits(percept: Percept | None, speed: float, p: EnvelopeParams, percept_age
         _, yellow, red = percept.light
         # red: stop wherever the car still can; yellow: only where a comfortable stop reaches the line
         for colour, prob, decel in (("red", red, p.max_decel_mps2), ("yellow", yellow, p.yellow_stop_decel_mps2)):
-            if prob >= p.light_min_probability and speed ** 2 / (2.0 * decel) <= line + 0.5:
+            if prob >= p.light_min_probability and can_stop_before(line, speed, decel):
                 out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0, f"{colour} light, stop line {line:.1f} m"))
                 break
     if (p.crossing_yield and percept.crossing_probability is not None
             and percept.crossing_probability >= p.crossing_min_probability
             and not clears_first(percept.crossing_where_m, percept.crossing_when_s, speed, p)):
-        if speed ** 2 / (2.0 * p.brake_decel_mps2) <= line + 0.5:
+        if can_stop_before(line, speed, p.brake_decel_mps2):
             out.append(Limit(max(0.0, line - p.stop_line_margin_m), 0.0,
                              f"crossing traffic in {percept.crossing_when_s:.1f} s at {percept.crossing_where_m:.0f} m"
                              f" (P {percept.crossing_probability:.2f}), stop line {line:.1f} m"))
     return out
+
+
+def can_stop_before(line_m: float, speed: float, decel: float) -> bool:
+    """Whether braking at ``decel`` from ``speed`` stops the front bumper by a line ``line_m`` ahead (half a metre
+    over allowed: a car already past the line clears the junction rather than stop in it)."""
+    return speed ** 2 / (2.0 * decel) <= line_m + 0.5
 
 
 def clears_first(where_m: float, when_s: float, speed: float, p: EnvelopeParams) -> bool:
