@@ -36,6 +36,36 @@ def test_reset_is_deterministic_and_renders_three_cameras(backend):
     assert [(x.x, x.y) for x in c.agents] != pos_a
 
 
+def test_a_random_look_changes_the_images_and_nothing_else(backend):
+    """Domain randomisation: the same seed gives the same traffic and ego at every look; the frames differ, and
+    two seeds draw two looks."""
+    import dataclasses
+
+    from spanvla_ros.sim.scenarios import get
+
+    random_look = dataclasses.replace(get("cut_in"), appearance="random")
+    runs = {}
+    for key, scenario, seed in (("default", "cut_in", 3), ("random", random_look, 3), ("other", random_look, 4)):
+        obs = backend.reset(scenario, seed)
+        for _ in range(5):
+            obs = backend.step(None)
+        runs[key] = (obs, backend.look)
+    (default, look_d), (rand, look_r), (_, look_o) = runs["default"], runs["random"], runs["other"]
+    assert [(a.x, a.y, a.speed) for a in rand.agents] == [(a.x, a.y, a.speed) for a in default.agents]
+    assert (rand.ego.x, rand.ego.y, rand.ego.speed) == (default.ego.x, default.ego.y, default.ego.speed)
+    assert np.abs(rand.images["front"].astype(int) - default.images["front"]).mean() > 5
+    assert look_r != look_d and look_o != look_r
+
+
+def test_an_unknown_look_is_refused():
+    import dataclasses
+
+    from spanvla_ros.sim.scenarios import get
+
+    with pytest.raises(ValueError, match="appearance"):
+        dataclasses.replace(get("highway"), appearance="photoreal")
+
+
 def test_camera_sees_a_vehicle_ahead(backend):
     """A vehicle placed ahead in the ego lane shows up in the front camera's centre, not in an empty scene."""
     from highway_env.vehicle.kinematics import Vehicle

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .camera import DEFAULT_CAMERAS, CameraRig, vehicle_color
+from .camera import DEFAULT_APPEARANCE, DEFAULT_CAMERAS, Appearance, CameraRig
 from .scenarios import Scenario, get
 from .types import AgentState, Control, EgoState, Flags, Observation, TrafficLight, must_stop
 
@@ -24,6 +24,7 @@ STOP_DT = 0.05   # the backend's sub-step
 LIGHT_CYCLE = (("green", 7.0), ("yellow", 2.0), ("red", 7.0))
 SIGNAL_PAST_LINE_M = 24.0    # highway-env's intersection is 22 m across (2 x outer distance 11 m)
 SIGNAL_RIGHT_M = 2.5
+APPEARANCE_STREAM = 1   # seeds the look's generator beside the episode seed
 
 
 def _ego_class():
@@ -88,6 +89,7 @@ class HighwayEnvBackend:
         # set by reset(); a backend is stepped only after it
         self.scenario: Scenario
         self.light_pose: tuple[float, float, float] | None = None
+        self.look: Appearance = DEFAULT_APPEARANCE
         self._vid: dict[int, int] = {}
 
     @property
@@ -116,6 +118,9 @@ class HighwayEnvBackend:
             env.reset(seed=seed)
         self.env, self.road = env, env.road
         self.rng = np.random.default_rng(seed)
+        # its own stream: the same seed gives the same traffic at every look
+        self.look = (Appearance.sample(np.random.default_rng([seed, APPEARANCE_STREAM]))
+                     if sc.appearance == "random" else DEFAULT_APPEARANCE)
         old = env.vehicle
         ego = _ego_class().create_from(old)
         ego.target_speed = sc.ego_target_speed * (1.0 + 0.1 * self.rng.uniform(-1, 1))
@@ -382,12 +387,12 @@ class HighwayEnvBackend:
         for a in agents:
             dx, dy = a.x - ego.x, a.y - ego.y
             boxes.append((c * dx + s * dy, -s * dx + c * dy, a.heading - ego.heading, a.length, a.width, 1.5,
-                          vehicle_color(a.id)))
+                          self.look.vehicle_rgb(a.id)))
         lt = None
         if light is not None:
             dx, dy = light.x - ego.x, light.y - ego.y
             lt = (c * dx + s * dy, -s * dx + c * dy, light.state)
-        return self.rig.render(self.lane_polylines_ego(ego), boxes, lt)
+        return self.rig.render(self.lane_polylines_ego(ego), boxes, lt, self.look, int(round(self.t / self.dt)))
 
     def close(self) -> None:
         for env in self._envs.values():

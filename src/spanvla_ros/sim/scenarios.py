@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+APPEARANCES = ("default", "random")
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -25,6 +27,13 @@ class Scenario:
     event_time_s: tuple = ()         # when the lead brakes / the cut-in starts
     event_gap_m: tuple = ()          # initial gap to the event vehicle
     lead_brake_to_mps: tuple = ()    # speed the braking lead slows to
+    # how the cameras see the world: "default" (the renderer's own look) or "random" (a look drawn per seed,
+    # sim.camera.Appearance.sample; traffic and labels are the same as at the default look)
+    appearance: str = "default"
+
+    def __post_init__(self):
+        if self.appearance not in APPEARANCES:
+            raise ValueError(f"scenario {self.name!r}: appearance {self.appearance!r} is not one of {APPEARANCES}")
 
     @property
     def expert_changes_lanes(self) -> bool:
