@@ -28,7 +28,8 @@ class Scenario:
     event_gap_m: tuple = ()          # initial gap to the event vehicle
     lead_brake_to_mps: tuple = ()    # speed the braking lead slows to
     # how the cameras see the world: "default" (the renderer's own look) or "random" (a look drawn per seed,
-    # sim.camera.Appearance.sample; traffic and labels are the same as at the default look)
+    # sim.camera.Appearance.sample; traffic and labels are the same as at the default look). The highway-env
+    # backend's renderer; CARLA renders its own world
     appearance: str = "default"
 
     def __post_init__(self):
