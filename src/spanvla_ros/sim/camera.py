@@ -17,6 +17,12 @@ RGB = tuple[int, int, int]
 SIGNAL_TOP_M, SIGNAL_HEAD_M, SIGNAL_WIDTH_M = 6.0, 2.0, 1.2   # a far-side signal head, large enough to read
 LIGHT_RGB = {"green": (40, 230, 60), "yellow": (250, 210, 40), "red": (240, 40, 40)}
 POLE_RGB = (40, 40, 40)
+CLEAR_DAY_FOG_START_M = 1e6   # haze that starts this far off: none in view
+
+
+def _rgb(values) -> RGB:
+    r, g, b = (int(np.clip(round(float(v)), 0, 255)) for v in values)
+    return r, g, b
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,6 @@ class Appearance:
         if self.noise_std:
             out += np.random.default_rng([self.noise_seed, frame]).normal(0.0, self.noise_std, img.shape)
         return np.clip(out, 0, 255).astype(np.uint8)
-
-
-CLEAR_DAY_FOG_START_M = 1e6
-
-
-def _rgb(values) -> RGB:
-    r, g, b = (int(np.clip(round(float(v)), 0, 255)) for v in values)
-    return r, g, b
 
 
 DEFAULT_APPEARANCE = Appearance()
