@@ -57,6 +57,24 @@ def test_a_random_look_changes_the_images_and_nothing_else(backend):
     assert look_r != look_d and look_o != look_r
 
 
+def test_look_pairs_show_one_state_at_a_drawn_look_and_at_the_default(backend):
+    """The encoder's look-invariance pairs: each camera's frame at the seed's drawn look and the same state at the
+    default look, which is what an episode at the default look renders at that time."""
+    from itertools import islice
+
+    from spanvla_ros.data.look_pairs import look_pairs
+    from spanvla_ros.sim.scenarios import get
+
+    pairs = list(islice(look_pairs([get("cut_in")], [3], 1.0), 6))
+    assert [p.t for p in pairs] == [0.0] * 3 + [1.0] * 3
+    obs = backend.reset("cut_in", 3)
+    for pair in pairs:
+        while obs.t < pair.t:
+            obs = backend.step(None)
+        assert np.array_equal(pair.default, obs.images[pair.camera])
+        assert np.abs(pair.drawn.astype(int) - pair.default).mean() > 5
+
+
 def test_an_unknown_look_is_refused():
     import dataclasses
 

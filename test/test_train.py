@@ -400,6 +400,37 @@ def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(data
     assert changed and all(k.startswith("lead_head.") for k in changed)
 
 
+def test_encoder_finetune_makes_the_tokens_look_invariant_and_changes_nothing_else(dataset, tmp_path):
+    """--encoder-finetune CKPT: on held-out seeds the encoder's tokens of a frame at a drawn look come nearer its old
+    tokens of the same state at the default look; the expert, the language model and the patch merger that feeds
+    it stay bit-identical."""
+    import torch
+
+    from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
+    from spanvla_ros.model.config import SpanVLAConfig
+    from spanvla_ros.model.policy import SpanVLAPolicy
+    from spanvla_ros.train.trainer import build_initial, main
+
+    samples = load_samples(dataset, SpanVLAConfig().cameras, progress=False)
+    attach_routes(samples, scene_maps(samples))
+    base = build_initial(samples, "noise", 0, lights=True, lead=True)
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit, match="renders its own views"):
+        main(["--data", str(dataset), "--out", str(tmp_path / "x"), "--encoder-finetune", str(tmp_path / "base")])
+    assert main(["--out", str(tmp_path / "enc"), "--encoder-finetune", str(tmp_path / "base"), "--look-scenarios",
+                 "highway", "--look-seeds", "900:904", "--encoder-epochs", "4", "--batch", "16",
+                 "--encoder-lr", "1e-3"]) == 0
+    report = json.loads((tmp_path / "enc" / "look_invariance.json").read_text())
+    assert report["before"]["default"] == 0.0
+    assert report["after"]["drawn"] < 0.8 * report["before"]["drawn"]
+    tuned = SpanVLAPolicy.from_pretrained(tmp_path / "enc" / "sft")
+    assert all(torch.equal(a, b) for a, b in zip(base.expert.state_dict().values(),
+                                                  tuned.expert.state_dict().values()))
+    old, new = base.reasoner.model.state_dict(), tuned.reasoner.model.state_dict()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.startswith("model.visual.") and ".merger." not in k for k in changed)
+
+
 def test_the_training_command_line_is_the_config_dataclass():
     """Every TrainConfig field is a flag with the field's default; combinations that cannot train are refused
     before anything runs."""

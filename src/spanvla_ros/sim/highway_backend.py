@@ -381,18 +381,21 @@ class HighwayEnvBackend:
             return {}
         return {k * dt: self.light_state(self.t + k * dt) for k in range(int(round(horizon_s / dt)) + 1)}
 
-    def render(self, ego: EgoState, agents, light) -> dict[str, np.ndarray]:
+    def render(self, ego: EgoState, agents, light, look: Appearance | None = None) -> dict[str, np.ndarray]:
+        """The cameras' frames of this state, at the episode's look or at ``look`` (the same scene seen another
+        way: data.look_pairs)."""
+        look = self.look if look is None else look
         c, s = math.cos(ego.heading), math.sin(ego.heading)
         boxes = []
         for a in agents:
             dx, dy = a.x - ego.x, a.y - ego.y
             boxes.append((c * dx + s * dy, -s * dx + c * dy, a.heading - ego.heading, a.length, a.width, 1.5,
-                          self.look.vehicle_rgb(a.id)))
+                          look.vehicle_rgb(a.id)))
         lt = None
         if light is not None:
             dx, dy = light.x - ego.x, light.y - ego.y
             lt = (c * dx + s * dy, -s * dx + c * dy, light.state)
-        return self.rig.render(self.lane_polylines_ego(ego), boxes, lt, self.look, int(round(self.t / self.dt)))
+        return self.rig.render(self.lane_polylines_ego(ego), boxes, lt, look, int(round(self.t / self.dt)))
 
     def close(self) -> None:
         for env in self._envs.values():

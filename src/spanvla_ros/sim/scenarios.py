@@ -131,7 +131,11 @@ def is_scenario_file(spec: str) -> bool:
 
 
 def resolve(spec: str) -> list[Scenario]:
-    """'all', a comma list of built-in names, or a YAML scenario file."""
-    if is_scenario_file(spec):
-        return load_scenarios(spec)
-    return list(SCENARIOS.values()) if spec == "all" else [get(n) for n in spec.split(",")]
+    """A comma list of 'all', built-in names and YAML scenario files."""
+    out: list[Scenario] = []
+    for part in spec.split(","):
+        if is_scenario_file(part):
+            out += load_scenarios(part)
+        else:
+            out += list(SCENARIOS.values()) if part == "all" else [get(part)]
+    return out

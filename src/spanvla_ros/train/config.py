@@ -65,6 +65,16 @@ class TrainConfig:
     heads_finetune: Path | None = _opt(None, "continue training this finished checkpoint's perception heads on "
                                              "--data, nothing else (e.g. DAgger frames of states its own driving "
                                              "reaches); saved as OUT/sft")
+    encoder_finetune: Path | None = _opt(None, "make this finished checkpoint's vision encoder look-invariant, "
+                                               "nothing else changed (train.look_invariance: distilled from itself "
+                                               "at the default look over --look-scenarios at drawn looks); needs no "
+                                               "--data; saved as OUT/sft")
+    look_scenarios: str = _opt("all", "--encoder-finetune: the scenes (comma list of 'all', built-in names, YAML "
+                                      "scenario files), each seen at a look drawn per seed")
+    look_seeds: str = _opt("900:930", "--encoder-finetune: the episodes' seeds (the last tenth held out to measure)")
+    look_every_s: float = _opt(1.0, "--encoder-finetune: a pair of renders every this many seconds of an episode")
+    encoder_epochs: int = _opt(3, "--encoder-finetune epochs")
+    encoder_lr: float = _opt(3e-4, "--encoder-finetune peak LR")
     finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
                                    "junction_lead, crossing; default: every head the checkpoint has); the others stay "
                                    "bit-identical. junction_lead alone adds a junction lead head to a checkpoint "
@@ -92,6 +102,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Combinations that cannot train, refused before anything runs."""
+        if self.encoder_finetune:
+            if self.data or self.vlm_from or self.heads_from or self.heads_finetune or self.expert_finetune:
+                raise ValueError("--encoder-finetune renders its own views and changes the encoder alone: no --data, "
+                                 "--vlm-from, --heads-from, --heads-finetune or --expert-finetune")
+            return
         if not self.data:
             raise ValueError("--data: at least one dataset directory")
         if self.traffic_lights and self.no_route:
@@ -128,7 +143,7 @@ class TrainConfig:
             if typ == "bool":
                 ap.add_argument(flag, action="store_true", help=meta.get("help"))
             elif typ.startswith("list"):
-                ap.add_argument(flag, type=Path, nargs="+", required=True, help=meta.get("help"))
+                ap.add_argument(flag, type=Path, nargs="+", default=[], help=meta.get("help"))
             else:
                 conv = {"int": int, "float": float, "str": str}.get(typ, Path)
                 ap.add_argument(flag, type=conv, default=f.default, choices=meta.get("choices"),

@@ -410,6 +410,32 @@ def finetune_heads(a: TrainConfig, samples, log: CsvLog) -> int:
     return 0
 
 
+def finetune_encoder(a: TrainConfig, log: CsvLog) -> int:
+    """A finished checkpoint with a look-invariant vision encoder (train.look_invariance), all else bit-identical."""
+    from tqdm import tqdm
+
+    from ..data.look_pairs import look_pairs
+    from ..sim.scenarios import resolve
+    from .look_invariance import distil_look_invariant_encoder
+
+    assert a.encoder_finetune is not None
+    policy = SpanVLAPolicy.from_pretrained(a.encoder_finetune)
+    seeds = parse_seeds(a.look_seeds)
+    n_held = max(1, len(seeds) // 10)
+    if len(seeds) < 2:
+        raise SystemExit(f"--look-seeds {a.look_seeds}: at least two seeds (the last tenth is held out)")
+    scenarios = resolve(a.look_scenarios)
+    pairs = list(tqdm(look_pairs(scenarios, seeds[:-n_held], a.look_every_s), desc="look pairs",
+                      disable=dist_info()[0] != 0))
+    held_out = list(look_pairs(scenarios, seeds[-n_held:], a.look_every_s))
+    report = distil_look_invariant_encoder(policy, pairs, held_out, a.encoder_epochs, a.batch, a.encoder_lr, log,
+                                           a.seed)
+    if dist_info()[0] == 0:
+        policy.save_pretrained(a.out / "sft")
+        (a.out / "look_invariance.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def signal_view_tokens(policy, seeds: list[int]) -> tuple[list[Sample], list[torch.Tensor]]:
     """data.signal_views over the intersection scenarios on ``seeds``: label-carrying samples (meta only; the light
     head reads their tokens) and the front tokens of each view's frames."""
@@ -638,6 +664,8 @@ def train(a: TrainConfig) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     a.save(a.out / "train_config.json")
     log = CsvLog(a.out / "train_log.csv")
+    if a.encoder_finetune:
+        return finetune_encoder(a, log)
     cams = SpanVLAConfig().cameras
     samples = [s for d in a.data for s in load_samples(d, cams, limit=a.limit or None)]
     pos = [s for s in samples if s.meta["kind"] == "positive"]

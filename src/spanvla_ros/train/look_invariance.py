@@ -1,0 +1,99 @@
+"""A look-invariant vision encoder, distilled from the checkpoint's own encoder at the simulator's look.
+
+The perception heads, the language model, the bridge and the action expert all learnt what the vision encoder makes
+of the simulator's one look. At another look (a clear day's hard horizon, a paved shoulder, a bag this project did
+not write) the encoder's tokens change and all of them read the scene wrong: the lead head reads a car on an empty
+road. Retraining everything on many looks takes SFT 1 and every stage after it; instead, the encoder alone learns to
+give a frame at a drawn look the tokens its frozen copy gives the same state at the default look (data.look_pairs),
+while at the default look its tokens stay its copy's. Where that holds, everything downstream reads any look as it
+reads the default, unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..data.look_pairs import LookPair
+
+
+class EncoderView:
+    """The reasoner's vision encoder (or a copy of it) on raw frames: (n, N, D) last hidden states, exactly as
+    reasoner.vision_tokens gives them, with gradients when the module trains."""
+
+    def __init__(self, reasoner, visual: torch.nn.Module):
+        self.reasoner, self.visual = reasoner, visual
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        r = self.reasoner
+        vis = r.image_processor(images=[r._resize(im) for im in images], return_tensors="pt")
+        out = self.visual(vis["pixel_values"].to(r.device, r.model.dtype), grid_thw=vis["image_grid_thw"].to(r.device))
+        return out.last_hidden_state.reshape(len(images), r.front_tokens, -1).float()
+
+
+def token_errors(student: EncoderView, teacher: EncoderView, pairs: list[LookPair], scale: torch.Tensor,
+                 batch: int = 64) -> dict[str, float]:
+    """Mean squared token error, per dimension in units of the default look's token spread, of the student at the
+    drawn look and at the default look against the teacher at the default look."""
+    drawn = default = 0.0
+    with torch.no_grad():
+        for b0 in range(0, len(pairs), batch):
+            bs = pairs[b0:b0 + batch]
+            target = teacher([p.default for p in bs])
+            drawn += float((((student([p.drawn for p in bs]) - target) / scale) ** 2).mean()) * len(bs)
+            default += float((((student([p.default for p in bs]) - target) / scale) ** 2).mean()) * len(bs)
+    n = max(len(pairs), 1)
+    return dict(drawn=drawn / n, default=default / n)
+
+
+def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[LookPair], epochs: int, batch: int,
+                                  lr: float, log, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Trains ``policy``'s vision encoder in place on ``pairs``; returns the token errors on ``held_out`` before and
+    after (token_errors). Only the encoder's blocks train: the patch merger that feeds the language model reads
+    their output and stays as it is."""
+    from .trainer import supervised_epochs
+
+    reasoner = policy.reasoner
+    visual = reasoner.model.model.visual
+    teacher_module = copy.deepcopy(visual).eval()
+    for p in teacher_module.parameters():
+        p.requires_grad_(False)
+    teacher, student = EncoderView(reasoner, teacher_module), EncoderView(reasoner, visual)
+    with torch.no_grad():
+        sample = teacher([p.default for p in pairs[:: max(1, len(pairs) // 256)]])
+    scale = sample.reshape(-1, sample.shape[-1]).std(0).clamp(min=1e-3)
+    before = token_errors(student, teacher, held_out, scale)
+    print(f"look invariance, held-out token error before: drawn look {before['drawn']:.3f}, default look "
+          f"{before['default']:.3f} ({len(pairs)} training pairs, {len(held_out)} held out)")
+    trainable = [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
+    for name, p in visual.named_parameters():
+        p.requires_grad_(not name.startswith("merger."))
+
+    def batch_loss(ii):
+        bs = [pairs[i] for i in ii]
+        with torch.no_grad():
+            target = teacher([p.default for p in bs])
+        out = student([p.drawn for p in bs] + [p.default for p in bs])
+        err = ((out - torch.cat([target, target])) / scale) ** 2
+        return err.mean()
+
+    class _Trainable(torch.nn.Module):   # supervised_epochs steps a module's parameters: the blocks, not the merger
+        def __init__(self):
+            super().__init__()
+            self.params = torch.nn.ParameterList(trainable)
+
+    t0 = time.time()
+    supervised_epochs(_Trainable(), pairs, epochs, batch, lr, 0.1, log, "look_invariance",
+                      "look-invariant encoder", batch_loss, seed)
+    visual.eval()
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    after = token_errors(student, teacher, held_out, scale)
+    print(f"look invariance, held-out token error after {epochs} epochs ({time.time() - t0:.0f} s): drawn look "
+          f"{after['drawn']:.3f}, default look {after['default']:.3f}")
+    if not math.isfinite(after["drawn"]):
+        raise SystemExit("look invariance: the encoder diverged (non-finite token error)")
+    return dict(before=before, after=after)
