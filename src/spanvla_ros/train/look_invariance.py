@@ -68,9 +68,8 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
     before = token_errors(student, teacher, held_out, scale)
     print(f"look invariance, held-out token error before: drawn look {before['drawn']:.3f}, default look "
           f"{before['default']:.3f} ({len(pairs)} training pairs, {len(held_out)} held out)")
-    trainable = [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
     for name, p in visual.named_parameters():
-        p.requires_grad_(not name.startswith("merger."))
+        p.requires_grad_(not name.startswith("merger."))   # the optimiser skips what gets no gradient
 
     def batch_loss(ii):
         bs = [pairs[i] for i in ii]
@@ -80,15 +79,9 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         err = ((out - torch.cat([target, target])) / scale) ** 2
         return err.mean()
 
-    class _Trainable(torch.nn.Module):   # supervised_epochs steps a module's parameters: the blocks, not the merger
-        def __init__(self):
-            super().__init__()
-            self.params = torch.nn.ParameterList(trainable)
-
     t0 = time.time()
-    supervised_epochs(_Trainable(), pairs, epochs, batch, lr, 0.1, log, "look_invariance",
+    supervised_epochs(visual, pairs, epochs, batch, lr, 0.1, log, "look_invariance",
                       "look-invariant encoder", batch_loss, seed)
-    visual.eval()
     for p in visual.parameters():
         p.requires_grad_(False)
     after = token_errors(student, teacher, held_out, scale)

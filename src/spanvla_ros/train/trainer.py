@@ -421,9 +421,9 @@ def finetune_encoder(a: TrainConfig, log: CsvLog) -> int:
     assert a.encoder_finetune is not None
     policy = SpanVLAPolicy.from_pretrained(a.encoder_finetune)
     seeds = parse_seeds(a.look_seeds)
-    n_held = max(1, len(seeds) // 10)
     if len(seeds) < 2:
         raise SystemExit(f"--look-seeds {a.look_seeds}: at least two seeds (the last tenth is held out)")
+    n_held = max(1, len(seeds) // 10)
     scenarios = resolve(a.look_scenarios)
     pairs = list(tqdm(look_pairs(scenarios, seeds[:-n_held], a.look_every_s), desc="look pairs",
                       disable=dist_info()[0] != 0))
