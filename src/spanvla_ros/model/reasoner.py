@@ -214,9 +214,15 @@ class VLMReasoner:
         """(n, N, D) the vision encoder's last hidden states of these images alone: the same tokens the reasoner's
         forward gives them (Qwen2.5-VL encodes each image on its own), at a fraction of its cost, so perception can
         run on the newest frames at control rate while the reasoner runs at a low rate."""
+        return self.encode_images(images)
+
+    def encode_images(self, images: Sequence[np.ndarray], visual: torch.nn.Module | None = None) -> torch.Tensor:
+        """vision_tokens through ``visual`` (the model's own encoder, or a copy of it), with gradients where the
+        encoder trains (train.look_invariance)."""
+        visual = self.model.model.visual if visual is None else visual
         vis = self.image_processor(images=[self._resize(im) for im in images], return_tensors="pt")
-        out = self.model.model.visual(vis["pixel_values"].to(self.device, self.model.dtype),
-                                      grid_thw=vis["image_grid_thw"].to(self.device))
+        out = visual(vis["pixel_values"].to(self.device, self.model.dtype),
+                     grid_thw=vis["image_grid_thw"].to(self.device))
         return out.last_hidden_state.reshape(len(images), self.front_tokens, -1).float()
 
     # ------------------------------------------------------------------ inference

@@ -13,28 +13,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 
 from ..data.look_pairs import LookPair
 
-
-class EncoderView:
-    """The reasoner's vision encoder (or a copy of it) on raw frames: (n, N, D) last hidden states, exactly as
-    reasoner.vision_tokens gives them, with gradients when the module trains."""
-
-    def __init__(self, reasoner, visual: torch.nn.Module):
-        self.reasoner, self.visual = reasoner, visual
-
-    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
-        r = self.reasoner
-        vis = r.image_processor(images=[r._resize(im) for im in images], return_tensors="pt")
-        out = self.visual(vis["pixel_values"].to(r.device, r.model.dtype), grid_thw=vis["image_grid_thw"].to(r.device))
-        return out.last_hidden_state.reshape(len(images), r.front_tokens, -1).float()
+Encoder = Callable[[list[np.ndarray]], torch.Tensor]   # frames -> (n, N, D) tokens (reasoner.encode_images)
 
 
-def token_errors(student: EncoderView, teacher: EncoderView, pairs: list[LookPair], scale: torch.Tensor,
+def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scale: torch.Tensor,
                  batch: int = 64) -> dict[str, float]:
     """Mean squared token error, per dimension in units of the default look's token spread, of the student at the
     drawn look and at the default look against the teacher at the default look."""
@@ -61,7 +51,8 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
     teacher_module = copy.deepcopy(visual).eval()
     for p in teacher_module.parameters():
         p.requires_grad_(False)
-    teacher, student = EncoderView(reasoner, teacher_module), EncoderView(reasoner, visual)
+    teacher: Encoder = partial(reasoner.encode_images, visual=teacher_module)
+    student: Encoder = reasoner.encode_images
     with torch.no_grad():
         sample = teacher([p.default for p in pairs[:: max(1, len(pairs) // 256)]])
     scale = sample.reshape(-1, sample.shape[-1]).std(0).clamp(min=1e-3)
