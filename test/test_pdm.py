@@ -135,6 +135,18 @@ def test_results_table_counts_completed_routes_against_the_expert():
     assert line.startswith("| model | 1.00 | 2.00 | 0.800 | 0.700 | 1/2 | 0.70 | 0/2 | 0/2 | 1/2 | 0.50 |")
 
 
+def test_ros_graph_seeds_are_the_first_consecutive_closed_loop_seeds():
+    """sim_bridge runs every scenario at one seed, then at the next: the ROS-graph row can only take a run of
+    consecutive seeds, and says so before the hour of lockstep rows rather than after."""
+    from spanvla_ros.eval.results import ros_graph_seeds
+
+    assert ros_graph_seeds(list(range(10000, 10008)), 8) == list(range(10000, 10008))
+    assert ros_graph_seeds([10000, 10001, 10005], 2) == [10000, 10001]
+    for seeds, count in (([10000, 10002], 2), ([10000, 10001], 3), ([10000], 0)):
+        with pytest.raises(SystemExit):
+            ros_graph_seeds(seeds, count)
+
+
 def test_one_builder_of_agents_futures_with_one_missing_marker():
     """Agents seen at some of the times are NaN where absent, in memory and back from a dataset's JSON (null; older
     datasets' 1e6 reads the same); the scorer skips them there."""

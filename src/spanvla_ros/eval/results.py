@@ -140,18 +140,30 @@ def format_perception_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path, backend_args) -> dict:
+def ros_graph_seeds(closed_loop_seeds: list[int], count: int) -> list[int]:
+    """The first ``count`` closed-loop seeds, which must be consecutive: sim_bridge runs every scenario at its
+    first seed, then every scenario at the next one."""
+    seeds = closed_loop_seeds[:count]
+    if count < 1 or len(seeds) < count or seeds != list(range(seeds[0], seeds[0] + count)):
+        raise SystemExit(f"--ros-graph-seeds {count}: needs {count} consecutive closed-loop seeds, "
+                         f"got {closed_loop_seeds}")
+    return seeds
+
+
+def ros_graph_row(name: str, checkpoint: Path, scenarios, seeds: list[int], out: Path, backend_args) -> dict:
     """The same model through the real ROS graph in real time (spanvla-drive: sim_bridge + spanvla_planner over
-    DDS on loopback), one episode per scenario at ``seed``; the episodes are scored like the lockstep ones."""
+    DDS on loopback), one episode per scenario and seed (``ros_graph_seeds``); the episodes are scored like the
+    lockstep ones."""
     import os
     import subprocess
 
     from .closed_loop import EpisodeResult, summarise
 
     report = out / "ros_graph.json"
-    cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--episodes", str(len(scenarios)), "--no-record",
+    episodes = len(scenarios) * len(seeds)
+    cmd = [sys.executable, "-m", "spanvla_ros.cli.drive", "--episodes", str(episodes), "--no-record",
            "--json", str(report), "--set", f"spanvla_planner.checkpoint={Path(checkpoint).resolve()}",
-           "--set", f"sim_bridge.seed={seed}",
+           "--set", f"sim_bridge.seed={seeds[0]}",
            "--set", "sim_bridge.scenarios=[" + ",".join(s.name for s in scenarios) + "]",
            "--backend", backend_args.backend]
     if backend_args.carla_host:
@@ -159,7 +171,7 @@ def ros_graph_row(name: str, checkpoint: Path, scenarios, seed: int, out: Path, 
     if backend_args.carla_port:
         cmd += ["--carla-port", str(backend_args.carla_port)]
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120 + 60 * len(scenarios))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120 + 60 * episodes)
     if proc.returncode != 0 or not report.is_file():
         raise SystemExit(f"spanvla-drive failed ({proc.returncode}): {proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
@@ -196,7 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-expert", action="store_true", help="skip the expert reference row")
     ap.add_argument("--ros-graph", default="", metavar="NAME=CHECKPOINT",
                     help="also drive this checkpoint through the real ROS graph (spanvla-drive, real time), one "
-                         "episode per scenario at the first closed-loop seed")
+                         "episode per scenario at each of the first --ros-graph-seeds closed-loop seeds")
+    ap.add_argument("--ros-graph-seeds", type=int, default=1,
+                    help="how many closed-loop seeds (consecutive) the ROS graph drives, every scenario at each")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (one per process when several run)")
     add_backend_arguments(ap)
@@ -216,6 +230,7 @@ def main(argv=None) -> int:
     attach_routes(samples, scenes)
     scen = resolve(a.scenarios)
     cl_seeds = seed_list(a.closed_loop_seeds)
+    graph_seeds = ros_graph_seeds(cl_seeds, a.ros_graph_seeds) if a.ros_graph and cl_seeds else []
     print(f"{len(samples)} held-out samples from {len(scenes)} episodes; closed loop {len(scen)} scenarios x "
           f"seeds {cl_seeds}")
 
@@ -259,9 +274,9 @@ def main(argv=None) -> int:
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(format_table([row]).splitlines()[-1], f"({row['seconds']} s)", flush=True)
-    if a.ros_graph and cl_seeds:
+    if graph_seeds:
         name, _, path = a.ros_graph.partition("=")
-        rows.append(ros_graph_row(name, Path(path), scen, cl_seeds[0], a.out, a))
+        rows.append(ros_graph_row(name, Path(path), scen, graph_seeds, a.out, a))
         print(format_table([rows[-1]]).splitlines()[-1], flush=True)
     if cl_seeds and not a.no_expert:
         rows.append(dict(name="reference: expert (IDM/MOBIL)",
