@@ -400,6 +400,29 @@ def test_finetune_junction_lead_adds_a_head_trained_on_junction_frames_only(data
     assert changed and all(k.startswith("lead_head.") for k in changed)
 
 
+def test_salient_token_error_is_the_error_on_the_tokens_that_stand_out_of_their_frame():
+    """A frame's salient tokens are those farthest from its median token (a car on asphalt), whatever their place;
+    the salient error is the error there, which a mean over every token dilutes."""
+    import torch
+
+    from spanvla_ros.train.look_invariance import SALIENT_FRACTION, salient_tokens, token_error
+
+    gen = torch.Generator().manual_seed(0)
+    target = 0.1 * torch.randn(2, 100, 8, generator=gen)
+    car = (torch.tensor([17, 3]), torch.tensor([60, 91]))
+    target[0, car[0]] += 5.0
+    target[1, car[1]] += 5.0
+    scale = torch.ones(8)
+    salient = salient_tokens(target, scale)
+    assert salient.shape == (2, round(100 * SALIENT_FRACTION))
+    assert set(car[0].tolist()) <= set(salient[0].tolist()) and set(car[1].tolist()) <= set(salient[1].tolist())
+    drifted = target.clone()
+    drifted[0, car[0]] += 1.0
+    drifted[1, car[1]] += 1.0
+    assert token_error(drifted, target, scale) == pytest.approx(0.02)
+    assert token_error(drifted, target, scale, salient) == pytest.approx(0.4)
+
+
 def test_encoder_finetune_makes_the_tokens_look_invariant_and_changes_nothing_else(dataset, tmp_path):
     """--encoder-finetune CKPT: on held-out seeds the encoder's tokens of a frame at a drawn look come nearer its old
     tokens of the same state at the default look; the expert, the language model and the patch merger that feeds
@@ -419,10 +442,11 @@ def test_encoder_finetune_makes_the_tokens_look_invariant_and_changes_nothing_el
         main(["--data", str(dataset), "--out", str(tmp_path / "x"), "--encoder-finetune", str(tmp_path / "base")])
     assert main(["--out", str(tmp_path / "enc"), "--encoder-finetune", str(tmp_path / "base"), "--look-scenarios",
                  "highway", "--look-seeds", "900:904", "--encoder-epochs", "4", "--batch", "16",
-                 "--encoder-lr", "1e-3"]) == 0
+                 "--encoder-lr", "1e-3", "--look-salient-weight", "1"]) == 0
     report = json.loads((tmp_path / "enc" / "look_invariance.json").read_text())
-    assert report["before"]["default"] == 0.0
+    assert report["before"]["default"] == 0.0 and report["before"]["default_salient"] == 0.0
     assert report["after"]["drawn"] < 0.8 * report["before"]["drawn"]
+    assert report["after"]["drawn_salient"] < report["before"]["drawn_salient"]
     tuned = SpanVLAPolicy.from_pretrained(tmp_path / "enc" / "sft")
     assert all(torch.equal(a, b) for a, b in zip(base.expert.state_dict().values(),
                                                   tuned.expert.state_dict().values()))

@@ -75,6 +75,9 @@ class TrainConfig:
     look_every_s: float = _opt(1.0, "--encoder-finetune: a pair of renders every this many seconds of an episode")
     encoder_epochs: int = _opt(3, "--encoder-finetune epochs")
     encoder_lr: float = _opt(3e-4, "--encoder-finetune peak LR")
+    look_salient_weight: float = _opt(0.0, "--encoder-finetune: weight of a second term, the token error on each "
+                                           "frame's most salient tokens (cars, signals, lane edges: those farthest "
+                                           "from the frame's median token), beside the mean over all tokens")
     finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
                                    "junction_lead, crossing; default: every head the checkpoint has); the others stay "
                                    "bit-identical. junction_lead alone adds a junction lead head to a checkpoint "

@@ -23,27 +23,51 @@ from ..data.look_pairs import LookPair
 
 Encoder = Callable[[list[np.ndarray]], torch.Tensor]   # frames -> (n, N, D) tokens (reasoner.encode_images)
 
+# A car 30 m ahead, a signal, a lane edge cover a few of a frame's tokens; a mean over all of them lets those drift
+# while sky and asphalt hold still, and those few are what the heads read.
+SALIENT_FRACTION = 0.05
+
+
+def salient_tokens(target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(n, k) indices of each frame's SALIENT_FRACTION of tokens farthest from the frame's median token."""
+    distance = (((target - target.median(1, keepdim=True).values) / scale) ** 2).mean(-1)
+    return distance.topk(max(1, round(target.shape[1] * SALIENT_FRACTION)), 1).indices
+
+
+def token_error(tokens: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                salient: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error per token dimension in units of ``scale``, averaged over all tokens, or over the ``salient``
+    ones (salient_tokens) when given."""
+    err = (((tokens - target) / scale) ** 2).mean(-1)
+    return (err if salient is None else err.gather(1, salient)).mean()
+
 
 def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scale: torch.Tensor,
                  batch: int = 64) -> dict[str, float]:
     """Mean squared token error, per dimension in units of the default look's token spread, of the student at the
-    drawn look and at the default look against the teacher at the default look."""
-    drawn = default = 0.0
+    drawn look and at the default look against the teacher at the default look, over all tokens and over each
+    frame's salient ones (``*_salient``)."""
+    sums = dict(drawn=0.0, default=0.0, drawn_salient=0.0, default_salient=0.0)
     with torch.no_grad():
         for b0 in range(0, len(pairs), batch):
             bs = pairs[b0:b0 + batch]
             target = teacher([p.default for p in bs])
-            drawn += float((((student([p.drawn for p in bs]) - target) / scale) ** 2).mean()) * len(bs)
-            default += float((((student([p.default for p in bs]) - target) / scale) ** 2).mean()) * len(bs)
+            salient = salient_tokens(target, scale)
+            for look in ("drawn", "default"):
+                out = student([getattr(p, look) for p in bs])
+                sums[look] += float(token_error(out, target, scale)) * len(bs)
+                sums[f"{look}_salient"] += float(token_error(out, target, scale, salient)) * len(bs)
     n = max(len(pairs), 1)
-    return dict(drawn=drawn / n, default=default / n)
+    return {k: v / n for k, v in sums.items()}
 
 
 def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[LookPair], epochs: int, batch: int,
-                                  lr: float, log, seed: int = 0) -> dict[str, dict[str, float]]:
+                                  lr: float, log, seed: int = 0,
+                                  salient_weight: float = 0.0) -> dict[str, dict[str, float]]:
     """Trains ``policy``'s vision encoder in place on ``pairs``; returns the token errors on ``held_out`` before and
     after (token_errors). Only the encoder's blocks train: the patch merger that feeds the language model reads
-    their output and stays as it is."""
+    their output and stays as it is. The loss is the mean token error plus ``salient_weight`` x the error on each
+    frame's salient tokens, both looks against the copy at the default look."""
     from .trainer import supervised_epochs
 
     reasoner = policy.reasoner
@@ -57,8 +81,9 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         sample = teacher([p.default for p in pairs[:: max(1, len(pairs) // 256)]])
     scale = sample.reshape(-1, sample.shape[-1]).std(0).clamp(min=1e-3)
     before = token_errors(student, teacher, held_out, scale)
-    print(f"look invariance, held-out token error before: drawn look {before['drawn']:.3f}, default look "
-          f"{before['default']:.3f} ({len(pairs)} training pairs, {len(held_out)} held out)")
+    print(f"look invariance, held-out token error before: drawn look {before['drawn']:.3f} (salient tokens "
+          f"{before['drawn_salient']:.3f}), default look {before['default']:.3f} ({len(pairs)} training pairs, "
+          f"{len(held_out)} held out)")
     for name, p in visual.named_parameters():
         p.requires_grad_(not name.startswith("merger."))   # the optimiser skips what gets no gradient
 
@@ -66,9 +91,12 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         bs = [pairs[i] for i in ii]
         with torch.no_grad():
             target = teacher([p.default for p in bs])
+        target = torch.cat([target, target])
         out = student([p.drawn for p in bs] + [p.default for p in bs])
-        err = ((out - torch.cat([target, target])) / scale) ** 2
-        return err.mean()
+        loss = token_error(out, target, scale)
+        if salient_weight:
+            loss = loss + salient_weight * token_error(out, target, scale, salient_tokens(target, scale))
+        return loss
 
     t0 = time.time()
     supervised_epochs(visual, pairs, epochs, batch, lr, 0.1, log, "look_invariance",
@@ -77,7 +105,8 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         p.requires_grad_(False)
     after = token_errors(student, teacher, held_out, scale)
     print(f"look invariance, held-out token error after {epochs} epochs ({time.time() - t0:.0f} s): drawn look "
-          f"{after['drawn']:.3f}, default look {after['default']:.3f}")
+          f"{after['drawn']:.3f} (salient tokens {after['drawn_salient']:.3f}), default look {after['default']:.3f} "
+          f"(salient tokens {after['default_salient']:.3f})")
     if not math.isfinite(after["drawn"]):
         raise SystemExit("look invariance: the encoder diverged (non-finite token error)")
     return dict(before=before, after=after)
