@@ -57,6 +57,32 @@ def test_plans_degrade_and_withhold_as_inputs_age(policy, params):
     assert core.counters["plans_degraded"] == 2 and core.counters["plans_withheld_stale_odometry"] == 2
 
 
+def test_an_odometry_jump_restarts_the_histories_and_drops_the_old_bridge(policy, params):
+    """A simulator's next episode (or a relocalisation) puts the car where its odometry could not have driven: from
+    there plans use no frame, odometry or bridge from before, as at start-up. Driving fast is not a jump."""
+    core = PlannerCore(policy, params, CAMS)
+    feed(core, 0.0, 2.0, speed=30.0)
+    assert core.counters["odometry_jumps"] == 0
+    core.bridge.publish(core.reason().bridge)
+    assert not core.plan(now=2.0).degraded
+    t = 2.1
+    core.add_odometry(t, 500.0, 40.0, 1.0, 20.0, "map", received=t)
+    assert core.counters["odometry_jumps"] == 1
+    plan = core.plan(now=t)
+    assert plan.degraded and plan.bridge is None
+    past = core.ego.state(policy.cfg.past_poses, policy.cfg.history_dt)[0]
+    assert np.abs(past[:, 1]).max() < 1e-6 and past[0, 0] == pytest.approx(-20.0 * policy.cfg.history_dt
+                                                                             * (policy.cfg.past_poses - 1))
+    assert core.frames.camera_history(CAMS[0]) is None and core.reason() is None
+    rng = np.random.default_rng(1)
+    for c in CAMS:
+        core.add_image(c, t, rng.integers(0, 255, (112, 196, 3), dtype=np.uint8))
+    fresh = core.reason()
+    assert fresh is not None and fresh.bridge.stamp == t
+    core.bridge.publish(fresh.bridge)
+    assert core.plan(now=t).bridge is fresh.bridge
+
+
 def test_before_the_first_bridge_the_envelope_holds_the_plan_to_what_the_heads_see(policy, params):
     import copy
 

@@ -80,6 +80,13 @@ class FrameHistory:
             picked = [self._nearest(camera, t0 - k * self.history_dt) for k in range(self.history_frames - 1, -1, -1)]
         return [f[1] for f in picked], [f[0] for f in picked]
 
+    def drop_before(self, stamp: float) -> None:
+        """Forget every frame stamped before ``stamp``."""
+        with self._lock:
+            for buf in self._buf.values():
+                while buf and buf[0][0] < stamp:
+                    buf.popleft()
+
     def missing_cameras(self) -> list[str]:
         with self._lock:
             return [c for c, b in self._buf.items() if not b]
@@ -90,7 +97,7 @@ class EgoHistory:
 
     def __init__(self, keep_s: float = 4.0):
         self._buf: deque = deque()
-        self._keep_s = keep_s
+        self.keep_s = keep_s
         self._lock = threading.Lock()
 
     def add(self, t: float, x: float, y: float, yaw: float, speed: float) -> None:
@@ -98,12 +105,17 @@ class EgoHistory:
             if self._buf and t <= self._buf[-1][0]:
                 return
             self._buf.append((t, x, y, yaw, speed))
-            while self._buf and self._buf[0][0] < t - self._keep_s:
+            while self._buf and self._buf[0][0] < t - self.keep_s:
                 self._buf.popleft()
 
     @property
     def latest_stamp(self) -> float | None:
         return self._buf[-1][0] if self._buf else None
+
+    def latest_sample(self) -> tuple[float, float, float, float, float] | None:
+        """Newest (t, x, y, yaw, speed)."""
+        with self._lock:
+            return tuple(self._buf[-1]) if self._buf else None
 
     def latest_pose(self) -> tuple[float, float, float] | None:
         """Newest (x, y, yaw) in the odometry frame."""

@@ -235,9 +235,15 @@ class PlannerNode(Node):
         # the first run as soon as frames, odometry and the route are there (the lockstep loop's first run is at
         # its first step, with the route), without a route after one period; until the first bridge the safety
         # envelope holds the history-initialised plan to what the heads see (PlannerCore.plan)
+        # after an odometry jump (PlannerCore.restart) the same: the next run as soon as the new place's frames are in
         next_t = time.monotonic()
         route_deadline = next_t + 1.0 / self.params["reasoner_rate_hz"]
-        while not self._stop.wait(max(0.0, next_t - time.monotonic())):
+        restarts_seen = 0
+        while not self._stop.wait(min(REASONER_INPUT_POLL_S, max(0.0, next_t - time.monotonic()))):
+            if self.core.counters["odometry_jumps"] != restarts_seen:
+                restarts_seen, next_t = self.core.counters["odometry_jumps"], time.monotonic()
+            if time.monotonic() < next_t:
+                continue
             if self.policy.uses_route and self.core.route_xy is None and time.monotonic() < route_deadline:
                 next_t = time.monotonic() + REASONER_INPUT_POLL_S
                 continue

@@ -40,6 +40,7 @@ class PlannerParams:
     history_rate_hz: float
     max_camera_skew_s: float
     odom_timeout_s: float          # odometry received, or stamped, longer ago than this (caller's clock): no plan
+    odom_jump_m: float             # odometry farther than this beyond what its speed explains: the histories restart
     bridge_stale_s: float          # a bridge (or newest front frame) older than this: plan marked degraded
     flow_steps: int
     max_new_tokens: int
@@ -97,6 +98,7 @@ class PlannerCore:
         self._odom_received: float | None = None
         self._odom_stamp = -math.inf
         self.counters: Counter = Counter()
+        self._restart_stamp = -math.inf
         self.last_reasoning = ""
         self._warn = warn or (lambda key, msg: None)
 
@@ -114,9 +116,25 @@ class PlannerCore:
         if not all(map(math.isfinite, (x, y, yaw, speed))):
             self.counters["bad_odometry"] += 1
             return False
+        last = self.ego.latest_sample()
+        if last is not None and stamp > last[0]:
+            reachable = max(speed, last[4]) * (stamp - last[0]) + self.params.odom_jump_m
+            if math.hypot(x - last[1], y - last[2]) > reachable:
+                self.restart(stamp)
         self.ego.add(stamp, x, y, yaw, speed)
         self.odom_frame, self._odom_received, self._odom_stamp = frame, received, stamp
         return True
+
+    def restart(self, stamp: float) -> None:
+        """The car is somewhere its odometry could not have driven to (a simulator's new episode, a relocalisation):
+        the frames, odometry, lead track and bridge from before ``stamp`` describe another place, so plans start
+        again from ``stamp`` as at start-up (counted, logged)."""
+        self.ego = EgoHistory(keep_s=self.ego.keep_s)
+        self.frames.drop_before(stamp)
+        self.lead_fit = LeadSpeedFit()
+        self._restart_stamp = stamp
+        self.counters["odometry_jumps"] += 1
+        self._warn("odometry_jump", f"odometry jumped at {stamp:.2f}: histories and bridge restart")
 
     def set_route(self, xy: np.ndarray, frame: str) -> str | None:
         """Use this route polyline; returns why not (and counts it) if it is unusable."""
@@ -230,6 +248,8 @@ class PlannerCore:
         past, speed, accel, yaw_rate, stamp = self.ego.state(self.policy.cfg.past_poses, self.policy.cfg.history_dt)
         route = self._route()
         bridge = self.bridge.latest()
+        if bridge is not None and bridge.stamp < self._restart_stamp:
+            bridge = None    # a run on frames from before an odometry jump (restart)
         t0 = time.perf_counter()
         perception_age = -1.0
         percept = None
