@@ -47,20 +47,22 @@ class FrameHistory:
     def latest_complete_stamp(self) -> float | None:
         """Newest stamp of the front camera (first) for which every camera has a frame within max_skew."""
         with self._lock:
-            ref = self._buf[self.cameras[0]]
-            for stamp, _ in reversed(ref):
-                if all((f := self._nearest(c, stamp)) is not None and abs(f[0] - stamp) <= self.max_skew
-                       for c in self.cameras[1:]):
-                    return stamp
+            return self._latest_complete_stamp()
+
+    def _latest_complete_stamp(self) -> float | None:
+        for stamp, _ in reversed(self._buf[self.cameras[0]]):
+            if all((f := self._nearest(c, stamp)) is not None and abs(f[0] - stamp) <= self.max_skew
+                   for c in self.cameras[1:]):
+                return stamp
         return None
 
     def history(self) -> tuple[list[np.ndarray], float] | None:
         """history_frames x cameras images, time-major oldest first, and the stamp of the newest set.
         Older slots not yet filled repeat the oldest available set (start-up), as a constant-history pad."""
-        t0 = self.latest_complete_stamp()
-        if t0 is None:
-            return None
-        with self._lock:
+        with self._lock:   # one hold: frames dropped in between (drop_before) would leave a camera empty
+            t0 = self._latest_complete_stamp()
+            if t0 is None:
+                return None
             images = []
             for k in range(self.history_frames - 1, -1, -1):
                 t = t0 - k * self.history_dt

@@ -146,6 +146,7 @@ class PlannerNode(Node):
                        "plans withheld (stale odometry)": c["plans_withheld_stale_odometry"],
                        "reasoner runs": c["reasoner_runs"], "dropped messages": self.bad_messages,
                        "reasoner process restarts": c["reasoner_process_restarts"],
+                       "odometry jumps (histories restarted)": c["odometry_jumps"],
                        "bridge age (s)": f"{plan.bridge_age:.2f}" if plan else "-",
                        "perception age (s)": f"{plan.perception_age:.2f}" if plan else "-",
                        "model": self.policy.model_id})
