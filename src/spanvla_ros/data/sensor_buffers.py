@@ -99,7 +99,7 @@ class EgoHistory:
 
     def __init__(self, keep_s: float = 4.0):
         self._buf: deque = deque()
-        self.keep_s = keep_s
+        self._keep_s = keep_s
         self._lock = threading.Lock()
 
     def add(self, t: float, x: float, y: float, yaw: float, speed: float) -> None:
@@ -107,7 +107,7 @@ class EgoHistory:
             if self._buf and t <= self._buf[-1][0]:
                 return
             self._buf.append((t, x, y, yaw, speed))
-            while self._buf and self._buf[0][0] < t - self.keep_s:
+            while self._buf and self._buf[0][0] < t - self._keep_s:
                 self._buf.popleft()
 
     @property
@@ -121,8 +121,12 @@ class EgoHistory:
 
     def latest_pose(self) -> tuple[float, float, float] | None:
         """Newest (x, y, yaw) in the odometry frame."""
+        sample = self.latest_sample()
+        return None if sample is None else sample[1:4]
+
+    def clear(self) -> None:
         with self._lock:
-            return tuple(self._buf[-1][1:4]) if self._buf else None
+            self._buf.clear()
 
     def _interp(self, arr: np.ndarray, t: float) -> np.ndarray:
         ts = arr[:, 0]

@@ -129,7 +129,7 @@ class PlannerCore:
         """The car is somewhere its odometry could not have driven to (a simulator's new episode, a relocalisation):
         the frames, odometry, lead track and bridge from before ``stamp`` describe another place, so plans start
         again from ``stamp`` as at start-up (counted, logged)."""
-        self.ego = EgoHistory(keep_s=self.ego.keep_s)
+        self.ego.clear()
         self.frames.drop_before(stamp)
         self.lead_fit = LeadSpeedFit()
         self._restart_stamp = stamp

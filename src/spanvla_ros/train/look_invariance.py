@@ -91,11 +91,12 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         bs = [pairs[i] for i in ii]
         with torch.no_grad():
             target = teacher([p.default for p in bs])
-        target = torch.cat([target, target])
         out = student([p.drawn for p in bs] + [p.default for p in bs])
-        loss = token_error(out, target, scale)
-        if salient_weight:
-            loss = loss + salient_weight * token_error(out, target, scale, salient_tokens(target, scale))
+        both = torch.cat([target, target])
+        loss = token_error(out, both, scale)
+        if salient_weight:   # one pick per state: the drawn and the default frame show the same scene
+            salient = salient_tokens(target, scale)
+            loss = loss + salient_weight * token_error(out, both, scale, torch.cat([salient, salient]))
         return loss
 
     t0 = time.time()
