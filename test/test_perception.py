@@ -426,6 +426,27 @@ def test_multi_frame_light_head_reads_older_frames_and_single_frame_does_not():
         assert same == (frames_read == 1)
 
 
+def test_a_views_readings_are_all_the_heads_take_from_it():
+    """view_readings per view reproduce what the heads compute over several views at once (the light head pools
+    all its frames' tokens together: each frame weighs by its log-sum-exp); the side cameras' views are read by the
+    crossing head alone."""
+    from spanvla_ros.model.perception import pooled_readings
+
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=60))
+    pol = SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, light_frames=4, lead_perception=True,
+                                            junction_lead_head=True, crossing_perception=True), tok, seed=0)
+    expert = pol.expert
+    front = pol.reason(frames(seed=3), "go straight", 6.0, 0.0, PAST, max_new_tokens=3).bridge.front_features
+    with torch.no_grad():
+        per_frame = pooled_readings(expert._light_token_outputs(front))            # (1, 4, 1 + classes)
+        weights = torch.softmax(per_frame[..., 0], -1)[..., None]
+        assert torch.allclose((weights * per_frame[..., 1:]).sum(1), expert.light_logits(front), atol=1e-5)
+        views = front[0]
+        hidden = expert.lead_head.view_readings(views).shape[-1]
+        assert expert.view_readings(views, front=True).shape == (4, 3 * hidden + 1 + 3)
+        assert torch.equal(expert.view_readings(views, front=False), expert.crossing_head.view_readings(views))
+
+
 def test_the_expert_takes_over_where_someone_else_drove_it_past_a_junction():
     """DAgger labels at a roundabout: the car is driven from outside (here with exactly the expert's own controls)
     onto the next roads; the expert taking over on a fork then drives on as it would have itself, not back

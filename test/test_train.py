@@ -424,9 +424,9 @@ def test_salient_token_error_is_the_error_on_the_tokens_that_stand_out_of_their_
 
 
 def test_encoder_finetune_makes_the_tokens_look_invariant_and_changes_nothing_else(dataset, tmp_path):
-    """--encoder-finetune CKPT: on held-out seeds the encoder's tokens of a frame at a drawn look come nearer its old
-    tokens of the same state at the default look; the expert, the language model and the patch merger that feeds
-    it stay bit-identical."""
+    """--encoder-finetune CKPT: on held-out seeds the encoder's tokens of a frame at a drawn look, and what the frozen
+    heads read from them, come nearer its old ones of the same state at the default look; the expert, the language
+    model and the patch merger that feeds it stay bit-identical."""
     import torch
 
     from spanvla_ros.data.samples import attach_routes, load_samples, scene_maps
@@ -444,9 +444,16 @@ def test_encoder_finetune_makes_the_tokens_look_invariant_and_changes_nothing_el
                  "highway", "--look-seeds", "900:904", "--encoder-epochs", "4", "--batch", "16",
                  "--encoder-lr", "1e-3", "--look-salient-weight", "1"]) == 0
     report = json.loads((tmp_path / "enc" / "look_invariance.json").read_text())
-    assert report["before"]["default"] == 0.0 and report["before"]["default_salient"] == 0.0
-    assert report["after"]["drawn"] < 0.8 * report["before"]["drawn"]
-    assert report["after"]["drawn_salient"] < report["before"]["drawn_salient"]
+    before, after = report["before"], report["after"]
+    assert before["default"] == before["default_salient"] == before["default_heads"] == 0.0
+    assert after["drawn"] < 0.8 * before["drawn"]
+    assert after["drawn_salient"] < before["drawn_salient"]
+    # through the frozen heads' readings alone
+    assert main(["--out", str(tmp_path / "enc_heads"), "--encoder-finetune", str(tmp_path / "base"),
+                 "--look-scenarios", "highway", "--look-seeds", "900:904", "--encoder-epochs", "4", "--batch", "16",
+                 "--encoder-lr", "1e-3", "--look-head-weight", "1"]) == 0
+    by_heads = json.loads((tmp_path / "enc_heads" / "look_invariance.json").read_text())
+    assert by_heads["after"]["drawn_heads"] < 0.8 * by_heads["before"]["drawn_heads"]
     tuned = SpanVLAPolicy.from_pretrained(tmp_path / "enc" / "sft")
     assert all(torch.equal(a, b) for a, b in zip(base.expert.state_dict().values(),
                                                   tuned.expert.state_dict().values()))

@@ -35,7 +35,7 @@ from torch import nn
 
 from .bridge import BridgeSnapshot
 from .config import LIGHT_STATES, SpanVLAConfig
-from .perception import CROSSING_FRAMES, LEAD_FEATURES, PooledTokenHead
+from .perception import CROSSING_FRAMES, LEAD_FEATURES, PooledTokenHead, pooled_readings
 from .trajectory import denormalise, normalise
 
 
@@ -152,17 +152,36 @@ class FlowActionExpert(nn.Module):
         """(B, 3) green / yellow / red logits from the newest front frame's tokens; None without a light head."""
         if not self.cfg.traffic_lights:
             return None
-        L = self.cfg.light_frames
-        f = (self._front(source)[:, -L:].to(self.light_mean.dtype) - self.light_mean) / self.light_std   # (B, L, N, D)
-        if f.is_inference() and torch.is_grad_enabled():
-            f = f.clone()   # bridges made under inference_mode, read while training the head
-        if L > 1:
-            B, _, N, _ = f.shape
-            tag = torch.eye(L, dtype=f.dtype, device=f.device)[None, :, None].expand(B, L, N, L)
-            f = torch.cat([f, tag], -1)
-        out = self.light_head(f.flatten(1, 2))                    # (B, L * N, 1 + classes)
+        out = self._light_token_outputs(self._front(source)[:, -self.cfg.light_frames:])   # (B, L, N, 1 + classes)
+        out = out.flatten(1, 2)
         weight = torch.softmax(out[..., 0], dim=-1)[..., None]    # where the signal is
         return (weight * out[..., 1:]).sum(1)
+
+    def _light_token_outputs(self, front: torch.Tensor) -> torch.Tensor:
+        """(B, L, N, D) the newest L front frames -> (B, L, N, 1 + classes) per token: a "this is the signal"
+        logit, then class scores."""
+        L = front.shape[1]
+        f = (front.to(self.light_mean.dtype) - self.light_mean) / self.light_std
+        if f.is_inference() and torch.is_grad_enabled():
+            f = f.clone()   # bridges made under inference_mode, read while training the head
+        if self.cfg.light_frames > 1:
+            B, _, N, _ = f.shape
+            tag = torch.eye(self.cfg.light_frames, dtype=f.dtype, device=f.device)[-L:]
+            f = torch.cat([f, tag[None, :, None].expand(B, L, N, -1)], -1)
+        return self.light_head(f)
+
+    def view_readings(self, tokens: torch.Tensor, front: bool) -> torch.Tensor:
+        """(n, N, D) single views' tokens -> (n, K): what every perception head that reads such a view takes from
+        it (PooledTokenHead.view_readings; the light head's the same, as the newest frame), the front camera's heads
+        only for ``front``. Two encoders whose tokens give equal readings give equal perception."""
+        heads = [self.crossing_head] if self.cfg.crossing_perception else []
+        if front:
+            heads += [self.lead_head] if self.cfg.lead_perception else []
+            heads += [self.junction_lead_head] if self.cfg.junction_lead_head else []
+        parts = [h.view_readings(tokens) for h in heads]
+        if front and self.cfg.traffic_lights:
+            parts.append(pooled_readings(self._light_token_outputs(tokens[:, None])[:, 0]))
+        return torch.cat(parts, -1) if parts else tokens.new_zeros(tokens.shape[0], 0)
 
     @torch.no_grad()
     def fit_light_normaliser(self, features: torch.Tensor) -> None:

@@ -137,6 +137,14 @@ def _position_features(rc: torch.Tensor) -> torch.Tensor:
     return torch.cat([args.sin(), args.cos()], -1).flatten(-2)
 
 
+def pooled_readings(token_outputs: torch.Tensor) -> torch.Tensor:
+    """(..., N, 1 + C) per-token outputs of an attention-pooled head (an attention logit, then C features) ->
+    (..., 1 + C): the log-sum-exp of the logits (a view's weight when views are pooled together), then the
+    attention-weighted features."""
+    w = torch.softmax(token_outputs[..., 0], dim=-1)[..., None]
+    return torch.cat([torch.logsumexp(token_outputs[..., 0], -1)[..., None], (w * token_outputs[..., 1:]).sum(-2)], -1)
+
+
 class PooledTokenHead(nn.Module):
     """Attention-pooled vision tokens of several views (frames, or cameras x frames, in a fixed order) and the ego
     speed -> a presence logit and two regressions (the lead: gap, closing speed; crossing traffic: where on the
@@ -168,17 +176,20 @@ class PooledTokenHead(nn.Module):
         """views: (B, F, N, D) vision tokens (the lead: the front camera's history frames, oldest first); speed: (B,)
         the ego speed as the expert's conditioning has it (model.trajectory.ego_state_vector, normalised). Returns
         (B, 3) raw outputs: presence logit and the two regressions (normalised)."""
-        B, Fr, N, _ = views.shape
+        B, Fr = views.shape[:2]
         if Fr != self.frames:
             raise ValueError(f"head reads {self.frames} views, got {Fr}")
-        x = (views.to(self.token_mean.dtype) - self.token_mean) / self.token_std
+        pooled = self.view_readings(views)[..., 1:].reshape(B, -1)         # (B, F * hidden)
+        return self.out(torch.cat([pooled, speed.to(pooled.dtype)[:, None]], -1))
+
+    def view_readings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., N, D) one view's tokens -> (..., 1 + hidden): the log-sum-exp of its attention logits, then its
+        attention-pooled token features. Everything the head takes from a view: equal readings, equal outputs."""
+        x = (tokens.to(self.token_mean.dtype) - self.token_mean) / self.token_std
         if x.is_inference() and torch.is_grad_enabled():
             x = x.clone()
-        pos = self.token_position.expand(B, Fr, N, -1)
-        h = self.token_mlp(torch.cat([x, pos], -1))                       # (B, F, N, 1 + hidden)
-        w = torch.softmax(h[..., 0], dim=-1)[..., None]
-        pooled = (w * h[..., 1:]).sum(2).reshape(B, -1)                    # (B, F * hidden)
-        return self.out(torch.cat([pooled, speed.to(pooled.dtype)[:, None]], -1))
+        pos = self.token_position.expand(*x.shape[:-1], -1)
+        return pooled_readings(self.token_mlp(torch.cat([x, pos], -1)))
 
     @staticmethod
     def features(raw: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,10 @@ class TrainConfig:
     look_salient_weight: float = _opt(0.0, "--encoder-finetune: weight of a second term, the token error on each "
                                            "frame's most salient tokens (cars, signals, lane edges: those farthest "
                                            "from the frame's median token), beside the mean over all tokens")
+    look_head_weight: float = _opt(0.0, "--encoder-finetune: weight of a term on the frozen perception heads' readings "
+                                        "of each view (what the lead, junction lead, light and crossing heads take "
+                                        "from it), beside the token error: the heads then read a drawn look as the "
+                                        "default, and the default as before")
     finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
                                    "junction_lead, crossing; default: every head the checkpoint has); the others stay "
                                    "bit-identical. junction_lead alone adds a junction lead head to a checkpoint "

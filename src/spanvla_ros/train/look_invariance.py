@@ -42,12 +42,45 @@ def token_error(tokens: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
     return (err if salient is None else err.gather(1, salient)).mean()
 
 
+class HeadReadings:
+    """What the checkpoint's frozen perception heads take from each view (model.expert.ActionExpert.view_readings),
+    in units of their spread over the teacher's default-look views: the heads' error where the token error weighs
+    every token alike, though a head reads a car or a signal from a few."""
+
+    def __init__(self, expert, front_camera: str, sample_tokens: torch.Tensor, sample_cameras: list[str]):
+        self.expert, self.front_camera = expert, front_camera
+        self.scale = {}
+        with torch.no_grad():
+            for front in (True, False):
+                views = sample_tokens[[(c == front_camera) == front for c in sample_cameras]]
+                readings = expert.view_readings(views, front) if len(views) else None
+                self.scale[front] = (readings.std(0).clamp(min=1e-3)
+                                     if readings is not None and readings.shape[0] > 1 else None)
+
+    def error(self, tokens: torch.Tensor, target: torch.Tensor, cameras: list[str]) -> torch.Tensor:
+        """Mean squared reading error of ``tokens`` against ``target`` (teacher tokens of the same views), per reading
+        in units of its spread, over the views of each kind (front, the others) that some head reads."""
+        errors = []
+        for front in (True, False):
+            pick = torch.tensor([(c == self.front_camera) == front for c in cameras])
+            scale = self.scale[front]
+            if not pick.any() or scale is None or scale.numel() == 0:
+                continue
+            with torch.no_grad():
+                want = self.expert.view_readings(target[pick], front)
+            got = self.expert.view_readings(tokens[pick], front)
+            errors.append((((got - want) / scale) ** 2).mean(-1))
+        return torch.cat(errors).mean() if errors else tokens.sum() * 0.0
+
+
 def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scale: torch.Tensor,
-                 batch: int = 64) -> dict[str, float]:
+                 heads: HeadReadings | None = None, batch: int = 64) -> dict[str, float]:
     """Mean squared token error, per dimension in units of the default look's token spread, of the student at the
-    drawn look and at the default look against the teacher at the default look, over all tokens and over each
-    frame's salient ones (``*_salient``)."""
+    drawn look and at the default look against the teacher at the default look, over all tokens, over each
+    frame's salient ones (``*_salient``) and, with ``heads``, of the heads' readings (``*_heads``)."""
     sums = dict(drawn=0.0, default=0.0, drawn_salient=0.0, default_salient=0.0)
+    if heads is not None:
+        sums.update(drawn_heads=0.0, default_heads=0.0)
     with torch.no_grad():
         for b0 in range(0, len(pairs), batch):
             bs = pairs[b0:b0 + batch]
@@ -57,17 +90,20 @@ def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scal
                 out = student([getattr(p, look) for p in bs])
                 sums[look] += float(token_error(out, target, scale)) * len(bs)
                 sums[f"{look}_salient"] += float(token_error(out, target, scale, salient)) * len(bs)
+                if heads is not None:
+                    sums[f"{look}_heads"] += float(heads.error(out, target, [p.camera for p in bs])) * len(bs)
     n = max(len(pairs), 1)
     return {k: v / n for k, v in sums.items()}
 
 
 def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[LookPair], epochs: int, batch: int,
                                   lr: float, log, seed: int = 0,
-                                  salient_weight: float = 0.0) -> dict[str, dict[str, float]]:
+                                  salient_weight: float = 0.0, head_weight: float = 0.0) -> dict[str, dict[str, float]]:
     """Trains ``policy``'s vision encoder in place on ``pairs``; returns the token errors on ``held_out`` before and
     after (token_errors). Only the encoder's blocks train: the patch merger that feeds the language model reads
     their output and stays as it is. The loss is the mean token error plus ``salient_weight`` x the error on each
-    frame's salient tokens, both looks against the copy at the default look."""
+    frame's salient tokens plus ``head_weight`` x the frozen perception heads' reading error (HeadReadings), both
+    looks against the copy at the default look."""
     from .trainer import supervised_epochs
 
     reasoner = policy.reasoner
@@ -77,15 +113,21 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         p.requires_grad_(False)
     teacher: Encoder = partial(reasoner.encode_images, visual=teacher_module)
     student: Encoder = reasoner.encode_images
+    sampled = pairs[:: max(1, len(pairs) // 256)]
     with torch.no_grad():
-        sample = teacher([p.default for p in pairs[:: max(1, len(pairs) // 256)]])
+        sample = teacher([p.default for p in sampled])
     scale = sample.reshape(-1, sample.shape[-1]).std(0).clamp(min=1e-3)
-    before = token_errors(student, teacher, held_out, scale)
+    expert = policy.expert
+    heads = HeadReadings(expert, reasoner.cfg.cameras[reasoner.front_camera], sample, [p.camera for p in sampled])
+    before = token_errors(student, teacher, held_out, scale, heads)
     print(f"look invariance, held-out token error before: drawn look {before['drawn']:.3f} (salient tokens "
-          f"{before['drawn_salient']:.3f}), default look {before['default']:.3f} ({len(pairs)} training pairs, "
-          f"{len(held_out)} held out)")
+          f"{before['drawn_salient']:.3f}, heads' readings {before['drawn_heads']:.3f}), default look "
+          f"{before['default']:.3f} ({len(pairs)} training pairs, {len(held_out)} held out)")
     for name, p in visual.named_parameters():
         p.requires_grad_(not name.startswith("merger."))   # the optimiser skips what gets no gradient
+    expert_trainable = [p for p in expert.parameters() if p.requires_grad]
+    for p in expert_trainable:   # the heads pass the gradient to the encoder and stay as they are
+        p.requires_grad_(False)
 
     def batch_loss(ii):
         bs = [pairs[i] for i in ii]
@@ -97,6 +139,9 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         if salient_weight:   # one pick per state: the drawn and the default frame show the same scene
             salient = salient_tokens(target, scale)
             loss = loss + salient_weight * token_error(out, both, scale, torch.cat([salient, salient]))
+        if head_weight:
+            cameras = [p.camera for p in bs]
+            loss = loss + head_weight * heads.error(out, both, cameras + cameras)
         return loss
 
     t0 = time.time()
@@ -104,10 +149,13 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
                       "look-invariant encoder", batch_loss, seed)
     for p in visual.parameters():
         p.requires_grad_(False)
-    after = token_errors(student, teacher, held_out, scale)
+    for p in expert_trainable:
+        p.requires_grad_(True)
+    after = token_errors(student, teacher, held_out, scale, heads)
     print(f"look invariance, held-out token error after {epochs} epochs ({time.time() - t0:.0f} s): drawn look "
-          f"{after['drawn']:.3f} (salient tokens {after['drawn_salient']:.3f}), default look {after['default']:.3f} "
-          f"(salient tokens {after['default_salient']:.3f})")
+          f"{after['drawn']:.3f} (salient tokens {after['drawn_salient']:.3f}, heads' readings "
+          f"{after['drawn_heads']:.3f}), default look {after['default']:.3f} (salient tokens "
+          f"{after['default_salient']:.3f}, heads' readings {after['default_heads']:.3f})")
     if not math.isfinite(after["drawn"]):
         raise SystemExit("look invariance: the encoder diverged (non-finite token error)")
     return dict(before=before, after=after)
