@@ -6,7 +6,8 @@ import pytest
 
 from spanvla_ros.config import node_params
 from spanvla_ros.model.perception import Percept
-from spanvla_ros.planning.envelope import EnvelopeParams, LeadSpeedFit, constrain, limits
+from spanvla_ros.planning.envelope import EnvelopeParams, LeadSpeedFit, constrain, limits, timed_by_speed
+from spanvla_ros.sim.controller import speeds_at_poses
 
 DT = 0.5
 PARAMS = EnvelopeParams.from_mapping({**node_params("spanvla_planner"), "crossing_yield": True})
@@ -32,6 +33,14 @@ def light(state: int, stop_line_m: float) -> Percept:
     probs[state] = 1.0
     return Percept(light=tuple(probs), stop_line_m=stop_line_m, lead_probability=0.0,   # type: ignore[arg-type]
                    lead_gap_m=math.nan, lead_closing_mps=math.nan)
+
+
+def distance_to_path(poses: np.ndarray, traj: np.ndarray) -> np.ndarray:
+    """Each pose's distance to the polyline from the origin through ``traj``'s poses."""
+    dense = np.linspace(0, 1, 2000)[:, None]
+    pts = np.vstack([[0.0, 0.0], traj[:, :2]])
+    poly = np.concatenate([pts[i] + dense * (pts[i + 1] - pts[i]) for i in range(len(pts) - 1)])
+    return np.min(np.linalg.norm(poses[:, None, :2] - poly[None], axis=2), axis=1)
 
 
 def progress(traj: np.ndarray) -> np.ndarray:
@@ -170,11 +179,29 @@ def test_the_slowed_plan_keeps_the_path():
                       np.full_like(t, 10.0)], 1).astype(np.float32)
     out, cause = constrain(curve, DT, 10.0, lead(12.0, 10.0), PARAMS, 0.0)
     assert cause
-    dense = np.linspace(0, 1, 2000)[:, None]
-    pts = np.vstack([[0.0, 0.0], curve[:, :2]])
-    poly = np.concatenate([pts[i] + dense * (pts[i + 1] - pts[i]) for i in range(len(pts) - 1)])
-    dist = np.min(np.linalg.norm(out[:, None, :2] - poly[None], axis=2), axis=1)
-    assert dist.max() < 0.05
+    assert distance_to_path(out, curve).max() < 0.05
+
+
+def test_the_published_poses_carry_the_plans_speeds_along_its_path():
+    """A Path carries poses only: the poses are moved along the model's path to where its speeds take the car, so
+    the speeds read back from their spacing are the plan's; a plan whose poses already agree is kept."""
+    t = DT * np.arange(1, 9)
+    heading = 0.05 * t
+    curve = np.stack([10 * np.sin(heading) / 0.05, 10 * (1 - np.cos(heading)) / 0.05, heading,
+                      np.full_like(t, 10.0)], 1).astype(np.float32)
+    assert np.allclose(timed_by_speed(curve, DT, 10.0), curve, atol=0.02)
+    lagging = curve.copy()            # the model's poses: the second step short of its speeds
+    lagging[:, 3] = 10.0 + 0.5 * t
+    lagging[1:, :2] -= lagging[1:2, :2] - (lagging[0, :2] + 0.9 * (lagging[1, :2] - lagging[0, :2]))
+    out = timed_by_speed(lagging, DT, 10.0)
+    assert np.allclose(out[:, 3], lagging[:, 3])
+    read_back = speeds_at_poses(out[:, :2], DT)
+    assert np.abs(read_back[:-1] - lagging[:-1, 3]).max() < 0.15
+    assert speeds_at_poses(lagging[:, :2], DT)[1] < lagging[1, 3] - 0.5
+    on_path = out[np.linalg.norm(out[:, :2], axis=1) <= np.linalg.norm(lagging[-1, :2])]
+    assert distance_to_path(on_path, lagging).max() < 0.05
+    beyond = timed_by_speed(straight(10.0), DT, 20.0)         # faster than the poses: on along the last heading
+    assert np.allclose(beyond[:, 1], 0.0) and beyond[-1, 0] > straight(10.0)[-1, 0]
 
 
 def test_switched_off_it_never_changes_a_plan():

@@ -22,6 +22,25 @@ def arc_lengths(xy: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(xy[:, :2], axis=0), axis=1))])
 
 
+def poses_at_arc_lengths(traj: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """(len(s), 3) x, y, heading at arc lengths ``s`` along the path of ``traj`` (H, >=3 ego-frame poses; the path
+    starts at the origin heading along x); beyond its end, straight on along its last segment."""
+    traj = np.asarray(traj, np.float64)
+    s = np.asarray(s, np.float64)
+    path = np.vstack([[0.0, 0.0], traj[:, :2]])
+    heading = np.concatenate([[0.0], traj[:, 2]])
+    arc = arc_lengths(path)
+    out = np.stack([np.interp(s, arc, path[:, 0]), np.interp(s, arc, path[:, 1]), np.interp(s, arc, heading)], 1)
+    beyond = s > arc[-1]
+    if beyond.any():
+        last = path[-1] - path[-2]
+        norm = float(np.hypot(*last))
+        direction = last / norm if norm > 1e-6 else np.array([math.cos(heading[-1]), math.sin(heading[-1])])
+        out[beyond, :2] = path[-1] + (s[beyond] - arc[-1])[:, None] * direction
+        out[beyond, 2] = heading[-1]
+    return out
+
+
 def to_ego(pose, pts: np.ndarray) -> np.ndarray:
     """World (N, >=3) x, y, heading[, more columns kept] -> the ego frame of ``pose`` (x, y, yaw)."""
     c, s = math.cos(pose[2]), math.sin(pose[2])

@@ -19,7 +19,7 @@ from ..data.sensor_buffers import EgoHistory
 from ..geometry import to_world
 from ..model.config import SpanVLAConfig
 from ..sim.agents import agent_futures, constant_velocity_frames
-from ..sim.controller import PathTracker
+from ..sim.controller import PathTracker, tracked_path
 from ..sim.types import Control, Observation, SimBackend
 from .pdm import score
 
@@ -117,7 +117,8 @@ class PlanningDriver:
             if d is not None:
                 self.consistency.append(d)
         self._last_world_plan = world
-        return self.tracker.control(traj, obs.ego.speed, backend.dt, self.dt_plan, 0.0)   # planned this step
+        # as sim_bridge tracks the nav_msgs/Path it receives (poses only), planned this step
+        return self.tracker.control(tracked_path(traj, self.dt_plan), obs.ego.speed, backend.dt, self.dt_plan, 0.0)
 
 
 def plan_displacement(prev, new, dt: float) -> float | None:

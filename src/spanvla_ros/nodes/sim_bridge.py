@@ -29,7 +29,7 @@ from spanvla_ros.ros.messages import xy_path_msg
 from spanvla_ros.ros.params import check_changes, declare_from_schema
 from spanvla_ros.ros.stamps import sec_to_stamp, stamp_to_sec
 from spanvla_ros.sim.backends import make_backend
-from spanvla_ros.sim.controller import PathTracker, path_to_current_frame, speeds_at_poses
+from spanvla_ros.sim.controller import PathTracker, path_to_current_frame, tracked_path
 from spanvla_ros.sim.types import Control
 
 MAX_PLAN_STEP_S = 2.0    # a Path whose poses are further apart in time than this is not a plan
@@ -173,7 +173,7 @@ class SimBridgeNode(Node):
         if not 0.0 < dt <= MAX_PLAN_STEP_S:
             self.counters["bad_path"] += 1
             return
-        path = np.c_[arr, speeds_at_poses(arr[:, :2], dt)]
+        path = tracked_path(arr, dt)
         pose = min(self._poses, key=lambda s: abs(s[0] - t_plan), default=None)
         if pose is None or abs(pose[0] - t_plan) > 0.5:
             self.counters["path_unknown_stamp"] += 1

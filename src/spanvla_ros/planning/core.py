@@ -31,7 +31,7 @@ from ..model.bridge import BridgeSnapshot, LatestBridge
 from ..model.perception import Percept
 from ..model.policy import FreshPerception, SpanVLAPolicy
 from ..model.reasoner import ReasoningResult
-from .envelope import EnvelopeParams, LeadSpeedFit, constrain
+from .envelope import EnvelopeParams, LeadSpeedFit, constrain, timed_by_speed
 
 
 @dataclass(frozen=True)
@@ -281,6 +281,7 @@ class PlannerCore:
             degraded = bool(reason)
         # nothing perceived (no bridge and no fresh frames): the envelope leaves the plan as it is
         percept = self.lead_fit.update(stamp, pose, speed, percept, self.params.envelope)
+        traj = timed_by_speed(traj, self.policy.cfg.dt, speed)
         traj, limited_by = constrain(traj, self.policy.cfg.dt, speed, percept, self.params.envelope,
                                      perception_age if front is not None else age)
         if limited_by:

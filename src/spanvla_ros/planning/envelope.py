@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import fields_from
-from ..geometry import arc_lengths
+from ..geometry import arc_lengths, poses_at_arc_lengths
 from ..model.perception import CROSSING_RADIUS_M, Percept
 
 SUBSTEPS = 10
@@ -196,12 +196,20 @@ def constrain(traj: np.ndarray, dt: float, speed: float, percept: Percept | None
         v_out.append(v)
     if not cause:
         return traj, ""
-    s_c = np.minimum(np.array(s_out), arc[-1])
-    heading = np.concatenate([[0.0], traj[:, 2]])
     out = np.array(traj, dtype=np.float32, copy=True)
-    out[:, 0] = np.interp(s_c, arc, path[:, 0])
-    out[:, 1] = np.interp(s_c, arc, path[:, 1])
-    out[:, 2] = np.interp(s_c, arc, heading)
+    out[:, :3] = poses_at_arc_lengths(traj, np.minimum(np.array(s_out), arc[-1]))
     out[:, 3] = v_out
     return out, cause
+
+
+def timed_by_speed(traj: np.ndarray, dt: float, speed: float) -> np.ndarray:
+    """``traj`` (H, 4) x, y, heading, speed, poses ``dt`` apart from +dt, with its poses moved along its own path to
+    where its speeds take the car from ``speed`` now (trapezoids). A nav_msgs/Path carries poses only, so whoever
+    tracks the plan reads its speed from their spacing (sim.controller.speeds_at_poses); the model's poses and speeds
+    disagree (the second step's spacing runs about 1 m/s under its speeds), and a tracker reading the poses would
+    drive slower than the plan says."""
+    v = np.concatenate([[speed], np.maximum(traj[:, 3], 0.0)])
+    out = np.array(traj, dtype=np.float32, copy=True)
+    out[:, :3] = poses_at_arc_lengths(traj, np.cumsum(dt * (v[:-1] + v[1:]) / 2.0))
+    return out
 

@@ -50,6 +50,13 @@ def speeds_at_poses(xy: np.ndarray, dt: float) -> np.ndarray:
     return v
 
 
+def tracked_path(poses: np.ndarray, dt: float) -> np.ndarray:
+    """(N, >=3) ego-frame poses x, y, heading ``dt`` apart from +dt -> (N, 4) with the speeds their spacing gives:
+    what the tracker follows of a nav_msgs/Path (sim_bridge) and, the same way, of a plan in the lockstep loop."""
+    poses = np.asarray(poses)
+    return np.c_[poses[:, :3], speeds_at_poses(poses[:, :2], dt)]
+
+
 class PathTracker:
     def __init__(self, cfg: TrackerConfig | None = None):
         self.cfg = cfg or TrackerConfig()
