@@ -212,4 +212,3 @@ def timed_by_speed(traj: np.ndarray, dt: float, speed: float) -> np.ndarray:
     out = np.array(traj, dtype=np.float32, copy=True)
     out[:, :3] = poses_at_arc_lengths(traj, np.cumsum(dt * (v[:-1] + v[1:]) / 2.0))
     return out
-

@@ -43,7 +43,7 @@ def token_error(tokens: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
 
 
 class HeadReadings:
-    """What the checkpoint's frozen perception heads take from each view (model.expert.ActionExpert.view_readings),
+    """What the checkpoint's frozen perception heads take from each view (model.expert.FlowActionExpert.view_readings),
     in units of their spread over the teacher's default-look views: the heads' error where the token error weighs
     every token alike, though a head reads a car or a signal from a few."""
 
