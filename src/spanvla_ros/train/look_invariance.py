@@ -58,8 +58,11 @@ class HeadReadings:
                                      if readings is not None and readings.shape[0] > 1 else None)
 
     def error(self, tokens: torch.Tensor, target: torch.Tensor, cameras: list[str]) -> torch.Tensor:
-        """Mean squared reading error of ``tokens`` against ``target`` (teacher tokens of the same views), per reading
-        in units of its spread, over the views of each kind (front, the others) that some head reads."""
+        """Mean squared reading error of ``tokens`` against ``target`` (the teacher's tokens of n views of ``cameras``;
+        ``tokens``: the student's of the same n views at one or more looks, look-major), per reading in units of its
+        spread, over the views of each kind (front, the others) that some head reads. The teacher's readings are
+        taken once, whatever the number of looks."""
+        looks = tokens.shape[0] // target.shape[0]
         errors = []
         for front in (True, False):
             pick = torch.tensor([(c == self.front_camera) == front for c in cameras])
@@ -68,19 +71,17 @@ class HeadReadings:
                 continue
             with torch.no_grad():
                 want = self.expert.view_readings(target[pick], front)
-            got = self.expert.view_readings(tokens[pick], front)
-            errors.append((((got - want) / scale) ** 2).mean(-1))
+            got = self.expert.view_readings(tokens[pick.repeat(looks)], front)
+            errors.append((((got - want.repeat(looks, 1)) / scale) ** 2).mean(-1))
         return torch.cat(errors).mean() if errors else tokens.sum() * 0.0
 
 
 def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scale: torch.Tensor,
-                 heads: HeadReadings | None = None, batch: int = 64) -> dict[str, float]:
+                 heads: HeadReadings, batch: int = 64) -> dict[str, float]:
     """Mean squared token error, per dimension in units of the default look's token spread, of the student at the
     drawn look and at the default look against the teacher at the default look, over all tokens, over each
-    frame's salient ones (``*_salient``) and, with ``heads``, of the heads' readings (``*_heads``)."""
-    sums = dict(drawn=0.0, default=0.0, drawn_salient=0.0, default_salient=0.0)
-    if heads is not None:
-        sums.update(drawn_heads=0.0, default_heads=0.0)
+    frame's salient ones (``*_salient``) and of the heads' readings (``*_heads``)."""
+    sums = dict(drawn=0.0, default=0.0, drawn_salient=0.0, default_salient=0.0, drawn_heads=0.0, default_heads=0.0)
     with torch.no_grad():
         for b0 in range(0, len(pairs), batch):
             bs = pairs[b0:b0 + batch]
@@ -90,8 +91,7 @@ def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scal
                 out = student([getattr(p, look) for p in bs])
                 sums[look] += float(token_error(out, target, scale)) * len(bs)
                 sums[f"{look}_salient"] += float(token_error(out, target, scale, salient)) * len(bs)
-                if heads is not None:
-                    sums[f"{look}_heads"] += float(heads.error(out, target, [p.camera for p in bs])) * len(bs)
+                sums[f"{look}_heads"] += float(heads.error(out, target, [p.camera for p in bs])) * len(bs)
     n = max(len(pairs), 1)
     return {k: v / n for k, v in sums.items()}
 
@@ -140,8 +140,7 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
             salient = salient_tokens(target, scale)
             loss = loss + salient_weight * token_error(out, both, scale, torch.cat([salient, salient]))
         if head_weight:
-            cameras = [p.camera for p in bs]
-            loss = loss + head_weight * heads.error(out, both, cameras + cameras)
+            loss = loss + head_weight * heads.error(out, target, [p.camera for p in bs])
         return loss
 
     t0 = time.time()
