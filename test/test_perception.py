@@ -447,6 +447,29 @@ def test_a_views_readings_are_all_the_heads_take_from_it():
         assert torch.equal(expert.view_readings(views, front=False), expert.crossing_head.view_readings(views))
 
 
+def test_the_heads_reading_error_is_one_mean_per_look():
+    """HeadReadings.error over the student's views at two looks (look-major) gives each look its own error against
+    the teacher's views: zero where a look's tokens are the teacher's, and the same for a look whether it comes
+    alone or beside another, so a loss can weigh the default look apart from the drawn one."""
+    from spanvla_ros.train.look_invariance import HeadReadings
+
+    tok = train_tokenizer(tokenizer_corpus(SpanVLAConfig(), n=60))
+    pol = SpanVLAPolicy.build(SpanVLAConfig(traffic_lights=True, light_frames=4, lead_perception=True,
+                                            crossing_perception=True), tok, seed=0)
+    cameras = list(pol.cfg.cameras) * 2
+    front = pol.cfg.cameras[pol.reasoner.front_camera]
+    with torch.no_grad():
+        target = pol.reasoner.encode_images(frames(n=len(cameras), seed=4))
+    heads = HeadReadings(pol.expert, front, target, cameras)
+    drifted = target + 0.3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        both = heads.error(torch.cat([drifted, target]), target, cameras)
+        alone = heads.error(drifted, target, cameras)
+    assert both.shape == (2,) and alone.shape == (1,)
+    assert both[1] == 0.0 and both[0] > 0.0
+    assert torch.allclose(both[0], alone[0])
+
+
 def test_the_expert_takes_over_where_someone_else_drove_it_past_a_junction():
     """DAgger labels at a roundabout: the car is driven from outside (here with exactly the expert's own controls)
     onto the next roads; the expert taking over on a fork then drives on as it would have itself, not back

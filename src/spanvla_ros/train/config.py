@@ -82,6 +82,9 @@ class TrainConfig:
                                         "of each view (what the lead, junction lead, light and crossing heads take "
                                         "from it), beside the token error: the heads then read a drawn look as the "
                                         "default, and the default as before")
+    look_default_weight: float = _opt(1.0, "--encoder-finetune: weight of the default look's error against the drawn "
+                                           "look's in every term (> 1 holds what the heads read at the default look "
+                                           "tighter than it pulls the drawn look to it)")
     finetune_heads: str = _opt("", "with --heads-finetune: train only these heads (comma list of light, lead, "
                                    "junction_lead, crossing; default: every head the checkpoint has); the others stay "
                                    "bit-identical. junction_lead alone adds a junction lead head to a checkpoint "

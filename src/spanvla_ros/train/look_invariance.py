@@ -58,10 +58,10 @@ class HeadReadings:
                                      if readings is not None and readings.shape[0] > 1 else None)
 
     def error(self, tokens: torch.Tensor, target: torch.Tensor, cameras: list[str]) -> torch.Tensor:
-        """Mean squared reading error of ``tokens`` against ``target`` (the teacher's tokens of n views of ``cameras``;
-        ``tokens``: the student's of the same n views at one or more looks, look-major), per reading in units of its
-        spread, over the views of each kind (front, the others) that some head reads. The teacher's readings are
-        taken once, whatever the number of looks."""
+        """(looks,) mean squared reading error of ``tokens`` against ``target`` (the teacher's tokens of n views of
+        ``cameras``; ``tokens``: the student's of the same n views at one or more looks, look-major), per reading in
+        units of its spread, over the views of each kind (front, the others) that some head reads, one mean per look.
+        The teacher's readings are taken once, whatever the number of looks."""
         looks = tokens.shape[0] // target.shape[0]
         errors = []
         for front in (True, False):
@@ -72,8 +72,8 @@ class HeadReadings:
             with torch.no_grad():
                 want = self.expert.view_readings(target[pick], front)
             got = self.expert.view_readings(tokens[pick.repeat(looks)], front)
-            errors.append((((got - want.repeat(looks, 1)) / scale) ** 2).mean(-1))
-        return torch.cat(errors).mean() if errors else tokens.sum() * 0.0
+            errors.append((((got - want.repeat(looks, 1)) / scale) ** 2).mean(-1).reshape(looks, -1))
+        return torch.cat(errors, 1).mean(1) if errors else tokens.sum() * torch.zeros(looks)
 
 
 def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scale: torch.Tensor,
@@ -91,19 +91,21 @@ def token_errors(student: Encoder, teacher: Encoder, pairs: list[LookPair], scal
                 out = student([getattr(p, look) for p in bs])
                 sums[look] += float(token_error(out, target, scale)) * len(bs)
                 sums[f"{look}_salient"] += float(token_error(out, target, scale, salient)) * len(bs)
-                sums[f"{look}_heads"] += float(heads.error(out, target, [p.camera for p in bs])) * len(bs)
+                sums[f"{look}_heads"] += float(heads.error(out, target, [p.camera for p in bs]).mean()) * len(bs)
     n = max(len(pairs), 1)
     return {k: v / n for k, v in sums.items()}
 
 
 def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[LookPair], epochs: int, batch: int,
                                   lr: float, log, seed: int = 0,
-                                  salient_weight: float = 0.0, head_weight: float = 0.0) -> dict[str, dict[str, float]]:
+                                  salient_weight: float = 0.0, head_weight: float = 0.0,
+                                  default_weight: float = 1.0) -> dict[str, dict[str, float]]:
     """Trains ``policy``'s vision encoder in place on ``pairs``; returns the token errors on ``held_out`` before and
     after (token_errors). Only the encoder's blocks train: the patch merger that feeds the language model reads
     their output and stays as it is. The loss is the mean token error plus ``salient_weight`` x the error on each
     frame's salient tokens plus ``head_weight`` x the frozen perception heads' reading error (HeadReadings), both
-    looks against the copy at the default look."""
+    looks against the copy at the default look, each term the mean of the drawn look's error and ``default_weight``
+    x the default look's (1: both alike)."""
     from .trainer import supervised_epochs
 
     reasoner = policy.reasoner
@@ -134,13 +136,18 @@ def distil_look_invariant_encoder(policy, pairs: list[LookPair], held_out: list[
         with torch.no_grad():
             target = teacher([p.default for p in bs])
         out = student([p.drawn for p in bs] + [p.default for p in bs])
-        both = torch.cat([target, target])
-        loss = token_error(out, both, scale)
+        drawn, default = out[: len(bs)], out[len(bs):]
+
+        def looks_error(error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            return 0.5 * (error(drawn) + default_weight * error(default))
+
+        loss = looks_error(lambda tokens: token_error(tokens, target, scale))
         if salient_weight:   # one pick per state: the drawn and the default frame show the same scene
             salient = salient_tokens(target, scale)
-            loss = loss + salient_weight * token_error(out, both, scale, torch.cat([salient, salient]))
+            loss = loss + salient_weight * looks_error(lambda tokens: token_error(tokens, target, scale, salient))
         if head_weight:
-            loss = loss + head_weight * heads.error(out, target, [p.camera for p in bs])
+            readings = heads.error(out, target, [p.camera for p in bs])
+            loss = loss + head_weight * 0.5 * (readings[0] + default_weight * readings[1])
         return loss
 
     t0 = time.time()

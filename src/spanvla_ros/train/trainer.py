@@ -430,7 +430,7 @@ def finetune_encoder(a: TrainConfig, log: CsvLog) -> int:
     held_out = list(look_pairs(scenarios, seeds[-n_held:], a.look_every_s))
     report = distil_look_invariant_encoder(policy, pairs, held_out, a.encoder_epochs, a.batch, a.encoder_lr, log,
                                            a.seed, salient_weight=a.look_salient_weight,
-                                           head_weight=a.look_head_weight)
+                                           head_weight=a.look_head_weight, default_weight=a.look_default_weight)
     if dist_info()[0] == 0:
         policy.save_pretrained(a.out / "sft")
         (a.out / "look_invariance.json").write_text(json.dumps(report, indent=1))
