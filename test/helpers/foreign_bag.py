@@ -24,8 +24,31 @@ def _frame(width: int, height: int, shift: float) -> np.ndarray:
     return img
 
 
+def _overcast_frame(width: int, height: int, shift: float) -> np.ndarray:
+    """Another look: an overcast sky's gradient, dark asphalt, a soft horizon above the middle, a dashed centre
+    line and two solid edges that widen towards the car, sensor noise."""
+    rng = np.random.default_rng(int(shift * 10))
+    horizon = int(height * 0.45)
+    img = np.zeros((height, width, 3), np.float32)
+    img[:horizon] = np.linspace(150, 205, horizon)[:, None, None] * np.array([1.0, 1.0, 1.02])
+    img[horizon:] = np.linspace(95, 70, height - horizon)[:, None, None]
+    img[horizon:horizon + 6] = 0.5 * img[horizon:horizon + 6] + 80.0
+    rows = np.arange(horizon, height)
+    depth = (rows - horizon) / (height - horizon)
+    for lane_x, dashed in ((-0.45, False), (0.0, True), (0.45, False)):
+        cols = (width / 2 + lane_x * width * depth).astype(int)
+        on = ((rows + int(shift * 6)) // 16) % 2 == 0 if dashed else np.ones_like(rows, bool)
+        for r, c, half in zip(rows[on], cols[on], np.maximum(1, (depth[on] * 6).astype(int))):
+            img[r, max(0, c - half):min(width, c + half)] = (230, 225, 200)
+    img += rng.normal(0.0, 4.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+LOOKS = {"plain": _frame, "overcast": _overcast_frame}
+
+
 def write_foreign_bag(path: Path, seconds: float, speed: float = 10.0, width: int = 320, height: int = 240,
-                      encoding: str = "bgra8", compressed: bool = False) -> Path:
+                      encoding: str = "bgra8", compressed: bool = False, look: str = "plain") -> Path:
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -46,7 +69,7 @@ def write_foreign_bag(path: Path, seconds: float, speed: float = 10.0, width: in
             t = t0 + 0.05 * k
             x = speed * 0.05 * k
             if k % 2 == 0:
-                rgb = _frame(width, height, x)
+                rgb = LOOKS[look](width, height, x)
                 for c, conn in cams.items():
                     if compressed:
                         import io
